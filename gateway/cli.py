@@ -1,0 +1,140 @@
+"""The ``gateway`` command.
+
+Errors the user can act on (bad letter, bad mapping, bad settings) print one line — what and where —
+on stderr and exit non-zero; they never show a traceback.  Exit codes: 0 ok, 1 usage, 2 refused input,
+3 configuration problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.errors import GatewayError, IngestError, MappingError
+from gateway.mappings import Mappings, load_mappings
+from gateway.settings import Settings, SettingsError
+
+__all__ = ["main"]
+
+EXIT_USAGE, EXIT_REFUSED, EXIT_CONFIG = 1, 2, 3
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text.rstrip("\n") + "\n")
+
+
+def _load(settings: Settings) -> Mappings:
+    from gateway.translate.registry import SECTION_TRANSLATORS
+
+    return load_mappings(settings.mappings_overlay, translators=SECTION_TRANSLATORS)
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise IngestError(f"cannot read file: {exc.strerror}") from None
+
+
+def _translate(args: argparse.Namespace) -> int:
+    from gateway.pipeline import translate_letter
+
+    settings = Settings.from_env()
+    if args.mappings:
+        settings = Settings(settings.max_document_bytes, Path(args.mappings), settings.default_timezone,
+                            settings.strict_validation)
+    if args.strict:
+        settings = Settings(settings.max_document_bytes, settings.mappings_overlay, settings.default_timezone, True)
+    mappings = _load(settings)
+    try:
+        raw = _read(args.letter)
+    except IngestError as exc:
+        exc.where = type(exc.where)(source=args.letter)
+        raise
+    priors = []
+    for prior in args.prior or []:
+        try:
+            priors.append((_read(prior), prior))
+        except IngestError as exc:
+            exc.where = type(exc.where)(source=prior)
+            raise
+    result = translate_letter(raw, name=args.letter, mappings=mappings, settings=settings, prior=priors)
+    data = result.json()
+    if args.output and args.output != "-":
+        Path(args.output).write_bytes(data + b"\n")
+    else:
+        sys.stdout.buffer.write(data + b"\n")
+    for issue in result.issues:
+        where = f"{issue.where}: " if issue.where else ""
+        _err(f"{issue.severity}: {where}{issue.text}")
+    entries = result.bundle["entry"]
+    changes = result.translation.built.changes
+    summary = ", ".join(
+        f"{n} {s}" for s, n in sorted(_count(c.status.value for c in changes).items())
+    )
+    _err(f"translated {args.letter}: {len(entries)} resources, {len(changes)} medication rows ({summary or 'none'})"
+         f", {len(result.issues)} issue(s)")
+    return 0
+
+
+def _count(values: Sequence[str] | object) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:  # type: ignore[attr-defined]
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def _mappings_check(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    overlay = Path(args.overlay) if args.overlay else settings.mappings_overlay
+    mappings = load_mappings(overlay, translators=__import__(
+        "gateway.translate.registry", fromlist=["SECTION_TRANSLATORS"]).SECTION_TRANSLATORS)
+    from gateway.label import rules_from
+
+    rules_from(mappings)
+    overlaid = sorted(rel for rel, src in mappings.sources.items() if src != "builtin")
+    _err(f"mappings ok: {len(mappings.codes)} code tables, {sum(len(t.sections) for t in mappings.sections.values())} "
+         f"section rules, digest {mappings.digest[:16]}" + (f", overlay: {', '.join(overlaid)}" if overlaid else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="FHIR messaging gateway for hospital discharge letters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("translate", help="translate a discharge letter into one FHIR R4 collection Bundle")
+    tr.add_argument("letter", help="the letter: CI-SIS LDL-SES CDA, HL7 C-CDA, or FHIR document Bundle (JSON)")
+    tr.add_argument("--prior", action="append", metavar="PRIOR",
+                    help="admission / prior medication list: LDL-EES, VSM, C-CDA, FHIR List or Bundle (repeatable)")
+    tr.add_argument("-o", "--output", metavar="OUT.json", help="write the Bundle here (default: stdout)")
+    tr.add_argument("--mappings", metavar="DIR", help="site overlay directory for mappings/ (or GATEWAY_MAPPINGS_OVERLAY)")
+    tr.add_argument("--strict", action="store_true", help="also validate every resource with the fhir.resources models")
+    tr.set_defaults(handler=_translate)
+    mp = sub.add_parser("mappings", help="check the mapping tables (and an overlay) and exit")
+    mp.add_argument("overlay", nargs="?", help="overlay directory to check with the built-in tables")
+    mp.set_defaults(handler=_mappings_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+        return code
+    except IngestError as exc:
+        _err(f"refused: {exc.one_line()}")
+        return EXIT_REFUSED
+    except (MappingError, SettingsError) as exc:
+        _err(f"configuration error: {exc.one_line()}")
+        return EXIT_CONFIG
+    except GatewayError as exc:
+        _err(f"error: {exc.one_line()}")
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

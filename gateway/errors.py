@@ -1,0 +1,134 @@
+"""The gateway's one error tree.
+
+Every error the gateway raises on purpose is a :class:`GatewayError`. Each class carries the FHIR
+``OperationOutcome.issue.code`` it maps to (``issue_code``) and whether a retry may help
+(``retryable``); the HTTP edge and the CLI turn any of them into an OperationOutcome or one line of
+text without knowing the subclass.  Foreign exceptions (lxml, pydantic, yaml) are translated at the
+module that calls the foreign library, never further out.
+
+::
+
+    GatewayError                       issue_code     retryable
+    ├── IngestError                    structure      no    malformed or unreadable input
+    │   ├── UnsafeInput                security       no    DTD, entity declaration, external reference
+    │   ├── TooLarge                   too-long       no    over the configured size limit
+    │   ├── EncodingError              structure      no    bytes that do not match the declared encoding
+    │   ├── UnsupportedDocument        not-supported  no    a document type no adapter handles
+    │   └── MissingIdentity            required       no    a letter without patient identity
+    ├── MappingError
+    │   ├── MappingLoadError           exception      no    start-up: bad file, unknown translator, duplicates
+    │   └── UnmappedCode               code-invalid   no    only when the table says on_unmapped: error
+    └── ProfileViolation               invariant      no    an output resource fails validation
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "EncodingError",
+    "GatewayError",
+    "IngestError",
+    "MappingError",
+    "MappingLoadError",
+    "MissingIdentity",
+    "ProfileViolation",
+    "TooLarge",
+    "UnmappedCode",
+    "UnsafeInput",
+    "UnsupportedDocument",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """Where in the input the problem is: a file or source name, and a line/column or path."""
+
+    source: str = ""
+    line: int | None = None
+    column: int | None = None
+    path: str = ""
+
+    def __str__(self) -> str:
+        parts = [self.source] if self.source else []
+        if self.line is not None:
+            parts.append(str(self.line))
+            if self.column is not None:
+                parts.append(str(self.column))
+        text = ":".join(parts)
+        if self.path:
+            text = f"{text} {self.path}".strip()
+        return text
+
+
+class GatewayError(Exception):
+    """Root of every deliberate gateway error."""
+
+    issue_code: ClassVar[str] = "exception"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, where: Where | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.where = where or Where()
+
+    def one_line(self) -> str:
+        """What went wrong and where, on one line (the CLI prints this)."""
+        where = str(self.where)
+        text = " ".join(self.message.split())
+        return f"{where}: {text} [{self.issue_code}]" if where else f"{text} [{self.issue_code}]"
+
+    def to_operation_outcome(self) -> dict[str, Any]:
+        """The FHIR R4 OperationOutcome that reports this error."""
+        issue: dict[str, Any] = {
+            "severity": "error",
+            "code": self.issue_code,
+            "diagnostics": " ".join(self.message.split()),
+        }
+        location = str(self.where)
+        if location:
+            issue["location"] = [location]
+        if self.where.path:
+            issue["expression"] = [self.where.path]
+        return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+class IngestError(GatewayError):
+    issue_code = "structure"
+
+
+class UnsafeInput(IngestError):
+    issue_code = "security"
+
+
+class TooLarge(IngestError):
+    issue_code = "too-long"
+
+
+class EncodingError(IngestError):
+    issue_code = "structure"
+
+
+class UnsupportedDocument(IngestError):
+    issue_code = "not-supported"
+
+
+class MissingIdentity(IngestError):
+    issue_code = "required"
+
+
+class MappingError(GatewayError):
+    issue_code = "exception"
+
+
+class MappingLoadError(MappingError):
+    issue_code = "exception"
+
+
+class UnmappedCode(MappingError):
+    issue_code = "code-invalid"
+
+
+class ProfileViolation(GatewayError):
+    issue_code = "invariant"

@@ -1,0 +1,695 @@
+"""CDA R2 adapter: CI-SIS (LDL-SES, LDL-EES, VSM) and HL7 C-CDA documents → :class:`Letter`.
+
+The header is read the same way for every CDA flavour; the body is walked section by section and
+each section goes to the translator its format's table in ``mappings/`` names (matched by templateId,
+then LOINC code).  Sections no table claims are kept as narrative, never dropped.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from gateway.errors import MissingIdentity, UnsupportedDocument, Where
+from gateway.mappings import DocumentKind, Mappings, SectionRule
+from gateway.model import (
+    Allergy,
+    Code,
+    Concept,
+    Device,
+    Ident,
+    Issue,
+    Letter,
+    MedicationLine,
+    MedSection,
+    Narrative,
+    Observation,
+    Organization,
+    Patient,
+    PlanItem,
+    Practitioner,
+    RelatedPerson,
+    RelationKind,
+    SectionText,
+    Stay,
+    Timing,
+)
+from gateway.translate.cda_types import XSI_TYPE, CdaContext, q, text_of
+from gateway.translate.registry import SECTION_TRANSLATORS
+
+__all__ = ["read_cda"]
+
+LOINC = "2.16.840.1.113883.6.1"
+PCP = "PCP"
+_COMMENT_HEADERS = ("commentaire", "commentaires", "comment", "comments", "remarque", "motif")
+
+
+@dataclass
+class _Parts:
+    """Mutable accumulator filled by the section translators."""
+
+    medications: list[MedicationLine] = field(default_factory=list)
+    plan: list[PlanItem] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
+    allergies: list[Allergy] = field(default_factory=list)
+    devices: list[Device] = field(default_factory=list)
+    sections: list[SectionText] = field(default_factory=list)
+    lists: set[MedSection] = field(default_factory=set)
+    admit_mode: Concept = field(default_factory=Concept)
+    discharge_mode: Concept = field(default_factory=Concept)
+    status: str | None = None
+
+
+Translator = Callable[[etree._Element, SectionRule, CdaContext, _Parts, str], None]
+
+
+def read_cda(root: etree._Element, kind: DocumentKind, mappings: Mappings, source: str, zone: str) -> Letter:
+    """Read a whole CDA document into the neutral model."""
+    ctx = CdaContext(mappings, root, source, zone)
+    version = _template_version(root, kind, ctx)
+    patient, related = _patient(root, ctx, source)
+    parts = _Parts()
+    body = root.find(f"{q('component')}/{q('structuredBody')}")
+    if body is None:
+        if root.find(f"{q('component')}/{q('nonXMLBody')}") is not None:
+            raise UnsupportedDocument(
+                "CDA with a non-XML body (PDF/scanned letter) carries no structured content to translate",
+                where=Where(source=source),
+            )
+        raise UnsupportedDocument("CDA without structuredBody", where=Where(source=source))
+    assert kind.sections is not None
+    for index, section in enumerate(body.findall(f"{q('component')}/{q('section')}")):
+        _walk(section, kind.sections, ctx, parts, f"s{index}")
+    stay = _stay(root, ctx, parts)
+    gp = _gp(root, ctx)
+    doc_id = ctx.ident(root.find(q("id")))
+    if doc_id is None:
+        raise MissingIdentity("the document has no id (ClinicalDocument/id)", where=Where(source=source))
+    set_id = ctx.ident(root.find(q("setId")))
+    version_el = root.find(q("versionNumber"))
+    version_number = _int(version_el.get("value")) if version_el is not None else None
+    author_el = next(
+        (a for a in root.findall(f"{q('author')}/{q('assignedAuthor')}") if a.find(q("assignedPerson")) is not None),
+        root.find(f"{q('author')}/{q('assignedAuthor')}"),
+    )
+    custodian = ctx.organization(
+        root.find(f"{q('custodian')}/{q('assignedCustodian')}/{q('representedCustodianOrganization')}")
+    )
+    recipients = tuple(
+        p
+        for p in (
+            ctx.practitioner(el, person_tag="informationRecipient")
+            for el in root.findall(f"{q('informationRecipient')}/{q('intendedRecipient')}")
+        )
+        if p is not None
+    )
+    code_el = root.find(q("code"))
+    conf = root.find(q("confidentialityCode"))
+    lang = root.find(q("languageCode"))
+    return Letter(
+        format=kind.format,
+        doc_type=ctx.concept(code_el),
+        doc_id=doc_id,
+        patient=patient,
+        title=text_of(root.find(q("title"))) or kind.label,
+        set_id=set_id,
+        version=version_number,
+        date=ctx.ts(root.find(q("effectiveTime"))),
+        confidentiality=conf.get("code") if conf is not None else None,
+        status=parts.status,
+        language=lang.get("code") if lang is not None else None,
+        template_version=version,
+        related_persons=related,
+        author=ctx.practitioner(author_el),
+        custodian=custodian,
+        legal_authenticator=ctx.practitioner(root.find(f"{q('legalAuthenticator')}/{q('assignedEntity')}")),
+        recipients=recipients,
+        gp=gp,
+        stay=stay,
+        medications=tuple(parts.medications),
+        plan=tuple(parts.plan),
+        observations=tuple(parts.observations),
+        allergies=tuple(parts.allergies),
+        devices=tuple(parts.devices),
+        sections=tuple(parts.sections),
+        issues=tuple(ctx.issues),
+        has_discharge_list=MedSection.DISCHARGE in parts.lists,
+        has_stopped_list=MedSection.STOPPED in parts.lists,
+        has_admission_list=MedSection.ADMISSION in parts.lists,
+    )
+
+
+# -- header ----------------------------------------------------------------------------------------
+
+
+def _template_version(root: etree._Element, kind: DocumentKind, ctx: CdaContext) -> str | None:
+    for template in root.findall(q("templateId")):
+        if template.get("root") == kind.template_id:
+            version = template.get("extension")
+            if kind.known_versions and version not in kind.known_versions:
+                ctx.note(
+                    "warning",
+                    "not-supported",
+                    f"{kind.label} version {version or '(none)'} is not one of {', '.join(kind.known_versions)}; "
+                    "read with the latest known rules",
+                    template,
+                )
+            return version
+    return None
+
+
+def _patient(root: etree._Element, ctx: CdaContext, source: str) -> tuple[Patient, tuple[RelatedPerson, ...]]:
+    role = root.find(f"{q('recordTarget')}/{q('patientRole')}")
+    if role is None:
+        raise MissingIdentity("the letter has no patient (recordTarget/patientRole)", where=Where(source=source))
+    ids = tuple(i for i in ctx.idents(role) if i.system != "urn:ietf:rfc:3986" or i.value)
+    if not ids:
+        raise MissingIdentity(
+            "the letter has no patient identifier (recordTarget/patientRole/id: no INS, no IPP)",
+            where=Where(source=source, line=role.sourceline),
+        )
+    person = role.find(q("patient"))
+    gender = None
+    birth = None
+    if person is not None:
+        gender_el = person.find(q("administrativeGenderCode"))
+        if gender_el is not None and gender_el.get("code"):
+            mapped = ctx.mappings.code("gender").lookup(gender_el.get("code", ""))
+            gender = str(mapped) if mapped else None
+        born = ctx.ts(person.find(q("birthTime")))
+        birth = born.value[:10] if born else None
+    patient = Patient(ids, ctx.names(person), gender, birth, ctx.telecoms(role), ctx.addresses(role))
+    related: list[RelatedPerson] = []
+    if person is not None:
+        for guardian in person.findall(q("guardian")):
+            org = ctx.organization(guardian.find(q("guardianOrganization")))
+            related.append(
+                _related(ctx, "GUARD", guardian, guardian.find(q("guardianPerson")), org)
+            )
+    for entity in root.findall(f"{q('informant')}/{q('relatedEntity')}"):
+        related.append(_related(ctx, entity.get("classCode") or "PRS", entity, entity.find(q("relatedPerson")), None))
+    for participant in root.findall(q("participant")):
+        entity = participant.find(q("associatedEntity"))
+        if entity is None or entity.get("classCode") not in ("ECON", "NOK", "GUARD", "CAREGIVER", "PRS"):
+            continue
+        org = ctx.organization(entity.find(q("scopingOrganization")))
+        related.append(_related(ctx, entity.get("classCode") or "PRS", entity, entity.find(q("associatedPerson")), org))
+    return patient, tuple(related)
+
+
+def _related(
+    ctx: CdaContext,
+    class_code: str,
+    entity: etree._Element,
+    person: etree._Element | None,
+    org: Organization | None,
+) -> RelatedPerson:
+    entry = ctx.mappings.code("related-person").lookup(class_code)
+    names = ctx.names(person)
+    own_code = ctx.concept(entity.find(q("code")))
+    if isinstance(entry, dict):
+        kind = RelationKind(entry["kind"])
+        base = Code(entry["system"], entry["code"], entry.get("display"))
+        relationship = Concept((base, *own_code.codings), own_code.text or entry.get("display"))
+    else:
+        kind = RelationKind.OTHER
+        relationship = Concept(
+            (Code("http://terminology.hl7.org/CodeSystem/v3-RoleClass", class_code), *own_code.codings),
+            own_code.text,
+        )
+    return RelatedPerson(
+        kind, names[0] if names else None, relationship, ctx.telecoms(entity), ctx.addresses(entity), org
+    )
+
+
+def _gp(root: etree._Element, ctx: CdaContext) -> Practitioner | None:
+    """The médecin traitant: participant with functionCode PCP (CI-SIS) or serviceEvent performer PCP."""
+    for participant in root.findall(q("participant")):
+        function = participant.find(q("functionCode"))
+        if function is not None and function.get("code") == PCP:
+            entity = participant.find(q("associatedEntity"))
+            gp = ctx.practitioner(entity, person_tag="associatedPerson")
+            if gp is not None and entity is not None and gp.organization is None:
+                org = ctx.organization(entity.find(q("scopingOrganization")))
+                gp = Practitioner(gp.ids, gp.name, gp.role, gp.telecoms, gp.addresses, org)
+            return gp
+    for performer in root.findall(f"{q('documentationOf')}/{q('serviceEvent')}/{q('performer')}"):
+        function = performer.find(q("functionCode"))
+        if function is not None and function.get("code") == PCP:
+            return ctx.practitioner(performer.find(q("assignedEntity")))
+    return None
+
+
+def _stay(root: etree._Element, ctx: CdaContext, parts: _Parts) -> Stay | None:
+    encounter = root.find(f"{q('componentOf')}/{q('encompassingEncounter')}")
+    service = root.find(f"{q('documentationOf')}/{q('serviceEvent')}/{q('effectiveTime')}")
+    if encounter is None and service is None:
+        return None
+    start, end = ctx.interval(encounter.find(q("effectiveTime")) if encounter is not None else None)
+    if start is None and end is None:
+        start, end = ctx.interval(service)
+    facility = None
+    facility_type = Concept()
+    ids: tuple[Ident, ...] = ()
+    discharge = parts.discharge_mode
+    if encounter is not None:
+        ids = ctx.idents(encounter)
+        hcf = encounter.find(f"{q('location')}/{q('healthCareFacility')}")
+        if hcf is not None:
+            facility_type = ctx.concept(hcf.find(q("code")))
+            facility = ctx.organization(hcf.find(q("serviceProviderOrganization")))
+        if facility is None:
+            facility = ctx.organization(
+                encounter.find(f"{q('responsibleParty')}/{q('assignedEntity')}/{q('representedOrganization')}")
+            )
+        if not discharge:
+            discharge = ctx.concept(encounter.find(q("dischargeDispositionCode")))
+    return Stay(start, end, facility, facility_type, parts.admit_mode, discharge, ids)
+
+
+# -- body ------------------------------------------------------------------------------------------
+
+
+def _walk(section: etree._Element, table: str, ctx: CdaContext, parts: _Parts, key: str) -> None:
+    template_ids = [t.get("root") or "" for t in section.findall(q("templateId"))]
+    code_el = section.find(q("code"))
+    loinc = code_el.get("code") if code_el is not None else None
+    rule = ctx.mappings.section_rule(table, template_ids, loinc)
+    if section.get("nullFlavor") is not None:
+        title = text_of(section.find(q("title"))) or loinc or "section"
+        ctx.note("information", "informational",
+                 f"section {title!r} declares no information (nullFlavor {section.get('nullFlavor')})", section)
+        return
+    if rule is None:
+        _keep_narrative(section, ctx, parts)
+        for index, sub in enumerate(section.findall(f"{q('component')}/{q('section')}")):
+            _walk(sub, table, ctx, parts, f"{key}.{index}")
+        return
+    _TRANSLATORS[rule.translator](section, rule, ctx, parts, key)
+
+
+def _keep_narrative(section: etree._Element, ctx: CdaContext, parts: _Parts) -> None:
+    text = text_of(section.find(q("text")))
+    if not text:
+        return
+    code_el = section.find(q("code"))
+    title = text_of(section.find(q("title"))) or (code_el.get("displayName") if code_el is not None else "") or ""
+    code = Code(
+        ctx.system(code_el.get("codeSystem")) or "http://loinc.org" if code_el is not None else "http://loinc.org",
+        (code_el.get("code") if code_el is not None else None) or "unknown",
+        code_el.get("displayName") if code_el is not None else None,
+    )
+    parts.sections.append(SectionText(code, title or code.code, text))
+
+
+def _narrative(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
+    _keep_narrative(section, ctx, parts)
+
+
+def _subsections(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
+    table = _table_of(ctx, rule)
+    subs = section.findall(f"{q('component')}/{q('section')}")
+    if not subs:
+        _keep_narrative(section, ctx, parts)
+    for index, sub in enumerate(subs):
+        _walk(sub, table, ctx, parts, f"{key}.{index}")
+
+
+def _table_of(ctx: CdaContext, rule: SectionRule) -> str:
+    for name, table in ctx.mappings.sections.items():
+        if rule in table.sections:
+            return name
+    raise AssertionError("rule without table")  # pragma: no cover - rules come from the tables
+
+
+def _document_status(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
+    for obs in section.iter(q("observation")):
+        value = ctx.concept(obs.find(q("value")))
+        sct = value.first("http://snomed.info/sct")
+        label = value.text or (sct.display if sct else None) or text_of(section.find(q("text")))
+        if sct and sct.code == "385651009":
+            parts.status = "preliminary"
+            ctx.issues.append(
+                Issue("warning", "informational", f"the letter is marked provisional: {label}", "Statut du document")
+            )
+        elif sct and sct.code in ("255594003", "385658003"):
+            parts.status = "final"
+        return
+
+
+def _stay_observations(
+    section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str
+) -> None:
+    found = False
+    for index, obs in enumerate(section.iter(q("observation"))):
+        code = ctx.concept(obs.find(q("code")))
+        if not code.codings:
+            continue
+        found = True
+        value_el = obs.find(q("value"))
+        value = _value(value_el, ctx)
+        first = code.codings[0].code
+        if first == rule.args.get("admit_mode", "ORG-070") and isinstance(value, Concept):
+            parts.admit_mode = value
+            continue
+        if first == rule.args.get("discharge_mode", "ORG-074") and isinstance(value, Concept):
+            parts.discharge_mode = value
+            continue
+        ref = obs.find(f"{q('text')}/{q('reference')}")
+        text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else None
+        parts.observations.append(Observation(f"{key}.o{index}", code, value, text or None))
+    if not found:
+        _keep_narrative(section, ctx, parts)
+
+
+def _value(element: etree._Element | None, ctx: CdaContext) -> str | bool | Concept | None:
+    if element is None or element.get("nullFlavor") is not None:
+        return None
+    kind = (element.get(XSI_TYPE) or "").split(":")[-1]
+    if kind == "BL":
+        raw = element.get("value")
+        return raw == "true" if raw in ("true", "false") else None
+    if kind in ("CD", "CE", "CV", "CO"):
+        concept = ctx.concept(element)
+        return concept or None
+    if kind == "PQ":
+        return f"{element.get('value', '')} {element.get('unit', '')}".strip() or None
+    text = text_of(element)
+    if not text:
+        ref = element.find(q("reference"))
+        text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
+    return text or None
+
+
+# -- medications -----------------------------------------------------------------------------------
+
+
+def _normal(text: str) -> str:
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    return " ".join(folded.replace(".", " ").replace(":", " ").split())
+
+
+def _table_headers(row: etree._Element) -> list[str]:
+    table = next((a for a in row.iterancestors(q("table"))), None)
+    if table is None:
+        return []
+    head = table.find(f"{q('thead')}/{q('tr')}")
+    if head is None:
+        head = next(iter(table.iter(q("tr"))), None)
+    if head is None:
+        return []
+    return [_normal(text_of(cell)) for cell in head if isinstance(cell.tag, str) and cell.tag in (q("th"), q("td"))]
+
+
+def _row_of(element: etree._Element | None) -> etree._Element | None:
+    if element is None:
+        return None
+    if element.tag == q("tr"):
+        return element
+    return next(element.iterancestors(q("tr")), None)
+
+
+def _row_narrative(row: etree._Element | None) -> Narrative:
+    if row is None:
+        return Narrative()
+    headers = _table_headers(row)
+    cells = [c for c in row if isinstance(c.tag, str) and c.tag in (q("td"), q("th"))]
+    pairs = tuple(
+        (headers[i] if i < len(headers) else f"col{i}", text_of(cell)) for i, cell in enumerate(cells)
+    )
+    return Narrative(pairs, " | ".join(text for _, text in pairs if text))
+
+
+def _substance_administrations(section: etree._Element) -> list[etree._Element]:
+    """Top-level medication entries: the entry's own, or wrapped in an act (C-CDA discharge meds)."""
+    found: list[etree._Element] = []
+    for entry in section.findall(q("entry")):
+        direct = entry.find(q("substanceAdministration"))
+        if direct is not None:
+            found.append(direct)
+            continue
+        for act in entry.findall(q("act")):
+            found.extend(act.findall(f"{q('entryRelationship')}/{q('substanceAdministration')}"))
+    return found
+
+
+def _medications(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
+    which = MedSection(rule.args["list"])
+    parts.lists.add(which)
+    entries = _substance_administrations(section)
+    rows_used: set[int] = set()
+    for index, sa in enumerate(entries):
+        line = _medication(sa, which, f"{key}.{which.value}{index}", ctx, section, rows_used)
+        if line is not None:
+            parts.medications.append(line)
+    if not entries:
+        _keep_narrative(section, ctx, parts)
+        text = text_of(section.find(q("text")))
+        if text:
+            ctx.note(
+                "warning",
+                "incomplete",
+                f"section {rule.title!r} has medication narrative but no coded entries; kept as text only",
+                section,
+            )
+
+
+def _medication(
+    sa: etree._Element,
+    which: MedSection,
+    key: str,
+    ctx: CdaContext,
+    section: etree._Element,
+    rows_used: set[int],
+) -> MedicationLine | None:
+    material = sa.find(f"{q('consumable')}/{q('manufacturedProduct')}/{q('manufacturedMaterial')}")
+    product = ctx.concept(material.find(q("code")) if material is not None else None)
+    name = text_of(material.find(q("name"))) if material is not None else ""
+    reference = sa.find(f"{q('text')}/{q('reference')}")
+    ref_value = reference.get("value") if reference is not None else None
+    target = ctx.narrative(ref_value)
+    if ref_value and target is None:
+        ctx.note("warning", "not-found", f"narrative reference {ref_value!r} points nowhere", sa)
+    if ref_value and not ref_value.startswith("#") and target is not None:
+        ctx.note("information", "informational", f"narrative reference {ref_value!r} lacks '#'; resolved", sa)
+    row = _row_of(target)
+    name = name or product.text or (product.codings[0].display if product.codings else "") or ""
+    if row is None:
+        row = _row_by_name(section, name, rows_used)
+        if row is not None:
+            ctx.note("information", "informational", f"narrative row for {name!r} found by drug name", sa)
+    if row is not None:
+        rows_used.add(id(row))
+    narrative = _row_narrative(row)
+    if not name:
+        name = narrative.cell("medicament", "medication", "medicaments", "drug") or text_of(target) or ""
+    if not name and not product.codings:
+        ctx.note("warning", "incomplete", "medication entry without product code or name skipped", sa)
+        return None
+    start = end = None
+    timing: Timing | None = None
+    for eff in sa.findall(q("effectiveTime")):
+        kind = (eff.get(XSI_TYPE) or "").split(":")[-1]
+        if eff.get("operator") == "A" or kind in ("PIVL_TS", "EIVL_TS"):
+            timing = ctx.timing(eff) or timing
+        elif kind in ("IVL_TS", "") and start is None and end is None:
+            start, end = ctx.interval(eff)
+    dose_el = sa.find(q("doseQuantity"))
+    dose = dose_high = None
+    if dose_el is not None:
+        if dose_el.find(q("low")) is not None or dose_el.find(q("high")) is not None:
+            dose, dose_high = ctx.dose(dose_el.find(q("low"))), ctx.dose(dose_el.find(q("high")))
+            dose = dose or dose_high
+            if dose_high is not None and dose is not None and dose_high.value == dose.value:
+                dose_high = None
+        else:
+            dose = ctx.dose(dose_el)
+    comment = narrative.cell(*_COMMENT_HEADERS)
+    instructions = None
+    indication = Concept()
+    for rel in sa.findall(q("entryRelationship")):
+        act = rel.find(q("act"))
+        if rel.get("typeCode") == "SUBJ" and act is not None:
+            ref = act.find(f"{q('text')}/{q('reference')}")
+            instructions = text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(act.find(q("text")))
+        elif rel.get("typeCode") == "RSON":
+            target_el = act if act is not None else rel.find(q("observation"))
+            if target_el is not None:
+                indication = ctx.concept(target_el.find(q("code")))
+                value = target_el.find(q("value"))
+                if not indication.codings and value is not None:
+                    indication = ctx.concept(value)
+    return MedicationLine(
+        section=which,
+        key=key,
+        product=product,
+        name=name,
+        ids=ctx.idents(sa),
+        dose=dose,
+        dose_high=dose_high,
+        timing=timing,
+        route=ctx.concept(sa.find(q("routeCode"))),
+        start=start,
+        end=end,
+        max_dose=ctx.ratio(sa.find(q("maxDoseQuantity"))),
+        comment=comment,
+        instructions=instructions or None,
+        narrative=narrative,
+        indication=indication,
+        mood=sa.get("moodCode") or "EVN",
+    )
+
+
+def _row_by_name(section: etree._Element, name: str, used: set[int]) -> etree._Element | None:
+    """The one narrative row whose text names this drug; None when absent or ambiguous (never guess)."""
+    if not name:
+        return None
+    wanted = _normal(name)
+    hits = [
+        row
+        for row in section.iter(q("tr"))
+        if id(row) not in used and row.find(q("td")) is not None and wanted and wanted in _normal(text_of(row))
+    ]
+    return hits[0] if len(hits) == 1 else None
+
+
+# -- plan ------------------------------------------------------------------------------------------
+
+_PLAN_KINDS = {
+    "procedure": "act",
+    "act": "act",
+    "observation": "request",
+    "encounter": "encounter",
+    "substanceAdministration": "act",
+    "supply": "act",
+}
+
+
+def _plan(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
+    _keep_narrative(section, ctx, parts)
+    entries = section.findall(q("entry"))
+    for index, entry in enumerate(entries):
+        element = next((e for e in entry if isinstance(e.tag, str) and e.tag.rsplit("}", 1)[-1] in _PLAN_KINDS), None)
+        if element is None:
+            continue
+        kind = _PLAN_KINDS[element.tag.rsplit("}", 1)[-1]]
+        item = _plan_item(element, kind, f"{key}.p{index}", ctx)
+        if item is not None:
+            parts.plan.append(item)
+    if not entries:
+        text_el = section.find(q("text"))
+        blocks = [] if text_el is None else [
+            text_of(b) for b in text_el.iter(q("paragraph"), q("item"), q("td")) if text_of(b)
+        ]
+        if not blocks and text_of(text_el):
+            blocks = [text_of(text_el)]
+        for index, block in enumerate(blocks):
+            parts.plan.append(PlanItem("narrative", f"{key}.n{index}", block))
+
+
+def _plan_item(element: etree._Element, kind: str, key: str, ctx: CdaContext) -> PlanItem | None:
+    code = ctx.concept(element.find(q("code")))
+    ref = element.find(f"{q('text')}/{q('reference')}")
+    text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(element.find(q("text")))
+    value = _value(element.find(q("value")), ctx)
+    if isinstance(value, str) and value and value not in text:
+        text = f"{text} — {value}" if text else value
+    if not text:
+        text = code.text or (code.codings[0].display if code.codings and code.codings[0].display else "") or ""
+    if not text and not code.codings:
+        return None
+    start, end = ctx.interval(element.find(q("effectiveTime")))
+    performer: Practitioner | Organization | None = None
+    perf = element.find(f"{q('performer')}/{q('assignedEntity')}")
+    if perf is not None:
+        if perf.find(q("assignedPerson")) is not None or perf.find(q("id")) is not None and perf.find(
+            q("representedOrganization")
+        ) is None:
+            performer = ctx.practitioner(perf)
+        else:
+            performer = ctx.organization(perf.find(q("representedOrganization")))
+    if performer is None:
+        participant = element.find(f"{q('participant')}/{q('participantRole')}")
+        if participant is not None:
+            performer = ctx.practitioner(participant, person_tag="playingEntity")
+    return PlanItem(
+        kind,  # type: ignore[arg-type]
+        key,
+        text or code.codings[0].code,
+        code,
+        ctx.concept(element.find(q("priorityCode"))),
+        start,
+        end,
+        performer,
+    )
+
+
+# -- allergies, devices ----------------------------------------------------------------------------
+
+
+def _allergies(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
+    found = False
+    for index, obs in enumerate(section.iter(q("observation"))):
+        templates = {t.get("root") for t in obs.findall(q("templateId"))}
+        playing = obs.find(f"{q('participant')}/{q('participantRole')}/{q('playingEntity')}")
+        if playing is None and not templates & {"1.3.6.1.4.1.19376.1.5.3.1.4.6", "2.16.840.1.113883.10.20.22.4.7"}:
+            continue
+        found = True
+        substance = ctx.concept(playing.find(q("code")) if playing is not None else None)
+        if not substance and playing is not None:
+            substance = Concept((), text_of(playing.find(q("name"))) or None)
+        ref = obs.find(f"{q('text')}/{q('reference')}")
+        text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
+        reaction = next(
+            (
+                ctx.concept(r.find(f"{q('observation')}/{q('value')}")).text
+                for r in obs.findall(q("entryRelationship"))
+                if r.get("typeCode") == "MFST"
+            ),
+            None,
+        )
+        parts.allergies.append(
+            Allergy(f"{key}.a{index}", ctx.concept(obs.find(q("value"))), substance, text or None, reaction)
+        )
+    if not found:
+        _keep_narrative(section, ctx, parts)
+
+
+def _devices(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
+    found = False
+    for index, role in enumerate(section.iter(q("participantRole"))):
+        device = role.find(q("playingDevice"))
+        if device is None:
+            continue
+        found = True
+        code = ctx.concept(device.find(q("code")))
+        udi = next((i.get("extension") for i in role.findall(q("id")) if i.get("extension")), None)
+        supply = next(role.iterancestors(q("supply"), q("procedure")), None)
+        ref = supply.find(f"{q('text')}/{q('reference')}") if supply is not None else None
+        text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
+        parts.devices.append(Device(f"{key}.d{index}", code, text or code.text, udi))
+    if not found:
+        _keep_narrative(section, ctx, parts)
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+_TRANSLATORS: dict[str, Translator] = {
+    "allergies": _allergies,
+    "devices": _devices,
+    "document_status": _document_status,
+    "medications": _medications,
+    "narrative": _narrative,
+    "plan": _plan,
+    "stay_observations": _stay_observations,
+    "subsections": _subsections,
+}
+assert set(_TRANSLATORS) == SECTION_TRANSLATORS, "the CDA adapter must implement every section translator"

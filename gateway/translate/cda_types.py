@@ -1,0 +1,386 @@
+"""Read HL7 v3 CDA data types (II, TS, CD, PQ, PIVL_TS, PN, AD, TEL) into the neutral model.
+
+Shared by every CDA adapter (CI-SIS and C-CDA).  The readers are lenient where real letters are
+sloppy (a reference without ``#``, a time without a zone, a code without a system) and record each
+leniency as an :class:`~gateway.model.Issue` so the output says what was assumed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from lxml import etree
+
+from gateway.mappings import CDA_NS, Mappings
+from gateway.model import (
+    Address,
+    Code,
+    Concept,
+    Dose,
+    Ident,
+    Issue,
+    Name,
+    Organization,
+    Practitioner,
+    Ratio,
+    Telecom,
+    Timepoint,
+    Timing,
+)
+
+__all__ = ["CdaContext", "q", "text_of"]
+
+NS = {"h": CDA_NS, "xsi": "http://www.w3.org/2001/XMLSchema-instance"}
+XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
+_TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d+)?([+-]\d{4}|Z)?$")
+_SPACES = re.compile(r"\s+")
+
+
+def q(tag: str) -> str:
+    """Clark name of a CDA element: ``q("id")`` → ``{urn:hl7-org:v3}id``."""
+    return f"{{{CDA_NS}}}{tag}"
+
+
+def text_of(element: etree._Element | None) -> str:
+    """All text under an element, whitespace collapsed (narrative markup flattened)."""
+    if element is None:
+        return ""
+    return _SPACES.sub(" ", "".join(element.itertext())).strip()
+
+
+def _null(element: etree._Element | None) -> bool:
+    return element is None or element.get("nullFlavor") is not None
+
+
+@dataclass
+class CdaContext:
+    """Per-document reading state: mappings, narrative id index, time zone policy, issues found."""
+
+    mappings: Mappings
+    root: etree._Element
+    source: str
+    default_zone: str = "Europe/Paris"
+    issues: list[Issue] = field(default_factory=list)
+    _ids: dict[str, etree._Element] | None = None
+    _zone_warned: bool = False
+
+    # -- issues ------------------------------------------------------------------------------------
+    def note(self, severity: str, code: str, text: str, element: etree._Element | None = None) -> None:
+        where = f"{self.source}:{element.sourceline}" if element is not None and element.sourceline else ""
+        self.issues.append(Issue(severity, code, text, where))  # type: ignore[arg-type]
+
+    # -- narrative references ----------------------------------------------------------------------
+    def narrative(self, reference: str | None) -> etree._Element | None:
+        """The narrative element a ``reference/@value`` points at, with or without the leading '#'."""
+        if not reference:
+            return None
+        if self._ids is None:
+            self._ids = {}
+            for el in self.root.iter():
+                ident = el.get("ID")
+                if ident is not None and ident not in self._ids:
+                    self._ids[ident] = el
+        key = reference.strip()
+        key = key[1:] if key.startswith("#") else key
+        return self._ids.get(key)
+
+    # -- identifiers -------------------------------------------------------------------------------
+    def ident(self, element: etree._Element | None) -> Ident | None:
+        if _null(element):
+            return None
+        assert element is not None
+        root, ext = element.get("root"), element.get("extension")
+        if not root:
+            return None
+        if ext is None or not ext.strip():
+            value = f"urn:uuid:{root.lower()}" if "-" in root else f"urn:oid:{root}"
+            return Ident("urn:ietf:rfc:3986", value)
+        entry = self.mappings.code("identifier-systems").lookup(root)
+        if isinstance(entry, dict):
+            return Ident(entry["system"], ext.strip(), entry.get("type"), entry.get("use"))
+        return Ident(f"urn:oid:{root}", ext.strip())
+
+    def idents(self, parent: etree._Element | None, tag: str = "id") -> tuple[Ident, ...]:
+        if parent is None:
+            return ()
+        found = (self.ident(e) for e in parent.findall(q(tag)))
+        out: list[Ident] = []
+        for ident in found:
+            if ident is None:
+                continue
+            out.append(ident)
+            out.extend(_derived_national_ids(ident))
+        return tuple(dict.fromkeys(out))
+
+    # -- codes -------------------------------------------------------------------------------------
+    def system(self, oid: str | None) -> str | None:
+        if not oid:
+            return None
+        mapped = self.mappings.code("code-systems").lookup(oid)
+        return mapped if isinstance(mapped, str) and ":" in mapped else f"urn:oid:{oid}"
+
+    def concept(self, element: etree._Element | None) -> Concept:
+        if element is None:
+            return Concept()
+        codings: list[Code] = []
+        for el in (element, *element.findall(q("translation"))):
+            code, system = el.get("code"), self.system(el.get("codeSystem"))
+            if code and system and el.get("nullFlavor") is None:
+                codings.append(Code(system, code.strip(), el.get("displayName")))
+        text = None
+        original = element.find(q("originalText"))
+        if original is not None:
+            ref = original.find(q("reference"))
+            text = text_of(self.narrative(ref.get("value"))) if ref is not None else None
+            text = text or text_of(original) or None
+        if text is None and codings and codings[0].display:
+            text = codings[0].display
+        return Concept(tuple(codings), text)
+
+    # -- times -------------------------------------------------------------------------------------
+    def ts(self, element: etree._Element | None, attr: str = "value") -> Timepoint | None:
+        """A CDA TS as a FHIR date/dateTime; a time without zone gets the configured zone (and an issue)."""
+        if element is None or element.get("nullFlavor") is not None:
+            return None
+        raw = (element.get(attr) or "").strip()
+        if not raw:
+            return None
+        match = _TS.match(raw)
+        if not match:
+            self.note("warning", "value", f"unreadable timestamp {raw!r} ignored", element)
+            return None
+        year, month, day, hour, minute, second, frac, zone = match.groups()
+        try:
+            datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0))
+        except ValueError:
+            self.note("warning", "value", f"impossible date {raw!r} ignored", element)
+            return None
+        if hour is None:
+            return Timepoint("-".join(p for p in (year, month, day) if p))
+        date = f"{year}-{month}-{day}"
+        clock = f"{hour}:{minute or '00'}:{second or '00'}{frac or ''}"
+        if zone is None:
+            offset = datetime(int(year), int(month), int(day), int(hour), tzinfo=ZoneInfo(self.default_zone))
+            utcoffset = offset.utcoffset()
+            assert utcoffset is not None
+            minutes = int(utcoffset.total_seconds() // 60)
+            sign = "+" if minutes >= 0 else "-"
+            zone_text = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+            if not self._zone_warned:
+                self._zone_warned = True
+                self.note(
+                    "warning",
+                    "value",
+                    f"timestamp {raw!r} has a time but no time zone; {self.default_zone} assumed "
+                    "(applies to every such timestamp in this letter)",
+                    element,
+                )
+            return Timepoint(f"{date}T{clock}{zone_text}", zone_assumed=True)
+        zone_text = "Z" if zone == "Z" else f"{zone[:3]}:{zone[3:]}"
+        return Timepoint(f"{date}T{clock}{zone_text}")
+
+    def interval(self, element: etree._Element | None) -> tuple[Timepoint | None, Timepoint | None]:
+        if element is None:
+            return None, None
+        if element.get("value"):
+            point = self.ts(element)
+            return point, None
+        return self.ts(element.find(q("low"))), self.ts(element.find(q("high")))
+
+    def timing(self, element: etree._Element) -> Timing | None:
+        """PIVL_TS (every n units) or EIVL_TS (event-related) with operator A, as a FHIR Timing."""
+        kind = (element.get(XSI_TYPE) or "").split(":")[-1]
+        if kind == "PIVL_TS":
+            period = element.find(q("period"))
+            if period is None or period.get("value") is None:
+                return None
+            value = _decimal(period.get("value"))
+            unit = period.get("unit") or "d"
+            if value is None:
+                return None
+            entry = self.mappings.code("time-units").lookup(unit)
+            if not isinstance(entry, dict):
+                self.note("warning", "code-invalid", f"frequency unit {unit!r} not mapped; kept as text", element)
+                return Timing(text=f"toutes les {value.normalize():f} {unit}")
+            if value == 1:
+                text = f"1 fois par {entry['one']}"
+            else:
+                text = f"toutes les {value.normalize():f} {entry['many']}"
+            return Timing(period=value, period_unit=str(entry["unit"]), frequency=1, text=text)
+        if kind == "EIVL_TS":
+            event = element.find(q("event"))
+            code = event.get("code") if event is not None else None
+            return Timing(when=(code,), text=code) if code else None
+        return None
+
+    # -- quantities --------------------------------------------------------------------------------
+    def dose(self, element: etree._Element | None) -> Dose | None:
+        if element is None or element.get("nullFlavor") is not None:
+            return None
+        value = _decimal(element.get("value"))
+        if value is None:
+            return None
+        unit = element.get("unit")
+        text = None
+        translation = element.find(q("translation"))
+        if translation is not None:
+            original = translation.find(q("originalText"))
+            text = text_of(original) or None
+            if text and unit in (None, "1"):
+                text = f"{value.normalize():f} {text}"
+        if text is None and unit and unit != "1":
+            shown = self.mappings.code("dose-units").lookup(unit)
+            if shown != unit:
+                text = f"{value.normalize():f} {shown}"
+        return Dose(value, unit, text)
+
+    def ratio(self, element: etree._Element | None) -> Ratio | None:
+        if element is None:
+            return None
+        num, den = self.dose(element.find(q("numerator"))), self.dose(element.find(q("denominator")))
+        return Ratio(num, den) if num and den else None
+
+    # -- people and organisations -----------------------------------------------------------------
+    def name(self, element: etree._Element | None) -> Name | None:
+        if element is None or element.get("nullFlavor") is not None:
+            return None
+        families = element.findall(q("family"))
+        givens = element.findall(q("given"))
+        if not families and not givens:
+            text = text_of(element)
+            return Name("usual", text=text) if text else None
+        table = self.mappings.code("name-use")
+        qualifier = next((f.get("qualifier") for f in families if f.get("qualifier")), None)
+        use = table.lookup(qualifier) if qualifier else None
+        if use is None and element.get("use"):
+            use = table.lookup(element.get("use", "").split()[0])
+        family = " ".join(text_of(f) for f in families if text_of(f)) or None
+        given = tuple(text_of(g) for g in givens if text_of(g))
+        prefix = tuple(text_of(p) for p in element.findall(q("prefix")) if text_of(p))
+        return Name(str(use) if use else "usual", family, given, prefix)
+
+    def names(self, parent: etree._Element | None) -> tuple[Name, ...]:
+        if parent is None:
+            return ()
+        return tuple(n for n in (self.name(e) for e in parent.findall(q("name"))) if n is not None)
+
+    def telecoms(self, parent: etree._Element | None) -> tuple[Telecom, ...]:
+        if parent is None:
+            return ()
+        out: list[Telecom] = []
+        for element in parent.findall(q("telecom")):
+            value = (element.get("value") or "").strip()
+            if not value or element.get("nullFlavor"):
+                continue
+            scheme, _, rest = value.partition(":")
+            system = {"tel": "phone", "fax": "fax", "mailto": "email", "http": "url", "https": "url"}.get(
+                scheme.lower()
+            )
+            if system is None:
+                system, rest = "other", value
+            if system == "url":
+                rest = value
+            use_attr = (element.get("use") or "").split()
+            use = self.mappings.code("telecom-use").lookup(use_attr[0]) if use_attr else None
+            out.append(Telecom(system, rest.strip(), str(use) if use else None))
+        return tuple(out)
+
+    def addresses(self, parent: etree._Element | None) -> tuple[Address, ...]:
+        if parent is None:
+            return ()
+        out: list[Address] = []
+        for element in parent.findall(q("addr")):
+            if element.get("nullFlavor"):
+                continue
+            lines = [text_of(e) for e in element if _local(e) in _ADDRESS_LINES and text_of(e)]
+            city = text_of(element.find(q("city"))) or None
+            postal = text_of(element.find(q("postalCode"))) or None
+            country = text_of(element.find(q("country"))) or None
+            if not lines and not city and not postal:
+                flat = text_of(element)
+                lines = [flat] if flat else []
+            if lines or city or postal or country:
+                out.append(Address(tuple(lines), city, postal, country))
+        return tuple(out)
+
+    def organization(self, element: etree._Element | None) -> Organization | None:
+        if element is None:
+            return None
+        ids = self.idents(element)
+        name = text_of(element.find(q("name"))) or None
+        kind = self.concept(element.find(q("standardIndustryClassCode")))
+        if not ids and not name:
+            return None
+        return Organization(ids, name, kind, self.telecoms(element), self.addresses(element))
+
+    def practitioner(self, assigned: etree._Element | None, *, person_tag: str = "assignedPerson") -> Practitioner | None:
+        """An assignedAuthor / assignedEntity / intendedRecipient as a Practitioner (or None)."""
+        if assigned is None:
+            return None
+        person = assigned.find(q(person_tag))
+        if person is None:
+            person = assigned.find(q("informationRecipient"))
+        names = self.names(person)
+        org_el = assigned.find(q("representedOrganization"))
+        if org_el is None:
+            org_el = assigned.find(q("receivedOrganization"))
+        organization = self.organization(org_el)
+        ids = self.idents(assigned)
+        if not ids and not names and organization is None:
+            return None
+        return Practitioner(
+            ids,
+            names[0] if names else None,
+            self.concept(assigned.find(q("code"))),
+            self.telecoms(assigned),
+            self.addresses(assigned),
+            organization,
+        )
+
+
+_ADDRESS_LINES = {
+    "streetAddressLine",
+    "houseNumber",
+    "streetName",
+    "streetNameBase",
+    "additionalLocator",
+    "unitID",
+    "postBox",
+    "careOf",
+    "deliveryAddressLine",
+}
+
+
+def _local(element: etree._Element) -> str:
+    tag = element.tag
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
+
+
+def _decimal(value: str | None) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        number = Decimal(value.strip().replace(",", "."))
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
+
+
+def _derived_national_ids(ident: Ident) -> tuple[Ident, ...]:
+    """idNatPs "8"+RPPS and idNatSt "1"+FINESS also give the bare RPPS / FINESS identifiers."""
+    if ident.type_code == "IDNPS" and len(ident.value) == 12 and ident.value.startswith("8"):
+        return (Ident("https://rpps.esante.gouv.fr", ident.value[1:], "RPPS", "official"),)
+    if ident.type_code == "IDNST" and len(ident.value) == 10 and ident.value.startswith("1"):
+        return (Ident("https://finess.esante.gouv.fr", ident.value[1:], None, "official"),)
+    return ()
+
+
+def attr_path(element: Any) -> str:
+    """A short XPath-like location for messages: ``/ClinicalDocument/component/...``."""
+    tree = element.getroottree()
+    return str(tree.getpath(element)).replace("{urn:hl7-org:v3}", "")
