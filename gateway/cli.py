@@ -100,6 +100,13 @@ def _mappings_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    settings = Settings.from_env()
+    return run_demo(_load(settings), settings, Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="FHIR messaging gateway for hospital discharge letters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--mappings", metavar="DIR", help="site overlay directory for mappings/ (or GATEWAY_MAPPINGS_OVERLAY)")
     tr.add_argument("--strict", action="store_true", help="also validate every resource with the fhir.resources models")
     tr.set_defaults(handler=_translate)
+    dm = sub.add_parser("demo", help="translate the embedded sample letters and show the GP's change tables")
+    dm.add_argument("--out", default="demo-out", help="directory for the output Bundles (default: demo-out)")
+    dm.set_defaults(handler=_demo)
     mp = sub.add_parser("mappings", help="check the mapping tables (and an overlay) and exit")
     mp.add_argument("overlay", nargs="?", help="overlay directory to check with the built-in tables")
     mp.set_defaults(handler=_mappings_check)

@@ -14,7 +14,8 @@ module that calls the foreign library, never further out.
     │   ├── TooLarge                   too-long       no    over the configured size limit
     │   ├── EncodingError              structure      no    bytes that do not match the declared encoding
     │   ├── UnsupportedDocument        not-supported  no    a document type no adapter handles
-    │   └── MissingIdentity            required       no    a letter without patient identity
+    │   ├── MissingIdentity            required       no    a letter without patient identity
+    │   └── PriorMismatch              business-rule  no    a prior list that is not the same patient's
     ├── MappingError
     │   ├── MappingLoadError           exception      no    start-up: bad file, unknown translator, duplicates
     │   └── UnmappedCode               code-invalid   no    only when the table says on_unmapped: error
@@ -33,6 +34,7 @@ __all__ = [
     "MappingError",
     "MappingLoadError",
     "MissingIdentity",
+    "PriorMismatch",
     "ProfileViolation",
     "TooLarge",
     "UnmappedCode",
@@ -116,6 +118,10 @@ class UnsupportedDocument(IngestError):
 
 class MissingIdentity(IngestError):
     issue_code = "required"
+
+
+class PriorMismatch(IngestError):
+    issue_code = "business-rule"
 
 
 class MappingError(GatewayError):

@@ -14,10 +14,9 @@ from __future__ import annotations
 import fnmatch
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from gateway.errors import MappingLoadError, Where
 from gateway.mappings import Mappings
@@ -59,11 +58,17 @@ class LabelRules(_Strict):
     activities: tuple[ActivityRule, ...]
     lexicons: dict[str, tuple[str, ...]]
     sensitivity: Sensitivity
+    _folded: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, _context: Any) -> None:
         for rule in self.activities:
             if rule.when_any not in self.lexicons:
                 raise ValueError(f"activity rule names unknown lexicon {rule.when_any!r}")
+        self._folded = {name: tuple(_fold(t) for t in terms) for name, terms in self.lexicons.items()}
+
+    def terms(self, lexicon: str) -> tuple[str, ...]:
+        """The lexicon's terms, accents and case folded once at load."""
+        return self._folded[lexicon]
 
 
 def rules_from(mappings: Mappings) -> LabelRules:
@@ -91,14 +96,6 @@ def _rules(digest: str, mappings: Mappings) -> LabelRules:
 def _fold(text: str) -> str:
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     return " ".join(ascii_text.replace("'", " ").split())
-
-
-@dataclass(frozen=True, slots=True)
-class _Lexicon:
-    terms: tuple[str, ...]
-
-    def hits(self, text: str) -> bool:
-        return any(term in text for term in self.terms)
 
 
 def _coding(system: str, code: str, display: str | None = None) -> Json:
@@ -139,7 +136,7 @@ def activity_category(activity: Mapping[str, Any], rules: LabelRules) -> Categor
     parts.extend(str(c.get("display") or "") for c in code.get("coding", []))
     text = _fold(" ".join(parts))
     for rule in rules.activities:
-        if _Lexicon(tuple(_fold(t) for t in rules.lexicons[rule.when_any])).hits(text):
+        if any(term in text for term in rules.terms(rule.when_any)):
             return rule.category
     return rules.fallback
 

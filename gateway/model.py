@@ -254,6 +254,8 @@ class MedicationLine:
     def dosage_text(self) -> str:
         """The posology as a prescriber would read it: '1 {tbl} · 2/d · voie orale'."""
         parts: list[str] = []
+        if self.narrative.cell("posologie"):
+            return self.narrative.cell("posologie") or ""
         if self.narrative.cell("dose"):
             parts.append(self.narrative.cell("dose") or "")
         elif self.dose is not None:

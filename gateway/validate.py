@@ -40,7 +40,6 @@ array/object/string, JSON names only, ``resourceType`` exactly where FHIR JSON p
 
 from __future__ import annotations
 
-import binascii
 import importlib
 import math
 import re
@@ -80,7 +79,9 @@ _DEFER: Final = "\x00defer"
 # spell the White_Space set out instead of using Python's ``\s`` (which also matches U+001C..U+001F).
 # ---------------------------------------------------------------------------------------------------
 _WHITE_SPACE: Final = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+    "\t\n\x0b\x0c\r \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
 )
 # String's pattern is ``[ \r\n\t\S]+``: a string is valid when it has one character that is not one
 # of these (White_Space other than space, tab, CR, LF).
@@ -310,6 +311,16 @@ _PRIMITIVE = 0
 _OBJECT = 1  # a complex type or backbone element: a nested node
 _RESOURCE = 2  # any resource, dispatched on its resourceType (contained, Bundle.entry.resource)
 
+# What _walk may accept at first sight (anything else, or anything that fails, goes to _general).
+_OP_OTHER = 0
+_OP_STRING = 1  # string: a non-empty ASCII or encodable str with content
+_OP_URI = 2  # uri, url, canonical, markdown: a non-empty ASCII or encodable str
+_OP_CODE = 3  # code
+_OP_PRIMITIVE = 4  # any other primitive: its check says None
+_OP_OBJECT = 5  # a complex element: a dict, walked
+_OP_OBJECTS = 6  # an array of complex elements: a non-empty list, items walked
+_OP_PRIMITIVES = 7  # an array of primitives: a non-empty list, items checked
+
 
 class _Field:
     """One element of a node, reachable by its JSON name (alias) and its Python name."""
@@ -327,6 +338,7 @@ class _Field:
         "name",
         "node",
         "null_items",
+        "op",
         "optional",
         "strict",
     )
@@ -337,6 +349,7 @@ class _Field:
         self.annotation = annotation  # the whole field annotation (for pydantic fallbacks)
         self.item_annotation: Any = annotation  # one item's annotation
         self.kind = _PRIMITIVE
+        self.op = _OP_OTHER
         self.many = False
         self.optional = True  # null is accepted
         self.null_items = False  # null is accepted as an item of the list
@@ -379,6 +392,7 @@ class _Node:
         "is_resource",
         "model",
         "needs_content",
+        "post",
         "required",
         "required_primitives",
         "rtype",
@@ -396,19 +410,15 @@ class _Node:
         self.required: tuple[_Field, ...] = ()  # must be present (pydantic required)
         self.required_primitives: tuple[tuple[_Field, _Field | None], ...] = ()  # value or extension
         self.choices: tuple[_Choice, ...] = ()
+        self.post = False  # any object-level rule to check after the keys
 
 
 _NODES: dict[_Model, _Node] = {}
-_RESOURCE_NODES: dict[str, _Node | None] = {}
+_RESOURCE_NODES: dict[str, _Node] = {}
 _LOCK = threading.Lock()
 
 _STRING_KINDS: Final[dict[type, _Check]] = {
-    _ft.Code: _check_code,
     _ft.Oid: _check_oid,
-    _ft.Uri: _check_any_string,
-    _ft.Canonical: _check_any_string,
-    _ft.Markdown: _check_any_string,
-    _ft.Url: _check_any_string,
     _ft.Date: _check_date,
     _ft.DateTime: _check_datetime,
     _ft.Instant: _check_instant,
@@ -439,41 +449,47 @@ def _model_verdict(model: _Model, value: Any) -> str | None:
 
 
 def _strip_optional(annotation: Any) -> tuple[bool, Any]:
+    """(whether None is accepted, the annotation without None) of ``X | None``."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return True, args[0]
+        args = typing.get_args(annotation)
+        if type(None) in args:
+            rest = tuple(a for a in args if a is not type(None))
+            return True, rest[0] if len(rest) == 1 else typing.Union[rest]  # noqa: UP007
     return False, annotation
 
 
-def _primitive_checks(annotation: Any) -> tuple[_Check, _Check]:
-    """The (R4B, fhir_json) checks of one primitive item annotation."""
+def _primitive_checks(annotation: Any) -> tuple[_Check, _Check, int]:
+    """The R4B check, the fhir_json check and the fast-path op of one primitive item annotation."""
     if annotation is bool:
-        return _check_bool, _strict_bool
+        return _check_bool, _strict_bool, _OP_PRIMITIVE
     if typing.get_origin(annotation) is not typing.Annotated:
-        return _check_defer, _check_defer  # uuid and anything unforeseen: pydantic decides
+        return _check_defer, _check_defer, _OP_OTHER  # uuid and anything unforeseen: pydantic decides
     for meta in annotation.__metadata__:
         kind = type(meta)
         if kind is _ft.String:
             if meta.allow_empty_str:
-                return _check_defer, _check_defer
-            return _check_string, _strict_string_kind(_check_string)
+                break
+            return _check_string, _strict_string_kind(_check_string), _OP_STRING
+        if kind is _ft.Code:
+            return _check_code, _strict_string_kind(_check_code), _OP_CODE
+        if kind in (_ft.Uri, _ft.Canonical, _ft.Markdown, _ft.Url):
+            return _check_any_string, _strict_string_kind(_check_any_string), _OP_URI
+        if kind is _ft.Xhtml:
+            return _check_any_string, _strict_xhtml, _OP_PRIMITIVE
         if kind is _ft.Id:
             if _constraints.TYPES_ID_PATTERN != _ID_DEFAULT_PATTERN:
-                return _check_defer, _check_defer
+                break
             lax = _make_id_check(_constraints.TYPES_ID_MAX_LENGTH)
-            return lax, _strict_string_kind(lax)
-        if kind is _ft.Xhtml:
-            return _check_any_string, _strict_xhtml
+            return lax, _strict_string_kind(lax), _OP_PRIMITIVE
         if kind is _ft.Decimal:
-            return _check_decimal, _strict_decimal
+            return _check_decimal, _strict_decimal, _OP_PRIMITIVE
         if kind in (_ft.Integer, _ft.UnsignedInt, _ft.PositiveInt):
             lax = _make_int_check(meta.min_length, meta.max_length)
-            return lax, _strict_int_kind(lax)
+            return lax, _strict_int_kind(lax), _OP_PRIMITIVE
         if kind in _STRING_KINDS:
             lax = _STRING_KINDS[kind]
-            return lax, _strict_string_kind(lax)
-    return _check_defer, _check_defer
+            return lax, _strict_string_kind(lax), _OP_PRIMITIVE
+    return _check_defer, _check_defer, _OP_OTHER
 
 
 def _compile_field(name: str, alias: str, annotation: Any, building: dict[_Model, _Node]) -> _Field:
@@ -487,9 +503,10 @@ def _compile_field(name: str, alias: str, annotation: Any, building: dict[_Model
         field.item_annotation = typing.get_args(inner)[0]
         field.null_items, inner = _strip_optional(field.item_annotation)
     if isinstance(inner, type) and issubclass(inner, _ft.FhirBase):
-        model = typing.cast(_Model, inner.get_model_klass())
+        model = inner.get_model_klass()
         if not issubclass(inner, _ft.FhirElementOrResourceBase):
             field.kind = _OBJECT
+            field.op = _OP_OBJECTS if field.many else _OP_OBJECT
             field.node = _build(model, building)
         elif model is _Resource:
             field.kind = _RESOURCE
@@ -497,7 +514,8 @@ def _compile_field(name: str, alias: str, annotation: Any, building: dict[_Model
         # FHIRAbstractModel.reject_null_complex_elements: no null in complex arrays but ``_field`` ones
         field.null_items = name.endswith("__ext")
         return field
-    field.lax, field.strict = _primitive_checks(inner)
+    field.lax, field.strict, op = _primitive_checks(inner)
+    field.op = op if not field.many else _OP_PRIMITIVES
     return field
 
 
@@ -529,6 +547,7 @@ def _build(model: _Model, building: dict[_Model, _Node]) -> _Node:
                 group_index[group] = len(choices)
                 choices.append(_Choice(group, extra.get("one_of_many_required") is True))
             field.choice = group_index[group]
+            field.op = _OP_OTHER  # choice elements are counted by _general
     aliases = model.get_alias_mapping()
     node.required = tuple(required)
     node.required_primitives = tuple(
@@ -536,6 +555,7 @@ def _build(model: _Model, building: dict[_Model, _Node]) -> _Node:
         for element, ext in sample.get_required_fields()
     )
     node.choices = tuple(choices)
+    node.post = bool(node.required or node.required_primitives or node.choices or node.needs_content)
     return node
 
 
@@ -566,12 +586,14 @@ def _resource_model(resource_type: Any) -> _Model | None:
 
 
 def _resource_node(resource_type: Any) -> _Node | None:
-    if type(resource_type) is str and resource_type in _RESOURCE_NODES:
-        return _RESOURCE_NODES[resource_type]
-    model = _resource_model(resource_type)
-    node = _node(model) if model is not None else None
-    if type(resource_type) is str:
-        _RESOURCE_NODES[resource_type] = node
+    node = _RESOURCE_NODES.get(resource_type) if type(resource_type) is str else None
+    if node is None:
+        model = _resource_model(resource_type)
+        if model is None:
+            return None  # not cached: unknown names come from the input, they must not grow memory
+        node = _node(model)
+        if type(resource_type) is str:
+            _RESOURCE_NODES[resource_type] = node
     return node
 
 
@@ -608,7 +630,9 @@ def _walk_resource(value: dict[str, Any], strict: bool) -> _Errors | None:
     return _walk(node, value, strict)
 
 
-def _odd_key(node: _Node, obj: dict[str, Any], key: Any, value: Any, strict: bool) -> tuple[_Field | None, str | None]:
+def _odd_key(
+    node: _Node, obj: dict[str, Any], key: Any, value: Any, strict: bool
+) -> tuple[_Field | None, str | None]:
     """A key that is not a JSON element name: a Python field name, resourceType, or an unknown key."""
     field = node.by_name.get(key)
     if field is not None:
@@ -630,45 +654,62 @@ def _odd_key(node: _Node, obj: dict[str, Any], key: Any, value: Any, strict: boo
     return None, f"unknown element {key!r}"
 
 
-def _walk(node: _Node, obj: dict[str, Any], strict: bool) -> _Errors | None:  # noqa: C901
+def _walk(node: _Node, obj: dict[str, Any], strict: bool) -> _Errors | None:
+    """The problems of one JSON object against its node (None when there are none).
+
+    The loop first tries the fast acceptance of the most common shapes (a non-empty ASCII or
+    encodable string, an object, a non-empty array of objects or primitives) and falls through to
+    :func:`_general` for everything else: null, choice elements, odd types, errors, fhir_json rules.
+    """
     errors: _Errors | None = None
     fields = node.fields
     counts: list[int] | None = None
     for key, value in obj.items():
         field = fields.get(key)
-        if field is None:
-            field, message = _odd_key(node, obj, key, value, strict)
-            if message is not None:
-                errors = _add(errors, key, message)
-            if field is None:
-                continue
-        if value is None:
-            if strict:
-                errors = _add(errors, key, "null is not allowed")
-            elif not field.optional:
-                message = field.field_verdict(None)
-                if message is not None:
-                    errors = _add(errors, key, message)
-            continue
-        if field.choice >= 0:
-            if counts is None:
-                counts = [0] * len(node.choices)
-            counts[field.choice] += 1
-        kind = field.kind
-        if field.many:
-            if type(value) is not list:
-                if strict:
-                    errors = _add(errors, key, f"expected a JSON array, got {type(value).__name__}")
-                else:
-                    message = field.field_verdict(value)
-                    if message is not None:
-                        errors = _add(errors, key, message)
-                continue
-            if not value:
-                if strict:
-                    errors = _add(errors, key, "empty array")
-                continue
-            if kind == _PRIMITIVE:
+        if field is not None:
+            op = field.op
+            if op == _OP_STRING:
+                if type(value) is str:
+                    if value.isascii():
+                        if value.strip("\x0b\x0c"):
+                            continue
+                    elif value.strip(_ODD_WHITE_SPACE):
+                        try:
+                            value.encode("utf-8")
+                        except UnicodeEncodeError:
+                            pass
+                        else:
+                            continue
+            elif op == _OP_CODE:
+                if type(value) is str and _CODE_MATCH(value) and (value.isascii() or _encodable(value)):
+                    continue
+            elif op == _OP_URI:
+                if type(value) is str and value and (value.isascii() or _encodable(value)):
+                    continue
+            elif op == _OP_OBJECT:
+                child = field.node
+                if type(value) is dict and child is not None:
+                    inner = _walk(child, value, strict)
+                    if inner:
+                        errors = _nest(errors, key, inner)
+                    continue
+            elif op == _OP_OBJECTS:
+                child = field.node
+                if type(value) is list and value and child is not None:
+                    for index, item in enumerate(value):
+                        if type(item) is dict:
+                            inner = _walk(child, item, strict)
+                            if inner:
+                                errors = _nest(errors, f"{key}[{index}]", inner)
+                        else:
+                            message = _odd_item(field, item, strict)
+                            if message is not None:
+                                errors = _add(errors, f"{key}[{index}]", message)
+                    continue
+            elif op == _OP_PRIMITIVE:
+                if (field.strict if strict else field.lax)(value) is None:
+                    continue
+            elif op == _OP_PRIMITIVES and type(value) is list and value:
                 check = field.strict if strict else field.lax
                 for index, item in enumerate(value):
                     if item is None:
@@ -679,56 +720,124 @@ def _walk(node: _Node, obj: dict[str, Any], strict: bool) -> _Errors | None:  # 
                             message = field.item_verdict(item)
                     if message is not None:
                         errors = _add(errors, f"{key}[{index}]", message)
-            else:
-                child = field.node
-                for index, item in enumerate(value):
-                    if type(item) is dict:
-                        inner = _walk(child, item, strict) if child is not None else _walk_resource(item, strict)
-                        if inner:
-                            errors = _nest(errors, f"{key}[{index}]", inner)
-                    elif item is None:
-                        if not field.null_items:
-                            errors = _add(errors, f"{key}[{index}]", "null is not allowed in this array")
-                    elif strict:
-                        errors = _add(errors, f"{key}[{index}]", f"expected a JSON object, got {type(item).__name__}")
-                    else:
-                        message = field.item_verdict(item)
-                        if message is not None:
-                            errors = _add(errors, f"{key}[{index}]", message)
-        elif kind == _PRIMITIVE:
-            message = (field.strict if strict else field.lax)(value)
-            if message is not None:
-                if message is _DEFER:
-                    message = field.item_verdict(value)
-                if message is not None:
-                    errors = _add(errors, key, message)
-        elif type(value) is dict:
-            child = field.node
-            inner = _walk(child, value, strict) if child is not None else _walk_resource(value, strict)
-            if inner:
-                errors = _nest(errors, key, inner)
-        elif strict:
-            errors = _add(errors, key, f"expected a JSON object, got {type(value).__name__}")
-        else:
-            message = field.item_verdict(value)
+                continue
+        errors, counts = _general(node, obj, key, value, field, strict, errors, counts)
+    if node.post or strict:
+        errors = _post(node, obj, strict, errors, counts)
+    return errors
+
+
+def _odd_item(field: _Field, item: Any, strict: bool) -> str | None:
+    """The problem of an array item of a complex type that is not a JSON object."""
+    if item is None:
+        return None if field.null_items else "null is not allowed in this array"
+    if strict:
+        return f"expected a JSON object, got {type(item).__name__}"
+    return field.item_verdict(item)
+
+
+def _general(
+    node: _Node,
+    obj: dict[str, Any],
+    key: str,
+    value: Any,
+    field: _Field | None,
+    strict: bool,
+    errors: _Errors | None,
+    counts: list[int] | None,
+) -> tuple[_Errors | None, list[int] | None]:
+    """Everything :func:`_walk` does not accept at first sight, decided in full."""
+    if field is None:
+        field, message = _odd_key(node, obj, key, value, strict)
+        if message is not None:
+            errors = _add(errors, key, message)
+        if field is None:
+            return errors, counts
+    if value is None:
+        if strict:
+            errors = _add(errors, key, "null is not allowed")
+        elif not field.optional:
+            message = field.field_verdict(None)
             if message is not None:
                 errors = _add(errors, key, message)
+        return errors, counts
+    if field.choice >= 0:
+        if counts is None:
+            counts = [0] * len(node.choices)
+        counts[field.choice] += 1
+    kind = field.kind
+    if field.many:
+        if type(value) is not list:
+            if strict:
+                errors = _add(errors, key, f"expected a JSON array, got {type(value).__name__}")
+            else:
+                message = field.field_verdict(value)
+                if message is not None:
+                    errors = _add(errors, key, message)
+        elif not value:
+            if strict:
+                errors = _add(errors, key, "empty array")
+        elif kind == _PRIMITIVE:
+            check = field.strict if strict else field.lax
+            for index, item in enumerate(value):
+                if item is None:
+                    message = None if field.null_items else field.item_verdict(item)
+                else:
+                    message = check(item)
+                    if message is _DEFER:
+                        message = field.item_verdict(item)
+                if message is not None:
+                    errors = _add(errors, f"{key}[{index}]", message)
+        else:
+            child = field.node
+            for index, item in enumerate(value):
+                if type(item) is dict:
+                    inner = _walk(child, item, strict) if child is not None else _walk_resource(item, strict)
+                    if inner:
+                        errors = _nest(errors, f"{key}[{index}]", inner)
+                else:
+                    message = _odd_item(field, item, strict)
+                    if message is not None:
+                        errors = _add(errors, f"{key}[{index}]", message)
+    elif kind == _PRIMITIVE:
+        message = (field.strict if strict else field.lax)(value)
+        if message is _DEFER:
+            message = field.item_verdict(value)
+        if message is not None:
+            errors = _add(errors, key, message)
+    elif type(value) is dict:
+        child = field.node
+        inner = _walk(child, value, strict) if child is not None else _walk_resource(value, strict)
+        if inner:
+            errors = _nest(errors, key, inner)
+    elif strict:
+        errors = _add(errors, key, f"expected a JSON object, got {type(value).__name__}")
+    else:
+        message = field.item_verdict(value)
+        if message is not None:
+            errors = _add(errors, key, message)
+    return errors, counts
 
+
+def _post(
+    node: _Node, obj: dict[str, Any], strict: bool, errors: _Errors | None, counts: list[int] | None
+) -> _Errors | None:
+    """Object-level rules: required elements, choice groups, primitive extensions, empty objects."""
     for field in node.required:
         if field.alias not in obj and field.name not in obj:
             errors = _add(errors, field.alias, "required element missing")
     for field, ext in node.required_primitives:
-        message = _required_primitive(node, obj, field, ext)
-        if message is not None:
-            errors = _add(errors, field.alias, message)
-    if node.choices:
-        for index, choice in enumerate(node.choices):
-            count = counts[index] if counts is not None else 0
-            if count > 1:
-                errors = _add(errors, f"{choice.name}[x]", f"only one of {choice.name}[x] is allowed")
-            elif count == 0 and choice.required:
-                errors = _add(errors, f"{choice.name}[x]", f"{choice.name}[x] is required")
-    if node.needs_content and obj.get("id") is None and obj.get("extension") is None and obj.get("fhir_comments") is None:
+        if obj.get(field.alias) is None:
+            message = _required_primitive(node, obj, field, ext)
+            if message is not None:
+                errors = _add(errors, field.alias, message)
+    for index, choice in enumerate(node.choices):
+        count = counts[index] if counts is not None else 0
+        if count > 1:
+            errors = _add(errors, f"{choice.name}[x]", f"only one of {choice.name}[x] is allowed")
+        elif count == 0 and choice.required:
+            errors = _add(errors, f"{choice.name}[x]", f"{choice.name}[x] is required")
+    if node.needs_content and all(obj.get(k) is None for k in ("id", "extension", "fhir_comments")):
         errors = _add(errors, "", "a primitive's extension element needs an id or extensions")
     if strict and not obj:
         errors = _add(errors, "", "empty object")
@@ -802,7 +911,9 @@ def check(resource: dict[str, Any], *, fhir_json: bool = False) -> None:
     found = _errors(resource, fhir_json)
     if found:
         path, message = found[0]
-        more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
+        more = (
+            f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
+        )
         raise ProfileViolation(f"invalid FHIR resource: {message}{more}", where=Where(path=path))
 
 

@@ -32,7 +32,12 @@ def read(
         raise TooLarge(f"document is {len(raw)} bytes, over the {max_bytes}-byte limit", where=where)
     if not raw.strip():
         raise UnsupportedDocument("document is empty", where=where)
-    head = raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    stripped = raw.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if stripped.startswith(b"%PDF"):
+        raise UnsupportedDocument(
+            "a PDF carries no structured content: send the CDA letter (or a FHIR document)", where=where
+        )
+    head = stripped[:1]
     if head in (b"{", b"["):
         tree_json = parse_json(raw, name)
         kind = mappings.detect_fhir(tree_json, role=role, where=where)

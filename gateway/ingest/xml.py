@@ -18,6 +18,7 @@ __all__ = ["parse_xml"]
 
 _DECLARATION = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _XINCLUDE_NS = "http://www.w3.org/2001/XInclude"
+_POSITION_SUFFIX = re.compile(r",? line \d+, column \d+\s*$")
 _ENCODING_HINTS = ("encoding", "utf-8", "utf8", "bytes", "char", "codec")
 
 
@@ -59,7 +60,7 @@ def parse_xml(raw: bytes, name: str) -> etree._Element:
     except etree.XMLSyntaxError as exc:
         line, column = exc.position if exc.position else (None, None)
         where = Where(source=name, line=line, column=column)
-        message = (exc.msg or str(exc)).strip()
+        message = _POSITION_SUFFIX.sub("", (exc.msg or str(exc)).strip())
         lowered = message.lower()
         if "depth" in lowered or "huge" in lowered:
             raise UnsafeInput(f"document nests elements too deeply: {message}", where=where) from None

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.errors import PriorMismatch, Where
 from gateway.mappings import Mappings
 from gateway.model import Issue, Letter, MedSection, SourceDocument
 from gateway.translate.build import Built, build
@@ -109,14 +110,13 @@ def _fields(letter: Letter) -> dict[str, Any]:
 
 
 def _check_same_patient(letter: Letter, prior: Letter) -> list[Issue]:
+    """Comparing with another patient's list would be dangerous: refuse unless an identifier matches."""
     mine = {(i.system, i.value) for i in letter.patient.ids}
     theirs = {(i.system, i.value) for i in prior.patient.ids}
     if mine & theirs:
         return []
-    return [
-        Issue(
-            "warning",
-            "business-rule",
-            "the prior medication list shares no patient identifier with the letter: check it is the same patient",
-        )
-    ]
+    raise PriorMismatch(
+        "the prior medication list shares no patient identifier (INS or IPP) with the letter: "
+        "refusing to compare lists that may not be the same patient's",
+        where=Where(source=prior.title),
+    )

@@ -50,7 +50,7 @@ def text_of(element: etree._Element | None) -> str:
     """All text under an element, whitespace collapsed (narrative markup flattened)."""
     if element is None:
         return ""
-    return _SPACES.sub(" ", "".join(element.itertext())).strip()
+    return " ".join("".join(element.itertext()).split())
 
 
 def _null(element: etree._Element | None) -> bool:
@@ -81,10 +81,8 @@ class CdaContext:
             return None
         if self._ids is None:
             self._ids = {}
-            for el in self.root.iter():
-                ident = el.get("ID")
-                if ident is not None and ident not in self._ids:
-                    self._ids[ident] = el
+            for el in self.root.xpath("//*[@ID]"):
+                self._ids.setdefault(el.get("ID"), el)
         key = reference.strip()
         key = key[1:] if key.startswith("#") else key
         return self._ids.get(key)

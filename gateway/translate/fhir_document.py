@@ -26,6 +26,7 @@ from gateway.model import (
     MedicationLine,
     MedSection,
     Name,
+    Narrative,
     Observation,
     Organization,
     Patient,
@@ -214,6 +215,21 @@ def _patient(res: Json | None, where: Where) -> Patient:
     )
 
 
+_UNITS_FR = {"s": ("seconde", "secondes"), "min": ("minute", "minutes"), "h": ("heure", "heures"),
+             "d": ("jour", "jours"), "wk": ("semaine", "semaines"), "mo": ("mois", "mois"), "a": ("an", "ans")}
+
+
+def _timing_text(repeat: Json) -> str | None:
+    period, unit = repeat.get("period"), repeat.get("periodUnit")
+    if period is None or unit not in _UNITS_FR:
+        return None
+    one, many = _UNITS_FR[str(unit)]
+    frequency = repeat.get("frequency") or 1
+    if period == 1:
+        return f"{frequency} fois par {one}"
+    return f"{frequency} fois toutes les {period} {many}"
+
+
 def _medication(res: Json, which: MedSection, key: str, index: _Index) -> MedicationLine | None:
     if res.get("resourceType") not in ("MedicationStatement", "MedicationRequest"):
         return None
@@ -237,7 +253,7 @@ def _medication(res: Json, which: MedSection, key: str, index: _Index) -> Medica
             repeat.get("periodUnit"),
             repeat.get("frequency"),
             tuple(repeat.get("when", [])),
-            (dosage.get("timing") or {}).get("code", {}).get("text"),
+            (dosage.get("timing") or {}).get("code", {}).get("text") or _timing_text(repeat),
         )
     period = res.get("effectivePeriod") or {}
     notes = [n.get("text") for n in res.get("note", []) if isinstance(n, Mapping) and n.get("text")]
@@ -263,6 +279,7 @@ def _medication(res: Json, which: MedSection, key: str, index: _Index) -> Medica
         max_dose=ratio,
         comment=comment,
         instructions=dosage.get("patientInstruction"),
+        narrative=Narrative((("posologie", str(dosage["text"])),), str(dosage["text"])) if dosage.get("text") else Narrative(),
         indication=_concept(reason_codes[0]),
     )
 

@@ -1,0 +1,57 @@
+"""The project's profiles are valid R4 resources, and outputs use only codes they declare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fhir.resources.R4B import get_fhir_model_class
+
+from gateway.translate.build import PROJECT
+from tests.conftest import ROOT, available_cases, resources, run_case
+
+PROFILES = ROOT / "profiles"
+
+
+def _declared() -> dict[str, set[str]]:
+    systems: dict[str, set[str]] = {}
+    for path in PROFILES.glob("CodeSystem-*.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        systems[data["url"]] = {c["code"] for c in data["concept"]}
+    return systems
+
+
+@pytest.mark.parametrize("path", sorted(PROFILES.glob("*.json")), ids=lambda p: p.name)
+def test_profile_file_is_valid_r4(path: Path) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    get_fhir_model_class(data["resourceType"]).model_validate(data)
+    assert data["url"].startswith(PROJECT)
+
+
+def _codings(node: Any) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    if isinstance(node, dict):
+        if isinstance(node.get("system"), str) and "code" in node:
+            found.append(node)
+        for value in node.values():
+            found.extend(_codings(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_codings(value))
+    return found
+
+
+@pytest.mark.parametrize("case", available_cases())
+def test_outputs_use_only_declared_project_codes(case: str) -> None:
+    declared = _declared()
+    for res in resources(run_case(case)):
+        for coding in _codings(res):
+            if coding["system"].startswith(f"{PROJECT}/CodeSystem/"):
+                assert coding["system"] in declared, coding
+                assert coding["code"] in declared[coding["system"]], coding
+        for ext in res.get("extension", []):
+            for part in ext.get("extension", []):
+                if part["url"] == "basis":
+                    assert part["valueCode"] in declared[f"{PROJECT}/CodeSystem/change-basis"]
