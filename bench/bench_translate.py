@@ -39,12 +39,17 @@ def main() -> int:
     parser.add_argument("--peer-venv", default=None)
     args = parser.parse_args()
 
-    venv = args.peer_venv or subprocess.run(
-        [str(HERE / "setup_peer.sh")], check=True, capture_output=True, text=True
-    ).stdout.strip().splitlines()[-1]
+    venv = (
+        args.peer_venv
+        or subprocess.run([str(HERE / "setup_peer.sh")], check=True, capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     peer = subprocess.Popen(
         [f"{venv}/bin/python", str(HERE / "peer_render.py"), str(args.file), args.template],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert peer.stdout and peer.stdin
     assert peer.stdout.readline().strip() == "ready"
@@ -69,12 +74,18 @@ def main() -> int:
     peer.wait()
 
     ours_med, theirs_med = statistics.median(ours), statistics.median(theirs)
-    print(f"file: {args.file.name} ({len(raw) / 1024:.0f} KiB); output {len(result.bundle['entry'])} resources, "
-          f"{size / 1024:.0f} KiB JSON")
-    print(f"gateway translate (parse+translate+label+validate+serialise): median {ours_med:.2f} ms/doc, "
-          f"p90 {sorted(ours)[int(len(ours) * .9)]:.2f} ms, n={len(ours)}")
-    print(f"python-fhir-converter 0.3.0 render_to_fhir({args.template}): median {theirs_med:.2f} ms/doc, "
-          f"p90 {sorted(theirs)[int(len(theirs) * .9)]:.2f} ms, n={len(theirs)}")
+    print(
+        f"file: {args.file.name} ({len(raw) / 1024:.0f} KiB); output {len(result.bundle['entry'])} resources, "
+        f"{size / 1024:.0f} KiB JSON"
+    )
+    print(
+        f"gateway translate (parse+translate+label+validate+serialise): median {ours_med:.2f} ms/doc, "
+        f"p90 {sorted(ours)[int(len(ours) * 0.9)]:.2f} ms, n={len(ours)}"
+    )
+    print(
+        f"python-fhir-converter 0.3.0 render_to_fhir({args.template}): median {theirs_med:.2f} ms/doc, "
+        f"p90 {sorted(theirs)[int(len(theirs) * 0.9)]:.2f} ms, n={len(theirs)}"
+    )
     print(f"ratio gateway/peer: {ours_med / theirs_med:.3f} (bar: <= 0.200)")
     return 0 if ours_med / theirs_med <= 0.2 else 1
 

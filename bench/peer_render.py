@@ -11,7 +11,8 @@ import time
 from fhir_converter.renderers import CcdaRenderer
 
 path, template = sys.argv[1], sys.argv[2]
-data = open(path, "rb").read()
+with open(path, "rb") as handle:
+    data = handle.read()
 renderer = CcdaRenderer()
 renderer.render_to_fhir(template, data)  # compile templates once, like a long-running service
 sys.stdout.write("ready\n")

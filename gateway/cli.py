@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from gateway.errors import GatewayError, IngestError, MappingError
@@ -43,8 +43,9 @@ def _translate(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     if args.mappings:
-        settings = Settings(settings.max_document_bytes, Path(args.mappings), settings.default_timezone,
-                            settings.strict_validation)
+        settings = Settings(
+            settings.max_document_bytes, Path(args.mappings), settings.default_timezone, settings.strict_validation
+        )
     if args.strict:
         settings = Settings(settings.max_document_bytes, settings.mappings_overlay, settings.default_timezone, True)
     mappings = _load(settings)
@@ -71,17 +72,17 @@ def _translate(args: argparse.Namespace) -> int:
         _err(f"{issue.severity}: {where}{issue.text}")
     entries = result.bundle["entry"]
     changes = result.translation.built.changes
-    summary = ", ".join(
-        f"{n} {s}" for s, n in sorted(_count(c.status.value for c in changes).items())
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(_count(c.status.value for c in changes).items()))
+    _err(
+        f"translated {args.letter}: {len(entries)} resources, {len(changes)} medication rows ({summary or 'none'})"
+        f", {len(result.issues)} issue(s)"
     )
-    _err(f"translated {args.letter}: {len(entries)} resources, {len(changes)} medication rows ({summary or 'none'})"
-         f", {len(result.issues)} issue(s)")
     return 0
 
 
-def _count(values: Sequence[str] | object) -> dict[str, int]:
+def _count(values: Iterable[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for value in values:  # type: ignore[attr-defined]
+    for value in values:
         counts[value] = counts.get(value, 0) + 1
     return counts
 
@@ -89,14 +90,18 @@ def _count(values: Sequence[str] | object) -> dict[str, int]:
 def _mappings_check(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     overlay = Path(args.overlay) if args.overlay else settings.mappings_overlay
-    mappings = load_mappings(overlay, translators=__import__(
-        "gateway.translate.registry", fromlist=["SECTION_TRANSLATORS"]).SECTION_TRANSLATORS)
+    mappings = load_mappings(
+        overlay,
+        translators=__import__("gateway.translate.registry", fromlist=["SECTION_TRANSLATORS"]).SECTION_TRANSLATORS,
+    )
     from gateway.label import rules_from
 
     rules_from(mappings)
     overlaid = sorted(rel for rel, src in mappings.sources.items() if src != "builtin")
-    _err(f"mappings ok: {len(mappings.codes)} code tables, {sum(len(t.sections) for t in mappings.sections.values())} "
-         f"section rules, digest {mappings.digest[:16]}" + (f", overlay: {', '.join(overlaid)}" if overlaid else ""))
+    _err(
+        f"mappings ok: {len(mappings.codes)} code tables, {sum(len(t.sections) for t in mappings.sections.values())} "
+        f"section rules, digest {mappings.digest[:16]}" + (f", overlay: {', '.join(overlaid)}" if overlaid else "")
+    )
     return 0
 
 
@@ -108,14 +113,22 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="FHIR messaging gateway for hospital discharge letters")
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="FHIR messaging gateway for hospital discharge letters"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("translate", help="translate a discharge letter into one FHIR R4 collection Bundle")
     tr.add_argument("letter", help="the letter: CI-SIS LDL-SES CDA, HL7 C-CDA, or FHIR document Bundle (JSON)")
-    tr.add_argument("--prior", action="append", metavar="PRIOR",
-                    help="admission / prior medication list: LDL-EES, VSM, C-CDA, FHIR List or Bundle (repeatable)")
+    tr.add_argument(
+        "--prior",
+        action="append",
+        metavar="PRIOR",
+        help="admission / prior medication list: LDL-EES, VSM, C-CDA, FHIR List or Bundle (repeatable)",
+    )
     tr.add_argument("-o", "--output", metavar="OUT.json", help="write the Bundle here (default: stdout)")
-    tr.add_argument("--mappings", metavar="DIR", help="site overlay directory for mappings/ (or GATEWAY_MAPPINGS_OVERLAY)")
+    tr.add_argument(
+        "--mappings", metavar="DIR", help="site overlay directory for mappings/ (or GATEWAY_MAPPINGS_OVERLAY)"
+    )
     tr.add_argument("--strict", action="store_true", help="also validate every resource with the fhir.resources models")
     tr.set_defaults(handler=_translate)
     dm = sub.add_parser("demo", help="translate the embedded sample letters and show the GP's change tables")

@@ -51,8 +51,13 @@ def run_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> int:
         _out(f"   {path.name}" + (f" + {', '.join(Path(p).name for p in priors)}" if priors else ""))
         _out(f"   → {target} ({len(result.bundle['entry'])} resources)")
         rows = [
-            (c.line.name, c.before.dosage_text() if c.before else "—", c.after.dosage_text() if c.after else "—",
-             f"{c.status.value} ({c.basis.value})", c.reason or "—")
+            (
+                c.line.name,
+                c.before.dosage_text() if c.before else "—",
+                c.after.dosage_text() if c.after else "—",
+                f"{c.status.value} ({c.basis.value})",
+                c.reason or "—",
+            )
             for c in result.translation.built.changes
         ]
         widths = [min(max((len(r[i]) for r in rows), default=4), cap) for i, cap in enumerate((30, 28, 28, 22, 40))]
@@ -62,5 +67,7 @@ def run_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> int:
         for issue in result.issues:
             _out(f"   ! {issue.severity}: {issue.text}")
         _out()
-    _out(f"Bundles written to {out_dir}/ — open one, or run `gateway translate LETTER [--prior PRIOR]` on your own letter.")
+    _out(
+        f"Bundles written to {out_dir}/ — open one, or run `gateway translate LETTER [--prior PRIOR]` on your own letter."
+    )
     return 0

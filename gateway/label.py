@@ -12,6 +12,7 @@ element by element.
 from __future__ import annotations
 
 import fnmatch
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -58,17 +59,17 @@ class LabelRules(_Strict):
     activities: tuple[ActivityRule, ...]
     lexicons: dict[str, tuple[str, ...]]
     sensitivity: Sensitivity
-    _folded: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
+    _patterns: dict[str, re.Pattern[str]] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, _context: Any) -> None:
         for rule in self.activities:
             if rule.when_any not in self.lexicons:
                 raise ValueError(f"activity rule names unknown lexicon {rule.when_any!r}")
-        self._folded = {name: tuple(_fold(t) for t in terms) for name, terms in self.lexicons.items()}
+        self._patterns = {name: _pattern(terms) for name, terms in self.lexicons.items()}
 
-    def terms(self, lexicon: str) -> tuple[str, ...]:
-        """The lexicon's terms, accents and case folded once at load."""
-        return self._folded[lexicon]
+    def hits(self, lexicon: str, folded_text: str) -> bool:
+        """Whether the (folded) text contains a term of the lexicon, as a whole word or a stem."""
+        return self._patterns[lexicon].search(folded_text) is not None
 
 
 def rules_from(mappings: Mappings) -> LabelRules:
@@ -94,8 +95,20 @@ def _rules(digest: str, mappings: Mappings) -> LabelRules:
 
 
 def _fold(text: str) -> str:
+    """Lower case, no accents, punctuation as spaces: 'Régime hyposodé,' → 'regime hyposode'."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    return " ".join(ascii_text.replace("'", " ").split())
+    return " ".join("".join(ch if ch.isalnum() or ch == "*" else " " for ch in ascii_text).split())
+
+
+def _pattern(terms: tuple[str, ...]) -> re.Pattern[str]:
+    alternatives = []
+    for term in terms:
+        folded = _fold(term)
+        if folded.endswith("*"):
+            alternatives.append(re.escape(folded[:-1].rstrip()))
+        else:
+            alternatives.append(re.escape(folded) + r"\b")
+    return re.compile(r"\b(?:" + "|".join(alternatives) + ")")
 
 
 def _coding(system: str, code: str, display: str | None = None) -> Json:
@@ -136,7 +149,7 @@ def activity_category(activity: Mapping[str, Any], rules: LabelRules) -> Categor
     parts.extend(str(c.get("display") or "") for c in code.get("coding", []))
     text = _fold(" ".join(parts))
     for rule in rules.activities:
-        if any(term in text for term in rules.terms(rule.when_any)):
+        if rules.hits(rule.when_any, text):
             return rule.category
     return rules.fallback
 
@@ -165,9 +178,7 @@ def inline_category(element: Mapping[str, Any], system: str) -> str | None:
 
 
 def categories_of(resource: Mapping[str, Any], system: str) -> set[str]:
-    return {
-        str(c["code"]) for c in resource.get("meta", {}).get("security", []) if c.get("system") == system
-    }
+    return {str(c["code"]) for c in resource.get("meta", {}).get("security", []) if c.get("system") == system}
 
 
 def apply(resources: Sequence[Json], rules: LabelRules, confidentiality: str | None = None) -> None:
@@ -213,7 +224,7 @@ def apply(resources: Sequence[Json], rules: LabelRules, confidentiality: str | N
         meta = res.setdefault("meta", {})
         meta["security"] = unique
         # keep "meta" right after "id" for readable output
-        ordered = {k: res[k] for k in ("resourceType", "id", "meta") if k in res}
+        ordered: dict[str, Any] = {k: res[k] for k in ("resourceType", "id", "meta") if k in res}
         ordered.update({k: v for k, v in res.items() if k not in ordered})
         res.clear()
         res.update(ordered)

@@ -220,9 +220,7 @@ def load_mappings(
     if "documents.yaml" not in parsed:
         raise MappingLoadError("documents.yaml is missing", where=Where(source=str(base)))
     documents = _model(DocumentTable, parsed["documents.yaml"], "documents.yaml")
-    codes = {
-        Path(rel).stem: _model(CodeTable, data, rel) for rel, data in parsed.items() if rel.startswith("codes/")
-    }
+    codes = {Path(rel).stem: _model(CodeTable, data, rel) for rel, data in parsed.items() if rel.startswith("codes/")}
     for name, table in codes.items():
         if table.name != name:
             raise MappingLoadError(f"table name {table.name!r} differs from its file name", where=Where(source=name))

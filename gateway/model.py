@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Literal
 
 __all__ = [
+    "Address",
     "Allergy",
     "Code",
     "Concept",
@@ -22,6 +23,7 @@ __all__ = [
     "Ident",
     "Issue",
     "Letter",
+    "MedSection",
     "MedicationLine",
     "Name",
     "Narrative",
@@ -30,16 +32,14 @@ __all__ = [
     "Patient",
     "PlanItem",
     "Practitioner",
+    "Ratio",
     "RelatedPerson",
     "SectionText",
     "SourceDocument",
     "Stay",
     "Telecom",
-    "Address",
-    "Timing",
     "Timepoint",
-    "Ratio",
-    "MedSection",
+    "Timing",
 ]
 
 

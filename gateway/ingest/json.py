@@ -20,8 +20,8 @@ def parse_json(raw: bytes, name: str) -> dict[str, Any]:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         found = _POSITION.search(str(exc))
-        where = Where(source=name, line=int(found.group(1)), column=int(found.group(2))) if found else Where(
-            source=name
+        where = (
+            Where(source=name, line=int(found.group(1)), column=int(found.group(2))) if found else Where(source=name)
         )
         text = str(exc)
         if "utf-8" in text.lower() or "surrogate" in text.lower():

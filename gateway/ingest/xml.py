@@ -22,6 +22,11 @@ _POSITION_SUFFIX = re.compile(r",? line \d+, column \d+\s*$")
 _ENCODING_HINTS = ("encoding", "utf-8", "utf8", "bytes", "char", "codec")
 
 
+def _line(element: etree._Element) -> int | None:
+    line = element.sourceline
+    return line if isinstance(line, int) else None
+
+
 def _make_parser() -> etree.XMLParser:
     return etree.XMLParser(
         resolve_entities=False,
@@ -74,6 +79,6 @@ def parse_xml(raw: bytes, name: str) -> etree._Element:
     for element in root.iter(f"{{{_XINCLUDE_NS}}}*"):
         raise UnsafeInput(
             "XInclude element refused: letters must not reference external content",
-            where=Where(source=name, line=element.sourceline),
+            where=Where(source=name, line=_line(element)),
         )
     return root

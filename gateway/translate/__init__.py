@@ -82,7 +82,9 @@ def translate(
         merged = [prior_lines(read_letter(p, mappings, zone)) for p in prior]
         prior_letter = merged[0]
         for extra in merged[1:]:
-            prior_letter = type(prior_letter)(**{**_fields(prior_letter), "medications": prior_letter.medications + extra.medications})
+            prior_letter = type(prior_letter)(
+                **{**_fields(prior_letter), "medications": prior_letter.medications + extra.medications}
+            )
         issues.extend(_check_same_patient(letter, prior_letter))
         issues.extend(prior_letter.issues)
     admission = (

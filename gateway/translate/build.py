@@ -8,7 +8,7 @@ tests that put every output through the R4B models.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -36,7 +36,7 @@ from gateway.model import (
 )
 from gateway.translate import narrative as nv
 from gateway.translate.ids import resource_id, urn
-from gateway.translate.reconcile import Basis, Change, Status
+from gateway.translate.reconcile import Basis, Change
 
 __all__ = ["PROJECT", "Built", "build"]
 
@@ -180,6 +180,12 @@ class _Builder:
         self.out = Built()
         self._by_key: dict[str, Json] = {}
         self.issues: list[Issue] = list(letter.issues)
+        self.patient_res: Json = {}
+        self.author_role: Json | None = None
+        self.encounter_res: Json | None = None
+        self.list_res: Json | None = None
+        self.careplan_res: Json | None = None
+        self.docref: Json | None = None
 
     def add(self, resource: Json) -> Json:
         self.out.resources.append(resource)
@@ -278,9 +284,7 @@ class _Builder:
         p = self.letter.patient
         key = f"{p.ids[0].system}|{p.ids[0].value}"
         res = self._new("Patient", key)
-        res["identifier"] = [
-            _identifier(i, None if i.type_code else "PI") for i in p.ids
-        ]
+        res["identifier"] = [_identifier(i, None if i.type_code else "PI") for i in p.ids]
         if p.names:
             res["name"] = [_name(n) for n in p.names]
         if p.telecoms:
@@ -394,7 +398,7 @@ class _Builder:
             res["category"]["coding"][0]["code"] = "community"
         res["medicationCodeableConcept"] = _concept(line.product, line.name) or {"text": line.name}
         res["subject"] = _ref(self.patient_res)
-        if source is self.letter and getattr(self, "encounter_res", None) is not None:
+        if source is self.letter and self.encounter_res is not None:
             res["context"] = _ref(self.encounter_res)
         period = _period(line.start, line.end)
         if period:
@@ -472,8 +476,14 @@ class _Builder:
         ]
         if change.matched_by:
             parts.append({"url": "matchedBy", "valueCode": change.matched_by})
-        if change.before is not None and change.before.key in self.out.statement_of and change.before is not change.line:
-            parts.append({"url": "before", "valueReference": {"reference": urn(self.out.statement_of[change.before.key])}})
+        if (
+            change.before is not None
+            and change.before.key in self.out.statement_of
+            and change.before is not change.line
+        ):
+            parts.append(
+                {"url": "before", "valueReference": {"reference": urn(self.out.statement_of[change.before.key])}}
+            )
         if change.reason:
             parts.append({"url": "reason", "valueString": change.reason})
         parts.extend({"url": "note", "valueString": n} for n in change.notes)
@@ -512,11 +522,15 @@ class _Builder:
             entry = self.mappings.code("medication-change").lookup(change.status.value)
             assert isinstance(entry, dict)
             flag: Json = (
-                {"coding": [{"system": CS_FLAG, "code": entry["flag"], "display": entry["flag_display"]}],
-                 "text": entry["label"]}
+                {
+                    "coding": [{"system": CS_FLAG, "code": entry["flag"], "display": entry["flag_display"]}],
+                    "text": entry["label"],
+                }
                 if entry["flag"]
-                else {"coding": [{"system": CS_CHANGE, "code": "unknown", "display": entry["flag_display"]}],
-                      "text": entry["label"]}
+                else {
+                    "coding": [{"system": CS_CHANGE, "code": "unknown", "display": entry["flag_display"]}],
+                    "text": entry["label"],
+                }
             )
             list_entries.append({"flag": flag, "item": {"reference": urn(res["id"]), "display": change.line.name}})
         lst = self._new("List", self.doc_key, "medication-changes")
@@ -528,11 +542,11 @@ class _Builder:
             "text": "Modifications du traitement médicamenteux",
         }
         lst["subject"] = _ref(self.patient_res)
-        if getattr(self, "encounter_res", None) is not None:
+        if self.encounter_res is not None:
             lst["encounter"] = _ref(self.encounter_res)
         if letter.date:
             lst["date"] = letter.date.value
-        if getattr(self, "author_role", None) is not None:
+        if self.author_role is not None:
             lst["source"] = _ref(self.author_role)
         notes = []
         if prior is None and not letter.has_admission_list:
@@ -562,7 +576,9 @@ class _Builder:
             if c.before is not None and c.before.name != c.line.name:
                 before = f"{c.before.name} : {before}"
             after = c.after.dosage_text() if c.after is not None else "—"
-            label = entry["label"] + {Basis.STATED: " (déclaré)", Basis.DERIVED: " (déduit)", Basis.UNKNOWN: ""}[c.basis]
+            label = (
+                entry["label"] + {Basis.STATED: " (déclaré)", Basis.DERIVED: " (déduit)", Basis.UNKNOWN: ""}[c.basis]
+            )
             rows.append((c.line.name, before or "—", after or "—", label, c.reason or "—"))
         return rows
 
@@ -579,7 +595,7 @@ class _Builder:
         res["status"] = "final"
         res["code"] = _concept(obs.code) or {"text": "observation"}
         res["subject"] = _ref(self.patient_res)
-        if getattr(self, "encounter_res", None) is not None:
+        if self.encounter_res is not None:
             res["encounter"] = _ref(self.encounter_res)
         if self.letter.date:
             res["effectiveDateTime"] = self.letter.date.value
@@ -594,17 +610,27 @@ class _Builder:
             res["dataAbsentReason"] = {
                 "coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "unknown"}]
             }
-        shown = value.text if isinstance(value, Concept) else ("oui" if value is True else "non" if value is False else value)
-        res["text"] = nv.generated(nv.dl([(obs.code.text or obs.code.codings[0].code, str(shown) if shown is not None else None)]))
+        shown = (
+            value.text
+            if isinstance(value, Concept)
+            else ("oui" if value is True else "non" if value is False else value)
+        )
+        res["text"] = nv.generated(
+            nv.dl([(obs.code.text or obs.code.codings[0].code, str(shown) if shown is not None else None)])
+        )
         return self.add(res)
 
     def allergy(self, allergy: Allergy) -> Json:
         res = self._new("AllergyIntolerance", self.doc_key, allergy.key)
         res["clinicalStatus"] = {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}]
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}
+            ]
         }
         res["verificationStatus"] = {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "confirmed"}]
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "code": "confirmed"}
+            ]
         }
         res["code"] = _concept(allergy.substance, allergy.substance.text or allergy.text) or {
             "text": allergy.text or "allergie"
@@ -641,16 +667,18 @@ class _Builder:
         res["status"] = "active"
         res["intent"] = "plan"
         res["category"] = [
-            {"coding": [{"system": "http://loinc.org", "code": "18776-5", "display": "Plan of care note"}],
-             "text": "Suites à donner"}
+            {
+                "coding": [{"system": "http://loinc.org", "code": "18776-5", "display": "Plan of care note"}],
+                "text": "Suites à donner",
+            }
         ]
         res["title"] = "Suites à donner après la sortie"
         res["subject"] = _ref(self.patient_res)
-        if getattr(self, "encounter_res", None) is not None:
+        if self.encounter_res is not None:
             res["encounter"] = _ref(self.encounter_res)
         if letter.date:
             res["created"] = letter.date.value
-        if getattr(self, "author_role", None) is not None:
+        if self.author_role is not None:
             res["author"] = _ref(self.author_role)
         activities: list[Json] = []
         rows: list[tuple[str, str, str]] = []
@@ -678,8 +706,10 @@ class _Builder:
         performer = self.performer(item.performer)
         who = ""
         if performer is not None:
-            name = performer.get("name") if performer["resourceType"] == "Organization" else (
-                performer.get("practitioner", {}).get("display")
+            name = (
+                performer.get("name")
+                if performer["resourceType"] == "Organization"
+                else (performer.get("practitioner", {}).get("display"))
             )
             detail["performer"] = [_ref(performer, name)]
             who = name or ""
@@ -708,7 +738,7 @@ class _Builder:
         res["subject"] = _ref(self.patient_res)
         if letter.date:
             res["date"] = _instant(letter.date)
-        if getattr(self, "author_role", None) is not None:
+        if self.author_role is not None:
             res["author"] = [_ref(self.author_role)]
         custodian = self.organization(letter.custodian)
         if custodian:
@@ -716,14 +746,26 @@ class _Builder:
         res["description"] = letter.title
         if letter.confidentiality:
             res["securityLabel"] = [
-                {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
-                             "code": letter.confidentiality}]}
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+                            "code": letter.confidentiality,
+                        }
+                    ]
+                }
             ]
         res["content"] = [
-            {"attachment": {"contentType": media_type, "data": base64.b64encode(raw).decode("ascii"),
-                            "title": letter.title, "size": len(raw)}}
+            {
+                "attachment": {
+                    "contentType": media_type,
+                    "data": base64.b64encode(raw).decode("ascii"),
+                    "title": letter.title,
+                    "size": len(raw),
+                }
+            }
         ]
-        if getattr(self, "encounter_res", None) is not None:
+        if self.encounter_res is not None:
             res["context"] = {"encounter": [_ref(self.encounter_res)]}
         res["text"] = nv.generated(nv.dl([("Document d'origine", letter.title), ("Version", str(letter.version or 1))]))
         self.docref = self.add(res)
@@ -734,22 +776,39 @@ class _Builder:
         res["target"] = [{"reference": urn(r["id"])} for r in self.out.resources]
         res["recorded"] = recorded
         res["activity"] = {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "DERIVE",
-                        "display": "derive"}]
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                    "code": "DERIVE",
+                    "display": "derive",
+                }
+            ]
         }
         agent: Json = {
-            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                                 "code": "assembler"}]},
+            "type": {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": "assembler"}
+                ]
+            },
             "who": {"display": "discharge-gateway"},
         }
         res["agent"] = [agent]
-        if getattr(self, "author_role", None) is not None:
+        if self.author_role is not None:
             res["agent"].append(
-                {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                                      "code": "author"}]},
-                 "who": _ref(self.author_role)}
+                {
+                    "type": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                "code": "author",
+                            }
+                        ]
+                    },
+                    "who": _ref(self.author_role),
+                }
             )
-        res["entity"] = [{"role": "source", "what": _ref(self.docref, self.letter.title)}]
+        if self.docref is not None:
+            res["entity"] = [{"role": "source", "what": _ref(self.docref, self.letter.title)}]
         res["text"] = nv.generated(
             nv.para(f"Traduit de « {self.letter.title} » ({self.letter.format}) par la passerelle.")
         )
@@ -760,12 +819,20 @@ class _Builder:
             return None
         res = self._new("OperationOutcome", self.doc_key, "translation-issues")
         res["issue"] = [
-            {"severity": i.severity, "code": i.code, "diagnostics": i.text, **({"location": [i.where]} if i.where else {})}
+            {
+                "severity": i.severity,
+                "code": i.code,
+                "diagnostics": i.text,
+                **({"location": [i.where]} if i.where else {}),
+            }
             for i in self.issues
         ]
         res["text"] = nv.generated(
-            nv.table(("Gravité", "Constat", "Où"), ((i.severity, i.text, i.where or "—") for i in self.issues),
-                     caption="Points d'attention de la traduction")
+            nv.table(
+                ("Gravité", "Constat", "Où"),
+                ((i.severity, i.text, i.where or "—") for i in self.issues),
+                caption="Points d'attention de la traduction",
+            )
         )
         return self.add(res)
 
@@ -775,14 +842,17 @@ class _Builder:
         res = self._new("Communication", self.doc_key, "gp-summary")
         res["status"] = "completed"
         res["category"] = [
-            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/communication-category",
-                         "code": "notification"}],
-             "text": "Lettre de liaison de sortie"}
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/communication-category", "code": "notification"}
+                ],
+                "text": "Lettre de liaison de sortie",
+            }
         ]
         res["subject"] = _ref(self.patient_res)
-        if getattr(self, "encounter_res", None) is not None:
+        if self.encounter_res is not None:
             res["encounter"] = _ref(self.encounter_res)
-        about = [r for r in (getattr(self, "list_res", None), getattr(self, "careplan_res", None), self.docref) if r]
+        about = [r for r in (self.list_res, self.careplan_res, self.docref) if r is not None]
         res["about"] = [_ref(r) for r in about]
         if letter.date:
             res["sent"] = letter.date.value
@@ -792,7 +862,7 @@ class _Builder:
             self.issues.append(
                 Issue("warning", "incomplete", "the letter names no médecin traitant: the summary has no addressee")
             )
-        if getattr(self, "author_role", None) is not None:
+        if self.author_role is not None:
             res["sender"] = _ref(self.author_role)
         payload: list[Json] = []
         blocks: list[str] = []
@@ -800,13 +870,15 @@ class _Builder:
             table = self.change_table(changes)
             blocks.append(table)
             payload.append(_xhtml_payload("change-table", "Modifications du traitement médicamenteux", table))
-        if getattr(self, "careplan_res", None) is not None:
+        if self.careplan_res is not None:
             plan = self.careplan_res["text"]["div"]
             inner = plan[plan.index(">") + 1 : plan.rindex("</div>")]
             blocks.append(inner)
             payload.append(_xhtml_payload("follow-up-plan", "Suites à donner", inner))
         for section in letter.sections:
-            payload.append({"id": f"section-{_slug(section.code.code)}", "contentString": f"{section.title} : {section.text}"})
+            payload.append(
+                {"id": f"section-{_slug(section.code.code)}", "contentString": f"{section.title} : {section.text}"}
+            )
             blocks.append(f"<h3>{nv.esc(section.title)}</h3>{nv.para(section.text)}")
         if letter.stay and (letter.stay.end or letter.stay.discharge_mode):
             text = f"Sortie le {_time(letter.stay.end) or '?'}"
@@ -818,10 +890,11 @@ class _Builder:
         if contacts:
             payload.append({"id": "contacts", "contentString": contacts})
             blocks.append(nv.para(contacts))
-        for key, target in (("list", getattr(self, "list_res", None)), ("careplan", getattr(self, "careplan_res", None)),
-                            ("original", self.docref)):
+        for key, target in (("list", self.list_res), ("careplan", self.careplan_res), ("original", self.docref)):
             if target is not None:
-                payload.append({"id": key, "contentReference": _ref(target, target.get("title") or target.get("description"))})
+                payload.append(
+                    {"id": key, "contentReference": _ref(target, target.get("title") or target.get("description"))}
+                )
         res["payload"] = payload
         res["text"] = nv.generated(f"<h2>{nv.esc(letter.title)}</h2>", *blocks)
         self.communication_res = self.add(res)
@@ -833,8 +906,10 @@ def _xhtml_payload(payload_id: str, title: str, xhtml: str) -> Json:
 
     document = f'<div xmlns="{nv.XHTML_NS}">{xhtml}</div>'
     data = base64.b64encode(document.encode("utf-8")).decode("ascii")
-    return {"id": payload_id, "contentAttachment": {"contentType": "application/xhtml+xml", "language": "fr",
-                                                    "title": title, "data": data}}
+    return {
+        "id": payload_id,
+        "contentAttachment": {"contentType": "application/xhtml+xml", "language": "fr", "title": title, "data": data},
+    }
 
 
 def _slug(text: str) -> str:
@@ -848,7 +923,9 @@ def _contacts(letter: Letter) -> str | None:
         phones = ", ".join(t.value for t in author.telecoms if t.system in ("phone", "email"))
         who = author.name.display() if author.name else "le service"
         where = author.organization.name if author.organization and author.organization.name else None
-        parts.append(f"Contact hospitalier : {who}" + (f" ({where})" if where else "") + (f" — {phones}" if phones else ""))
+        parts.append(
+            f"Contact hospitalier : {who}" + (f" ({where})" if where else "") + (f" — {phones}" if phones else "")
+        )
     return " ; ".join(parts) or None
 
 
@@ -856,7 +933,7 @@ def _instant(point: Timepoint) -> str:
     """DocumentReference.date is an instant: needs seconds and a zone; dates become midnight UTC."""
     value = point.value
     if "T" not in value:
-        parts = (value.split("-") + ["01", "01"])[:3]
+        parts = ([*value.split("-"), "01", "01"])[:3]
         return f"{parts[0]}-{parts[1]}-{parts[2]}T00:00:00Z"
     return value
 

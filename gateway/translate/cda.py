@@ -169,7 +169,7 @@ def _patient(root: etree._Element, ctx: CdaContext, source: str) -> tuple[Patien
     if not ids:
         raise MissingIdentity(
             "the letter has no patient identifier (recordTarget/patientRole/id: no INS, no IPP)",
-            where=Where(source=source, line=role.sourceline),
+            where=Where(source=source, line=role.sourceline if isinstance(role.sourceline, int) else None),
         )
     person = role.find(q("patient"))
     gender = None
@@ -186,17 +186,17 @@ def _patient(root: etree._Element, ctx: CdaContext, source: str) -> tuple[Patien
     if person is not None:
         for guardian in person.findall(q("guardian")):
             org = ctx.organization(guardian.find(q("guardianOrganization")))
-            related.append(
-                _related(ctx, "GUARD", guardian, guardian.find(q("guardianPerson")), org)
-            )
+            related.append(_related(ctx, "GUARD", guardian, guardian.find(q("guardianPerson")), org))
     for entity in root.findall(f"{q('informant')}/{q('relatedEntity')}"):
         related.append(_related(ctx, entity.get("classCode") or "PRS", entity, entity.find(q("relatedPerson")), None))
     for participant in root.findall(q("participant")):
-        entity = participant.find(q("associatedEntity"))
-        if entity is None or entity.get("classCode") not in ("ECON", "NOK", "GUARD", "CAREGIVER", "PRS"):
+        associated = participant.find(q("associatedEntity"))
+        if associated is None or associated.get("classCode") not in ("ECON", "NOK", "GUARD", "CAREGIVER", "PRS"):
             continue
-        org = ctx.organization(entity.find(q("scopingOrganization")))
-        related.append(_related(ctx, entity.get("classCode") or "PRS", entity, entity.find(q("associatedPerson")), org))
+        org = ctx.organization(associated.find(q("scopingOrganization")))
+        related.append(
+            _related(ctx, associated.get("classCode") or "PRS", associated, associated.find(q("associatedPerson")), org)
+        )
     return patient, tuple(related)
 
 
@@ -280,8 +280,12 @@ def _walk(section: etree._Element, table: str, ctx: CdaContext, parts: _Parts, k
     rule = ctx.mappings.section_rule(table, template_ids, loinc)
     if section.get("nullFlavor") is not None:
         title = text_of(section.find(q("title"))) or loinc or "section"
-        ctx.note("information", "informational",
-                 f"section {title!r} declares no information (nullFlavor {section.get('nullFlavor')})", section)
+        ctx.note(
+            "information",
+            "informational",
+            f"section {title!r} declares no information (nullFlavor {section.get('nullFlavor')})",
+            section,
+        )
         return
     if rule is None:
         _keep_narrative(section, ctx, parts)
@@ -340,9 +344,7 @@ def _document_status(section: etree._Element, rule: SectionRule, ctx: CdaContext
         return
 
 
-def _stay_observations(
-    section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str
-) -> None:
+def _stay_observations(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     found = False
     for index, obs in enumerate(section.iter(q("observation"))):
         code = ctx.concept(obs.find(q("code")))
@@ -417,9 +419,7 @@ def _row_narrative(row: etree._Element | None) -> Narrative:
         return Narrative()
     headers = _table_headers(row)
     cells = [c for c in row if isinstance(c.tag, str) and c.tag in (q("td"), q("th"))]
-    pairs = tuple(
-        (headers[i] if i < len(headers) else f"col{i}", text_of(cell)) for i, cell in enumerate(cells)
-    )
+    pairs = tuple((headers[i] if i < len(headers) else f"col{i}", text_of(cell)) for i, cell in enumerate(cells))
     return Narrative(pairs, " | ".join(text for _, text in pairs if text))
 
 
@@ -581,9 +581,11 @@ def _plan(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _P
             parts.plan.append(item)
     if not entries:
         text_el = section.find(q("text"))
-        blocks = [] if text_el is None else [
-            text_of(b) for b in text_el.iter(q("paragraph"), q("item"), q("td")) if text_of(b)
-        ]
+        blocks = (
+            []
+            if text_el is None
+            else [text_of(b) for b in text_el.iter(q("paragraph"), q("item"), q("td")) if text_of(b)]
+        )
         if not blocks and text_of(text_el):
             blocks = [text_of(text_el)]
         for index, block in enumerate(blocks):
@@ -605,9 +607,9 @@ def _plan_item(element: etree._Element, kind: str, key: str, ctx: CdaContext) ->
     performer: Practitioner | Organization | None = None
     perf = element.find(f"{q('performer')}/{q('assignedEntity')}")
     if perf is not None:
-        if perf.find(q("assignedPerson")) is not None or perf.find(q("id")) is not None and perf.find(
-            q("representedOrganization")
-        ) is None:
+        if perf.find(q("assignedPerson")) is not None or (
+            perf.find(q("id")) is not None and perf.find(q("representedOrganization")) is None
+        ):
             performer = ctx.practitioner(perf)
         else:
             performer = ctx.organization(perf.find(q("representedOrganization")))

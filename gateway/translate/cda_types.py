@@ -50,7 +50,7 @@ def text_of(element: etree._Element | None) -> str:
     """All text under an element, whitespace collapsed (narrative markup flattened)."""
     if element is None:
         return ""
-    return " ".join("".join(element.itertext()).split())
+    return " ".join("".join(str(t) for t in element.itertext()).split())
 
 
 def _null(element: etree._Element | None) -> bool:
@@ -81,8 +81,11 @@ class CdaContext:
             return None
         if self._ids is None:
             self._ids = {}
-            for el in self.root.xpath("//*[@ID]"):
-                self._ids.setdefault(el.get("ID"), el)
+            found = self.root.xpath("//*[@ID]")
+            assert isinstance(found, list)
+            for el in found:
+                if isinstance(el, etree._Element):
+                    self._ids.setdefault(el.get("ID") or "", el)
         key = reference.strip()
         key = key[1:] if key.startswith("#") else key
         return self._ids.get(key)
@@ -205,10 +208,7 @@ class CdaContext:
             if not isinstance(entry, dict):
                 self.note("warning", "code-invalid", f"frequency unit {unit!r} not mapped; kept as text", element)
                 return Timing(text=f"toutes les {value.normalize():f} {unit}")
-            if value == 1:
-                text = f"1 fois par {entry['one']}"
-            else:
-                text = f"toutes les {value.normalize():f} {entry['many']}"
+            text = f"1 fois par {entry['one']}" if value == 1 else f"toutes les {value.normalize():f} {entry['many']}"
             return Timing(period=value, period_unit=str(entry["unit"]), frequency=1, text=text)
         if kind == "EIVL_TS":
             event = element.find(q("event"))
@@ -316,7 +316,9 @@ class CdaContext:
             return None
         return Organization(ids, name, kind, self.telecoms(element), self.addresses(element))
 
-    def practitioner(self, assigned: etree._Element | None, *, person_tag: str = "assignedPerson") -> Practitioner | None:
+    def practitioner(
+        self, assigned: etree._Element | None, *, person_tag: str = "assignedPerson"
+    ) -> Practitioner | None:
         """An assignedAuthor / assignedEntity / intendedRecipient as a Practitioner (or None)."""
         if assigned is None:
             return None

@@ -215,8 +215,15 @@ def _patient(res: Json | None, where: Where) -> Patient:
     )
 
 
-_UNITS_FR = {"s": ("seconde", "secondes"), "min": ("minute", "minutes"), "h": ("heure", "heures"),
-             "d": ("jour", "jours"), "wk": ("semaine", "semaines"), "mo": ("mois", "mois"), "a": ("an", "ans")}
+_UNITS_FR = {
+    "s": ("seconde", "secondes"),
+    "min": ("minute", "minutes"),
+    "h": ("heure", "heures"),
+    "d": ("jour", "jours"),
+    "wk": ("semaine", "semaines"),
+    "mo": ("mois", "mois"),
+    "a": ("an", "ans"),
+}
 
 
 def _timing_text(repeat: Json) -> str | None:
@@ -256,8 +263,8 @@ def _medication(res: Json, which: MedSection, key: str, index: _Index) -> Medica
             (dosage.get("timing") or {}).get("code", {}).get("text") or _timing_text(repeat),
         )
     period = res.get("effectivePeriod") or {}
-    notes = [n.get("text") for n in res.get("note", []) if isinstance(n, Mapping) and n.get("text")]
-    reasons = [r.get("text") for r in res.get("statusReason", []) if isinstance(r, Mapping) and r.get("text")]
+    notes = [str(n["text"]) for n in res.get("note", []) if isinstance(n, Mapping) and n.get("text")]
+    reasons = [str(r["text"]) for r in res.get("statusReason", []) if isinstance(r, Mapping) and r.get("text")]
     comment = " / ".join(dict.fromkeys([*reasons, *notes])) or None
     max_dose = dosage.get("maxDosePerPeriod")
     ratio = None
@@ -279,7 +286,9 @@ def _medication(res: Json, which: MedSection, key: str, index: _Index) -> Medica
         max_dose=ratio,
         comment=comment,
         instructions=dosage.get("patientInstruction"),
-        narrative=Narrative((("posologie", str(dosage["text"])),), str(dosage["text"])) if dosage.get("text") else Narrative(),
+        narrative=Narrative((("posologie", str(dosage["text"])),), str(dosage["text"]))
+        if dosage.get("text")
+        else Narrative(),
         indication=_concept(reason_codes[0]),
     )
 
@@ -329,7 +338,13 @@ def read_fhir_document(bundle: Json, kind: DocumentKind, mappings: Mappings, sou
         refs = [r for r in section.get("entry", []) if isinstance(r, Mapping)]
         targets = [t for t in (index.get(r) for r in refs) if t is not None]
         if len(targets) < len(refs):
-            issues.append(Issue("warning", "not-found", f"section {title!r}: {len(refs) - len(targets)} unresolved entry reference(s)"))
+            issues.append(
+                Issue(
+                    "warning",
+                    "not-found",
+                    f"section {title!r}: {len(refs) - len(targets)} unresolved entry reference(s)",
+                )
+            )
         name = rule.translator if rule else "narrative"
         if name == "medications" and rule is not None:
             which = MedSection(rule.args["list"])
@@ -347,10 +362,18 @@ def read_fhir_document(bundle: Json, kind: DocumentKind, mappings: Mappings, sou
         elif name == "allergies":
             for i, res in enumerate(targets):
                 if res.get("resourceType") == "AllergyIntolerance":
-                    allergies.append(Allergy(f"{key}.a{i}", Concept(), _concept(res.get("code")),
-                                             _concept(res.get("code")).text,
-                                             next((_concept(m).text for r in res.get("reaction", [])
-                                                   for m in r.get("manifestation", [])), None)))
+                    allergies.append(
+                        Allergy(
+                            f"{key}.a{i}",
+                            Concept(),
+                            _concept(res.get("code")),
+                            _concept(res.get("code")).text,
+                            next(
+                                (_concept(m).text for r in res.get("reaction", []) for m in r.get("manifestation", [])),
+                                None,
+                            ),
+                        )
+                    )
         elif name == "stay_observations":
             for i, res in enumerate(targets):
                 if res.get("resourceType") == "Observation":
@@ -395,7 +418,11 @@ def read_fhir_document(bundle: Json, kind: DocumentKind, mappings: Mappings, sou
         )
     patient_res = index.get(composition.get("subject")) or {}
     gp = next(
-        (p for p in (_who(r, index) for r in patient_res.get("generalPractitioner", [])) if isinstance(p, Practitioner)),
+        (
+            p
+            for p in (_who(r, index) for r in patient_res.get("generalPractitioner", []))
+            if isinstance(p, Practitioner)
+        ),
         None,
     )
     related = tuple(
@@ -530,4 +557,4 @@ def read_fhir_list(data: Json, fmt: str, source: str) -> Letter:
     )
 
 
-assert SECTION_TRANSLATORS >= {"medications", "plan", "allergies", "stay_observations", "devices", "narrative"}
+assert {"medications", "plan", "allergies", "stay_observations", "devices", "narrative"} <= SECTION_TRANSLATORS

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from html import escape
 
-__all__ = ["esc", "generated", "table", "dl", "para"]
+__all__ = ["dl", "esc", "generated", "para", "table"]
 
 XHTML_NS = "http://www.w3.org/1999/xhtml"
 

@@ -220,9 +220,7 @@ def reconcile(letter_lines: Sequence[MedicationLine], prior: Sequence[Medication
     for d in discharge:
         stop = folded_stops.get(d.key)
         if d.stated_status:
-            rows.append(
-                Change(d, Status(d.stated_status), Basis.STATED, after=d, reason=_reasons(d, stop))
-            )
+            rows.append(Change(d, Status(d.stated_status), Basis.STATED, after=d, reason=_reasons(d, stop)))
             continue
         if d.key in to_admission:
             before, how = to_admission[d.key]
@@ -249,19 +247,41 @@ def reconcile(letter_lines: Sequence[MedicationLine], prior: Sequence[Medication
             if status is Status.CONTINUED:
                 notes.append("listed both as stopped and at discharge with the same posology")
             rows.append(
-                Change(d, status, Basis.DERIVED, before=stop, after=d, matched_by=how,
-                       reason=_reasons(d, stop), notes=tuple(notes), related=(stop,))
+                Change(
+                    d,
+                    status,
+                    Basis.DERIVED,
+                    before=stop,
+                    after=d,
+                    matched_by=how,
+                    reason=_reasons(d, stop),
+                    notes=tuple(notes),
+                    related=(stop,),
+                )
             )
         elif admission:
             rows.append(
-                Change(d, Status.INITIATED, Basis.DERIVED, after=d, reason=_reasons(d),
-                       notes=("not on the admission list",))
+                Change(
+                    d,
+                    Status.INITIATED,
+                    Basis.DERIVED,
+                    after=d,
+                    reason=_reasons(d),
+                    notes=("not on the admission list",),
+                )
             )
         else:
             rows.append(
-                Change(d, Status.UNKNOWN, Basis.UNKNOWN, after=d, reason=_reasons(d),
-                       notes=("no admission list was given: whether this line is new, changed or "
-                              "continued cannot be known",))
+                Change(
+                    d,
+                    Status.UNKNOWN,
+                    Basis.UNKNOWN,
+                    after=d,
+                    reason=_reasons(d),
+                    notes=(
+                        "no admission list was given: whether this line is new, changed or continued cannot be known",
+                    ),
+                )
             )
 
     remaining_admission = [a for a in admission if a.key not in {b.key for b, _ in to_admission.values()}]
@@ -291,8 +311,10 @@ def reconcile(letter_lines: Sequence[MedicationLine], prior: Sequence[Medication
                 Basis.DERIVED,
                 before=a,
                 reason=None,
-                notes=("on the admission list but neither at discharge nor among the stopped drugs: "
-                       "assumed stopped, the letter says nothing about it",),
+                notes=(
+                    "on the admission list but neither at discharge nor among the stopped drugs: "
+                    "assumed stopped, the letter says nothing about it",
+                ),
             )
         )
     del unmatched_discharge

@@ -87,8 +87,16 @@ def test_medication_statements_and_list(case: str) -> None:
     by_url = {e["fullUrl"]: e["resource"] for e in result.bundle["entry"]}
     statements = [r for r in resources(result) if r["resourceType"] == "MedicationStatement"]
     for st in statements:
-        assert st["status"] in {"active", "completed", "entered-in-error", "intended", "stopped", "on-hold",
-                                "unknown", "not-taken"}
+        assert st["status"] in {
+            "active",
+            "completed",
+            "entered-in-error",
+            "intended",
+            "stopped",
+            "on-hold",
+            "unknown",
+            "not-taken",
+        }
     lists = [r for r in resources(result) if r["resourceType"] == "List"]
     assert len(lists) <= 1
     rows = result.translation.built.changes
@@ -106,18 +114,14 @@ def test_medication_statements_and_list(case: str) -> None:
         assert parts["basis"]["valueCode"] in {"stated", "derived", "unknown"}
         assert parts["status"]["valueCoding"]["display"] == entry["flag"]["text"]
         if "reason" in parts:
-            notes = [n["text"] for n in target.get("note", [])] + [
-                s["text"] for s in target.get("statusReason", [])
-            ]
+            notes = [n["text"] for n in target.get("note", [])] + [s["text"] for s in target.get("statusReason", [])]
             assert any(n in parts["reason"]["valueString"] for n in notes), "reason detached from its line"
 
 
 def _table_rows(xhtml: bytes) -> list[list[str]]:
     root = etree.fromstring(xhtml)
     ns = {"h": "http://www.w3.org/1999/xhtml"}
-    return [
-        ["".join(td.itertext()) for td in tr.findall("h:td", ns)] for tr in root.findall(".//h:tbody/h:tr", ns)
-    ]
+    return [["".join(td.itertext()) for td in tr.findall("h:td", ns)] for tr in root.findall(".//h:tbody/h:tr", ns)]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
@@ -142,7 +146,7 @@ def test_change_table_matches_the_list(case: str) -> None:
 
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_no_prior_means_unknown_novelty(case: str) -> None:
-    letter, priors = CASES[case]
+    _letter, priors = CASES[case]
     result = run_case(case)
     if priors or result.translation.letter.has_admission_list:
         return

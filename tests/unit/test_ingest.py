@@ -163,7 +163,10 @@ def test_cli_refuses_with_one_line_and_no_traceback(name: str, tmp_path: Path) -
 def test_cli_missing_file_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "gateway", "translate", str(tmp_path / "nope.xml")],
-        capture_output=True, text=True, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1

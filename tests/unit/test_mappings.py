@@ -102,10 +102,14 @@ def test_cli_refuses_to_run_with_a_bad_overlay(tmp_path: Path) -> None:
     (overlay / "codes" / "gender.yaml").write_text("name: gender\nentries: {}\n")
     proc = subprocess.run(
         [sys.executable, "-m", "gateway", "mappings", str(overlay)],
-        capture_output=True, text=True, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
     )
     assert proc.returncode == 3
     assert "configuration error" in proc.stderr and "Traceback" not in proc.stderr
-    ok = subprocess.run([sys.executable, "-m", "gateway", "mappings"], capture_output=True, text=True, cwd=ROOT,
-                        check=False)
+    ok = subprocess.run(
+        [sys.executable, "-m", "gateway", "mappings"], capture_output=True, text=True, cwd=ROOT, check=False
+    )
     assert ok.returncode == 0, ok.stderr

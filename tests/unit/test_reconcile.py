@@ -38,8 +38,11 @@ def line(
         dose=Dose(Decimal(dose), "{tbl}") if dose else None,
         timing=None
         if per_day is None
-        else Timing(period=Decimal(24) / per_day if per_day != 1 else Decimal(1),
-                    period_unit="h" if per_day != 1 else "d", frequency=1),
+        else Timing(
+            period=Decimal(24) / per_day if per_day != 1 else Decimal(1),
+            period_unit="h" if per_day != 1 else "d",
+            frequency=1,
+        ),
         comment=comment,
     )
 
@@ -105,8 +108,10 @@ def test_without_admission_list_novelty_is_unknown() -> None:
 
 def test_stopped_old_dose_and_new_dose_make_one_modified_row() -> None:
     rows = reconcile(
-        [line(S, "s1", "KARDEGIC 160 mg", cis="1", atc="B01AC06", comment="saignement"),
-         line(D, "d1", "KARDEGIC 75 mg", cis="2", atc="B01AC06")],
+        [
+            line(S, "s1", "KARDEGIC 160 mg", cis="1", atc="B01AC06", comment="saignement"),
+            line(D, "d1", "KARDEGIC 75 mg", cis="2", atc="B01AC06"),
+        ],
         None,
     )
     assert len(rows) == 1
