@@ -79,9 +79,7 @@ _DEFER: Final = "\x00defer"
 # spell the White_Space set out instead of using Python's ``\s`` (which also matches U+001C..U+001F).
 # ---------------------------------------------------------------------------------------------------
 _WHITE_SPACE: Final = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680"
-    + "".join(map(chr, range(0x2000, 0x200B)))
-    + "\u2028\u2029\u202f\u205f\u3000"
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
 )
 # String's pattern is ``[ \r\n\t\S]+``: a string is valid when it has one character that is not one
 # of these (White_Space other than space, tab, CR, LF).
@@ -103,6 +101,19 @@ _MONTH_DAYS: Final = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 _DIV_MATCH: Final = re.compile(
     r"\s*<div\b[^>]*?\sxmlns\s*=\s*([\"'])http://www\.w3\.org/1999/xhtml\1[^>]*>.*</div>\s*", re.DOTALL
 ).fullmatch
+
+
+def _show(value: Any) -> str:
+    """A short, safe rendering of an input value for messages (inputs can be huge or odd)."""
+    if isinstance(value, str):
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    if isinstance(value, int) and value.bit_length() > 128:
+        return "a very large integer"
+    try:
+        text = repr(value)
+    except Exception:  # e.g. a type whose repr fails
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _encodable(value: str) -> bool:
@@ -152,7 +163,7 @@ def _make_id_check(max_length: int | None) -> _Check:
             return _DEFER
         if _ID_MATCH(value) and len(value) <= limit:
             return None
-        return f"invalid id {value[:80]!r} (1-{max_length} of A-Z a-z 0-9 - .)"
+        return f"invalid id {_show(value)} (1-{max_length} of A-Z a-z 0-9 - .)"
 
     return check_id
 
@@ -160,7 +171,7 @@ def _make_id_check(max_length: int | None) -> _Check:
 def _check_oid(value: Any) -> str | None:
     if type(value) is not str:
         return _DEFER
-    return None if _OID_MATCH(value) else f"invalid oid {value[:80]!r}"
+    return None if _OID_MATCH(value) else f"invalid oid {_show(value)}"
 
 
 def _check_any_string(value: Any) -> str | None:
@@ -177,7 +188,7 @@ def _make_int_check(low: int, high: int) -> _Check:
     def check_int(value: Any) -> str | None:
         if type(value) is not int:
             return _DEFER
-        return None if low <= value <= high else f"integer {value} out of range {low}..{high}"
+        return None if low <= value <= high else f"integer {_show(value)} out of range {low}..{high}"
 
     return check_int
 
@@ -190,7 +201,7 @@ def _check_decimal(value: Any) -> str | None:
         return None if -_BIG_INT < value < _BIG_INT else _DEFER
     if kind is str:
         if not _DECIMAL_MATCH(value):
-            return f"invalid decimal {value[:80]!r}"
+            return f"invalid decimal {_show(value)}"
         return _DEFER if "e" in value or "E" in value else None
     return _DEFER
 
@@ -199,9 +210,9 @@ def _check_date(value: Any) -> str | None:
     if type(value) is not str:
         return _DEFER
     if not _DATE_MATCH(value):
-        return f"invalid date {value[:80]!r} (YYYY, YYYY-MM or YYYY-MM-DD)"
+        return f"invalid date {_show(value)} (YYYY, YYYY-MM or YYYY-MM-DD)"
     if len(value) == 10 and not _day_exists(value):
-        return f"no such day {value!r}"
+        return f"no such day {_show(value)}"
     return None
 
 
@@ -209,10 +220,10 @@ def _check_datetime(value: Any) -> str | None:
     if type(value) is not str:
         return _DEFER
     if not _DATETIME_MATCH(value):
-        return f"invalid dateTime {value[:80]!r} (a time needs seconds and a timezone)"
+        return f"invalid dateTime {_show(value)} (a time needs seconds and a timezone)"
     if len(value) >= 10:
         if not _day_exists(value):
-            return f"no such day {value[:10]!r}"
+            return f"no such day {_show(value[:10])}"
         if value[17:19] == "60":
             return _DEFER  # leap second: fhir_core has its own rules
     return None
@@ -222,9 +233,9 @@ def _check_instant(value: Any) -> str | None:
     if type(value) is not str:
         return _DEFER
     if not _INSTANT_MATCH(value):
-        return f"invalid instant {value[:80]!r} (YYYY-MM-DDThh:mm:ss with a timezone)"
+        return f"invalid instant {_show(value)} (YYYY-MM-DDThh:mm:ss with a timezone)"
     if not _day_exists(value):
-        return f"no such day {value[:10]!r}"
+        return f"no such day {_show(value[:10])}"
     return _DEFER if value[17:19] == "60" else None
 
 
@@ -232,7 +243,7 @@ def _check_time(value: Any) -> str | None:
     if type(value) is not str:
         return _DEFER
     if not _TIME_MATCH(value):
-        return f"invalid time {value[:80]!r} (hh:mm:ss, no timezone)"
+        return f"invalid time {_show(value)} (hh:mm:ss, no timezone)"
     return _DEFER if value[6:8] == "60" else None
 
 
@@ -620,9 +631,9 @@ def _walk_resource(value: dict[str, Any], strict: bool) -> _Errors | None:
         resource_type = value["resourceType"]
         node = _resource_node(resource_type)
         if node is None:
-            return [("", f"unknown resourceType {resource_type!r}")]
+            return [("", f"unknown resourceType {_show(resource_type)}")]
         if strict and node.abstract:
-            return [("", f"resourceType {resource_type!r} is abstract")]
+            return [("", f"resourceType {_show(resource_type)} is abstract")]
     elif strict:
         return [("", "resourceType missing")]
     else:
@@ -630,28 +641,26 @@ def _walk_resource(value: dict[str, Any], strict: bool) -> _Errors | None:
     return _walk(node, value, strict)
 
 
-def _odd_key(
-    node: _Node, obj: dict[str, Any], key: Any, value: Any, strict: bool
-) -> tuple[_Field | None, str | None]:
+def _odd_key(node: _Node, obj: dict[str, Any], key: Any, value: Any, strict: bool) -> tuple[_Field | None, str | None]:
     """A key that is not a JSON element name: a Python field name, resourceType, or an unknown key."""
     field = node.by_name.get(key)
     if field is not None:
         if strict:
-            return None, f"{key!r} is not a FHIR JSON name (use {field.alias!r})"
+            return None, f"{_show(key)} is not a FHIR JSON name (use {field.alias!r})"
         if field.alias in obj:
-            return None, f"{key!r} given together with {field.alias!r}"
+            return None, f"{_show(key)} given together with {field.alias!r}"
         return field, None
     if key == "resourceType" or key == "resource_type":
         if strict:
             if key == "resource_type" or not node.is_resource:
-                return None, f"unknown element {key!r}"
-            return None, None if value == node.rtype else f"resourceType {value!r} is not {node.rtype!r}"
+                return None, f"unknown element {_show(key)}"
+            return None, None if value == node.rtype else f"resourceType {_show(value)} is not {node.rtype!r}"
         if key == "resource_type" and "resourceType" in obj:
             return None, None  # fhir.resources lets resourceType override it
         if value is not None and value != node.rtype:
-            return None, f"{key} {value!r} is not {node.rtype!r}"
+            return None, f"{key} {_show(value)} is not {node.rtype!r}"
         return None, None
-    return None, f"unknown element {key!r}"
+    return None, f"unknown element {_show(key)}"
 
 
 def _walk(node: _Node, obj: dict[str, Any], strict: bool) -> _Errors | None:
@@ -878,7 +887,7 @@ def _root(resource: Any) -> tuple[str, _Node | None, _Errors | None]:
         return "", None, [("", "resourceType missing")]
     node = _resource_node(resource_type)
     if node is None:
-        return "", None, [("", f"unknown resourceType {resource_type!r}")]
+        return "", None, [("", f"unknown resourceType {_show(resource_type)}")]
     return node.rtype, node, None
 
 
@@ -911,9 +920,7 @@ def check(resource: dict[str, Any], *, fhir_json: bool = False) -> None:
     found = _errors(resource, fhir_json)
     if found:
         path, message = found[0]
-        more = (
-            f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
-        )
+        more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
         raise ProfileViolation(f"invalid FHIR resource: {message}{more}", where=Where(path=path))
 
 

@@ -74,8 +74,14 @@ EXTRAS: list[Json] = [
         ],
         "name": [{"family": "Lefèvre", "given": ["Hélène", None], "_given": [None, {"id": "g2"}]}],
         "birthDate": "1955-08",
-        "_birthDate": {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
-                                      "valueDateTime": "1955-08-12T04:10:00+01:00"}]},
+        "_birthDate": {
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
+                    "valueDateTime": "1955-08-12T04:10:00+01:00",
+                }
+            ]
+        },
         "deceasedBoolean": False,
         "multipleBirthInteger": 2,
         "managingOrganization": {"reference": "#org"},
@@ -85,8 +91,9 @@ EXTRAS: list[Json] = [
     {
         "resourceType": "Observation",
         "id": "absent-status",
-        "_status": {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
-                                   "valueCode": "unknown"}]},
+        "_status": {
+            "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}]
+        },
         "code": {"text": "Poids"},
         "effectiveDateTime": "2016-12-31T23:59:60Z",
         "issued": "2024-03-14T16:42:07.123456789+01:00",
@@ -174,8 +181,12 @@ CASES: list[tuple[str, Json, bool, bool]] = [
     ("required primitive null", _observation(status=None), False, False),
     ("required primitive by extension", _observation(status=None, _status={"extension": [{"url": "u"}]}), True, False),
     ("required primitive, extension without extensions", _observation(status=None, _status={"id": "a"}), False, False),
-    ("missing required array", {"resourceType": "AllergyIntolerance", "patient": {"reference": "#p"},
-                                "reaction": [{"description": "x"}]}, False, False),
+    (
+        "missing required array",
+        {"resourceType": "AllergyIntolerance", "patient": {"reference": "#p"}, "reaction": [{"description": "x"}]},
+        False,
+        False,
+    ),
     ("scalar where a list goes", _patient(name={"family": "X"}), False, False),
     ("primitive where a list goes", _patient(name=[{"given": "Hélène"}]), False, False),
     ("list where a scalar goes", _patient(gender=["female"]), False, False),
@@ -243,10 +254,18 @@ CASES: list[tuple[str, Json, bool, bool]] = [
     ("meta.security coding", _patient(meta={"security": [{"system": "s", "code": "R"}]}), True, True),
     ("meta.security bad code", _patient(meta={"security": [{"system": "s", "code": " R"}]}), False, False),
     ("meta.security as object", _patient(meta={"security": {"code": "R"}}), False, False),
-    ("Python field name", {"resourceType": "Encounter", "status": "finished", "class_fhir": {"code": "IMP"}},
-     True, False),
-    ("Python and JSON names", {"resourceType": "Encounter", "status": "finished", "class": {"code": "IMP"},
-                               "class_fhir": {"code": "IMP"}}, False, False),
+    (
+        "Python field name",
+        {"resourceType": "Encounter", "status": "finished", "class_fhir": {"code": "IMP"}},
+        True,
+        False,
+    ),
+    (
+        "Python and JSON names",
+        {"resourceType": "Encounter", "status": "finished", "class": {"code": "IMP"}, "class_fhir": {"code": "IMP"}},
+        False,
+        False,
+    ),
     ("fhir_comments", _patient(fhir_comments=["généré"]), True, False),
     ("resourceType on a datatype", _patient(maritalStatus={"resourceType": "CodeableConcept"}), True, False),
     ("wrong resourceType on a datatype", _patient(maritalStatus={"resourceType": "Coding"}), False, False),
@@ -260,17 +279,35 @@ CASES: list[tuple[str, Json, bool, bool]] = [
     ("contained without resourceType", _patient(contained=[{"id": "x"}]), True, False),
     ("contained non-resource", _patient(contained=[{"resourceType": "Narrative"}]), False, False),
     ("contained resourceType int", _patient(contained=[{"resourceType": 5}]), False, False),
-    ("bundle entry invalid", {"resourceType": "Bundle", "type": "collection",
-                              "entry": [{"resource": {"resourceType": "Patient", "active": "maybe"}}]}, False, False),
-    ("bundle entry unknown type", {"resourceType": "Bundle", "type": "collection",
-                                   "entry": [{"resource": {"resourceType": "Letter"}}]}, False, False),
-    ("bundle entry null resource", {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": None}]},
-     True, False),
+    (
+        "bundle entry invalid",
+        {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": {"resourceType": "Patient", "active": "maybe"}}],
+        },
+        False,
+        False,
+    ),
+    (
+        "bundle entry unknown type",
+        {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Letter"}}]},
+        False,
+        False,
+    ),
+    (
+        "bundle entry null resource",
+        {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": None}]},
+        True,
+        False,
+    ),
     ("not a dict", ["Patient"], False, False),  # type: ignore[list-item]
 ]
 
 
-@pytest.mark.parametrize(("resource", "r4b_valid", "fhir_json_valid"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("resource", "r4b_valid", "fhir_json_valid"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_named_cases(resource: Json, r4b_valid: bool, fhir_json_valid: bool) -> None:
     fast, models, strict = _verdicts(resource)
     assert (not models) is r4b_valid, models
@@ -352,23 +389,117 @@ HOSTS: dict[str, Callable[[Any], Json]] = {
 }
 
 WHITESPACE = "".join(
-    chr(c)
-    for c in range(0x3100)
-    if chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf")
+    chr(c) for c in range(0x3100) if chr(c).isspace() or unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp", "Cc", "Cf")
 )
 TRICKY: list[Any] = [
-    "", " ", "a", "a b", "a  b", " a", "a ", "a\tb", "a\nb", "abc\n", "\ufeff", "\u200b", "\u180e", "\x1c", "\x85",
-    "urn:oid:1.2.250.1", "urn:oid:1.02", "urn:oid:3.1", "urn:uuid:c757873d-ec9a-4326-a141-556f43239520",
-    "c757873d-ec9a-4326-a141-556f43239520", "1.5", "1e5", "1E-3", "1e999999999999999999999", "-0", "01", "+1", "2",
-    " 2", "2.0", "2_0", "true", "false", "yes", "YES", "no", "on", "off", "t", "f", "y", "n", "0", "1",
-    "2020", "2020-02", "2020-13", "2020-02-29", "2021-02-29", "2020-04-31", "0000", "0001-01-01",
-    "2020-01-01T10:00:00Z", "2020-01-01T10:00:00", "2020-01-01T24:00:00Z", "2020-01-01T10:00:00.123456789+14:00",
-    "2020-01-01T10:00:00+14:01", "2016-12-31T23:59:60Z", "2021-02-29T23:59:60Z", "10:00:00", "23:59:60", "24:00:00",
-    "aGVsbG8=", "aGVsbG8", "aGVs bG8=", "====", "a===", "é", "Hélène", "a\ud800", "\udfff",
-    '<div xmlns="http://www.w3.org/1999/xhtml">x</div>', "<div>x</div>", '{"text": "x"}', '{"id": "x"}', "[]",
-    0, 1, -1, 2, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 86400, 10**20, 10**5000, 0.0, 1.0, 1.5, -0.0, 1e300,
-    float("inf"), float("nan"), True, False, None, [], [None], ["a"], ["a", 1], {}, {"text": "x"}, {"id": "x"},
-    {"resourceType": "Organization"}, {"resourceType": "Coding"}, ("a",), [{"text": "x"}],
+    "",
+    " ",
+    "a",
+    "a b",
+    "a  b",
+    " a",
+    "a ",
+    "a\tb",
+    "a\nb",
+    "abc\n",
+    "\ufeff",
+    "\u200b",
+    "\u180e",
+    "\x1c",
+    "\x85",
+    "urn:oid:1.2.250.1",
+    "urn:oid:1.02",
+    "urn:oid:3.1",
+    "urn:uuid:c757873d-ec9a-4326-a141-556f43239520",
+    "c757873d-ec9a-4326-a141-556f43239520",
+    "1.5",
+    "1e5",
+    "1E-3",
+    "1e999999999999999999999",
+    "-0",
+    "01",
+    "+1",
+    "2",
+    " 2",
+    "2.0",
+    "2_0",
+    "true",
+    "false",
+    "yes",
+    "YES",
+    "no",
+    "on",
+    "off",
+    "t",
+    "f",
+    "y",
+    "n",
+    "0",
+    "1",
+    "2020",
+    "2020-02",
+    "2020-13",
+    "2020-02-29",
+    "2021-02-29",
+    "2020-04-31",
+    "0000",
+    "0001-01-01",
+    "2020-01-01T10:00:00Z",
+    "2020-01-01T10:00:00",
+    "2020-01-01T24:00:00Z",
+    "2020-01-01T10:00:00.123456789+14:00",
+    "2020-01-01T10:00:00+14:01",
+    "2016-12-31T23:59:60Z",
+    "2021-02-29T23:59:60Z",
+    "10:00:00",
+    "23:59:60",
+    "24:00:00",
+    "aGVsbG8=",
+    "aGVsbG8",
+    "aGVs bG8=",
+    "====",
+    "a===",
+    "é",
+    "Hélène",
+    "a\ud800",
+    "\udfff",
+    '<div xmlns="http://www.w3.org/1999/xhtml">x</div>',
+    "<div>x</div>",
+    '{"text": "x"}',
+    '{"id": "x"}',
+    "[]",
+    0,
+    1,
+    -1,
+    2,
+    2**31 - 1,
+    2**31,
+    -(2**31),
+    -(2**31) - 1,
+    86400,
+    10**20,
+    10**5000,
+    0.0,
+    1.0,
+    1.5,
+    -0.0,
+    1e300,
+    float("inf"),
+    float("nan"),
+    True,
+    False,
+    None,
+    [],
+    [None],
+    ["a"],
+    ["a", 1],
+    {},
+    {"text": "x"},
+    {"id": "x"},
+    {"resourceType": "Organization"},
+    {"resourceType": "Coding"},
+    ("a",),
+    [{"text": "x"}],
 ]
 JSON_LEAVES = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8), st.sampled_from(TRICKY[:60])
@@ -457,7 +588,7 @@ DATES = ["2020-13-45", "2020-01-01T10:00:00", "2020-02-30", "2020", "2020-02-29T
          "2016-12-31T23:59:60Z", "10:00:00", "2020-01-01T10:00:00.5Z", "2020-1-1", "2020-01-01 10:00:00Z"]  # fmt: skip
 
 
-def _mutate(data: st.DataObject, resource: Json) -> str:  # noqa: C901 -- one branch per mutation
+def _mutate(data: st.DataObject, resource: Json) -> str:
     """Apply one random mutation in place; return what it did (for the failure report)."""
     mutation = data.draw(
         st.sampled_from(
