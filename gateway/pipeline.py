@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from gateway import ingest, label, validate
+from gateway.errors import ProfileViolation, Where
 from gateway.mappings import Mappings
 from gateway.model import Issue
 from gateway.settings import Settings
@@ -57,7 +58,10 @@ def translate_letter(
         if settings.strict_validation:
             problems = validate.check_with_models(resource)
             if problems:
-                validate.raise_problems(resource, problems)
+                raise ProfileViolation(
+                    f"{resource['resourceType']}/{resource['id']} is not valid FHIR R4: {problems[0]}",
+                    where=Where(path=resource["resourceType"]),
+                )
     letter = translation.letter
     bundle = {
         "resourceType": "Bundle",

@@ -53,6 +53,13 @@ CS_FR_ID_TYPE = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203"
 CS_V2_ID_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0203"
 FR_ID_TYPES = {"INS-NIR", "INS-NIA", "INS-NIR-TEST", "INS-NIR-DEMO", "IDNPS", "IDNST", "RPPS", "FINEG", "FINEJ"}
 UCUM = "http://unitsofmeasure.org"
+_V3_FUNCTION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationFunction"
+_V3_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+ROLE_GP = (_V3_FUNCTION, "PCP", "primary care physician")
+ROLE_AUTHOR = (_V3_TYPE, "AUT", "author (originator)")
+ROLE_RECIPIENT = (_V3_TYPE, "PRCP", "primary information recipient")
+ROLE_PERFORMER = (_V3_TYPE, "PRF", "performer")
+ROLE_RELATED = (_V3_TYPE, "IND", "indirect target")
 LOINC = "http://loinc.org"
 
 
@@ -186,6 +193,7 @@ class _Builder:
         self.list_res: Json | None = None
         self.careplan_res: Json | None = None
         self.docref: Json | None = None
+        self.members: list[tuple[Json, tuple[str, str, str], str]] = []
 
     def add(self, resource: Json) -> Json:
         self.out.resources.append(resource)
@@ -273,6 +281,39 @@ class _Builder:
         if function and not any(c.get("text") == function for c in role.get("code", [])):
             role.setdefault("code", []).append({"text": function})
         return role
+
+    def member(self, resource: Json | None, role: tuple[str, str, str], text: str) -> Json | None:
+        """Record a participant of the patient's care team (for the CareTeam and for routing)."""
+        if resource is not None:
+            self.members.append((resource, role, text))
+        return resource
+
+    def care_team(self) -> Json | None:
+        """Everyone the letter names around the patient, each with why: GP, recipients, performers, family."""
+        if not self.members:
+            return None
+        res = self._new("CareTeam", self.doc_key, "care-team")
+        res["status"] = "active"
+        res["name"] = "Intervenants autour du patient après la sortie"
+        res["subject"] = _ref(self.patient_res)
+        if self.encounter_res is not None:
+            res["encounter"] = _ref(self.encounter_res)
+        participants: dict[str, Json] = {}
+        rows: list[tuple[str, str]] = []
+        for resource, (system, code, display), text in self.members:
+            url = urn(resource["id"])
+            entry = participants.get(url)
+            if entry is None:
+                entry = {"role": [], "member": _ref(resource, _display(resource))}
+                participants[url] = entry
+            if not any(r["coding"][0]["code"] == code for r in entry["role"]):
+                entry["role"].append({"coding": [{"system": system, "code": code, "display": display}], "text": text})
+                rows.append((_display(resource) or resource["resourceType"], text))
+        res["participant"] = list(participants.values())
+        if self.careplan_res is not None:
+            self.careplan_res["careTeam"] = [_ref(res)]
+        res["text"] = nv.generated(nv.table(("Qui", "Rôle"), rows, caption="Intervenants"))
+        return self.add(res)
 
     def performer(self, who: Practitioner | Organization | None) -> Json | None:
         if isinstance(who, Practitioner):
@@ -712,6 +753,7 @@ class _Builder:
                 else (performer.get("practitioner", {}).get("display"))
             )
             detail["performer"] = [_ref(performer, name)]
+            self.member(performer, ROLE_PERFORMER, "Intervenant du plan de soins")
             who = name or ""
         priority = item.priority.codings[0].code if item.priority.codings else None
         mapped = self.mappings.code("priority").lookup(priority) if priority else None
@@ -929,6 +971,16 @@ def _contacts(letter: Letter) -> str | None:
     return " ; ".join(parts) or None
 
 
+def _display(resource: Json) -> str | None:
+    if resource["resourceType"] == "PractitionerRole":
+        return str(resource.get("practitioner", {}).get("display") or "") or None
+    if resource["resourceType"] == "RelatedPerson":
+        names = resource.get("name") or [{}]
+        return str(names[0].get("text") or "") or None
+    name = resource.get("name")
+    return name if isinstance(name, str) else None
+
+
 def _instant(point: Timepoint) -> str:
     """DocumentReference.date is an instant: needs seconds and a zone; dates become midnight UTC."""
     value = point.value
@@ -960,13 +1012,13 @@ def build(
     b = _Builder(letter, mappings)
     b.patient()
     for index, person in enumerate(letter.related_persons):
-        b.related(person, index)
-    b.author_role = b.practitioner_role(letter.author)
-    gp_role = b.practitioner_role(letter.gp, "Médecin traitant")
+        b.member(b.related(person, index), ROLE_RELATED, person.relationship.text or person.kind.value)
+    b.author_role = b.member(b.practitioner_role(letter.author), ROLE_AUTHOR, "Auteur de la lettre")
+    gp_role = b.member(b.practitioner_role(letter.gp, "Médecin traitant"), ROLE_GP, "Médecin traitant")
     if gp_role is not None:
         b.patient_res["generalPractitioner"] = [_ref(gp_role, gp_role.get("practitioner", {}).get("display"))]
     for recipient in letter.recipients:
-        b.practitioner_role(recipient)
+        b.member(b.practitioner_role(recipient), ROLE_RECIPIENT, "Destinataire de la lettre")
     b.practitioner_role(letter.legal_authenticator)
     b.organization(letter.custodian)
     b.encounter()
@@ -978,6 +1030,7 @@ def build(
     for device in letter.devices:
         b.device(device)
     b.careplan()
+    b.care_team()
     b.document_reference(raw, media_type)
     b.communication(changes, gp_role)
     b.provenance(recorded)

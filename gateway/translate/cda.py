@@ -213,7 +213,8 @@ def _related(
     if isinstance(entry, dict):
         kind = RelationKind(entry["kind"])
         base = Code(entry["system"], entry["code"], entry.get("display"))
-        relationship = Concept((base, *own_code.codings), own_code.text or entry.get("display"))
+        label = str(entry.get("display") or "")
+        relationship = Concept((base, *own_code.codings), f"{label} ({own_code.text})" if own_code.text else label)
     else:
         kind = RelationKind.OTHER
         relationship = Concept(
