@@ -8,6 +8,7 @@ leniency as an :class:`~gateway.model.Issue` so the output says what was assumed
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -50,7 +51,8 @@ def text_of(element: etree._Element | None) -> str:
     """All text under an element, whitespace collapsed (narrative markup flattened)."""
     if element is None:
         return ""
-    return " ".join("".join(str(t) for t in element.itertext()).split())
+    texts: Iterable[str] = element.itertext()  # type: ignore[assignment]  # lxml yields str for a parsed tree
+    return " ".join("".join(texts).split())
 
 
 def _null(element: etree._Element | None) -> bool:
