@@ -438,14 +438,21 @@ _STRING_KINDS: Final[dict[type, _Check]] = {
 }
 
 
+def _error_lines(exc: ValidationError) -> list[tuple[str, str]]:
+    """(location, message) of each error; pydantic cannot render some (e.g. with lone surrogates)."""
+    try:
+        return [(_dotted(e["loc"]), str(e["msg"])) for e in exc.errors(include_url=False)]
+    except Exception:  # UnicodeEncodeError while rendering a message
+        return [("", f"{exc.error_count()} validation error(s) pydantic could not render")]
+
+
 def _adapter_verdict(adapter: TypeAdapter[Any], value: Any) -> str | None:
     try:
         adapter.validate_python(value)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        return str(first["msg"])
+        return _error_lines(exc)[0][1]
     except Exception as exc:  # fhir.resources lets TypeError, KeyError, AttributeError... through
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {_show(str(exc))}"
     return None
 
 
@@ -453,9 +460,9 @@ def _model_verdict(model: _Model, value: Any) -> str | None:
     try:
         model.model_validate(value)
     except ValidationError as exc:
-        return "; ".join(f"{_dotted(e['loc'])}: {e['msg']}" for e in exc.errors())
+        return "; ".join(f"{loc}: {message}" if loc else message for loc, message in _error_lines(exc))
     except Exception as exc:  # see _adapter_verdict
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {_show(str(exc))}"
     return None
 
 
@@ -869,7 +876,7 @@ def _required_primitive(node: _Node, obj: dict[str, Any], field: _Field, ext: _F
             return None if items else "required element missing (its extension element has no extension)"
     elif type(extension) is list:
         return "a required primitive array cannot be replaced by its extension array"
-    return _model_verdict(node.model, obj) or None  # anything odder: ask the model
+    return _model_verdict(node.model, obj)  # anything odder: ask the model
 
 
 def _dotted(loc: tuple[int | str, ...]) -> str:
@@ -935,7 +942,7 @@ def check_with_models(resource: dict[str, Any]) -> list[str]:
     try:
         node.model.model_validate(resource)
     except ValidationError as exc:
-        return [f"{root}.{_dotted(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return [f"{root}.{loc}: {message}" if loc else f"{root}: {message}" for loc, message in _error_lines(exc)]
     except Exception as exc:  # fhir.resources lets TypeError, KeyError, AttributeError... through
-        return [f"{root}: {type(exc).__name__}: {exc}"]
+        return [f"{root}: {type(exc).__name__}: {_show(str(exc))}"]
     return []

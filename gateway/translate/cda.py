@@ -331,17 +331,21 @@ def _table_of(ctx: CdaContext, rule: SectionRule) -> str:
 
 
 def _document_status(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
+    """CI-SIS "Statut du document": a provisional letter is flagged to every reader."""
     for obs in section.iter(q("observation")):
         value = ctx.concept(obs.find(q("value")))
-        sct = value.first("http://snomed.info/sct")
-        label = value.text or (sct.display if sct else None) or text_of(section.find(q("text")))
-        if sct and sct.code == "385651009":
-            parts.status = "preliminary"
-            ctx.issues.append(
-                Issue("warning", "informational", f"the letter is marked provisional: {label}", "Statut du document")
-            )
-        elif sct and sct.code in ("255594003", "385658003"):
+        label = value.text or text_of(section.find(q("text"))) or "?"
+        table = ctx.mappings.code("document-status")
+        status = next(
+            (table.lookup(f"{c.system}|{c.code}") for c in value.codings if table.lookup(f"{c.system}|{c.code}")), None
+        )
+        if status is None:
+            ctx.note("warning", "code-unknown", f"document status {label!r} not recognised: treated as final", obs)
             parts.status = "final"
+        else:
+            parts.status = str(status)
+        if parts.status == "preliminary":
+            ctx.note("warning", "informational", f"the letter is marked provisional: {label}", obs)
         return
 
 

@@ -501,9 +501,14 @@ TRICKY: list[Any] = [
     ("a",),
     [{"text": "x"}],
 ]
-JSON_LEAVES = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8), st.sampled_from(TRICKY[:60])
-)
+
+
+def _fresh(values: list[Any]) -> st.SearchStrategy[Any]:
+    """Copies of the values: mutations must never reach the shared examples."""
+    return st.sampled_from(values).map(copy.deepcopy)
+
+
+JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8), _fresh(TRICKY[:60]))
 JSON_VALUES = st.recursive(
     JSON_LEAVES,
     lambda inner: st.one_of(
@@ -513,7 +518,7 @@ JSON_VALUES = st.recursive(
     max_leaves=6,
 )
 PRIMITIVE_VALUES = st.one_of(
-    st.sampled_from(TRICKY),
+    _fresh(TRICKY),
     st.text(max_size=10),
     st.text(st.sampled_from(WHITESPACE + "ab-.:+=/T0Z9é"), max_size=6),
     st.from_regex(fhir_core_types.DateTime.pattern, fullmatch=True),
@@ -607,7 +612,7 @@ def _mutate(data: st.DataObject, resource: Json) -> str:
             present = [k for k in obj if isinstance(k, str) and k.startswith(CHOICE_PREFIXES)]
             prefix = next((p for p in CHOICE_PREFIXES if present and present[0].startswith(p)), "value")
             key = prefix + data.draw(st.sampled_from(CHOICE_SUFFIXES), label="suffix")
-            obj[key] = data.draw(st.sampled_from(["x", True, {"text": "x"}, {"reference": "#a"}, "2020", 3]))
+            obj[key] = data.draw(_fresh(["x", True, {"text": "x"}, {"reference": "#a"}, "2020", 3]), label="value")
             return f"choice {key!r}"
         obj["resourceType"] = data.draw(st.sampled_from(RESOURCE_TYPES), label="resourceType")
         return "resourceType"
