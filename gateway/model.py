@@ -310,6 +310,7 @@ class Allergy:
     substance: Concept
     text: str | None = None
     reaction: str | None = None
+    none: bool = False  # the letter states that there is no known allergy
 
 
 @dataclass(frozen=True, slots=True)

@@ -674,8 +674,10 @@ class _Builder:
             ]
         }
         res["code"] = _concept(allergy.substance, allergy.substance.text or allergy.text) or {
-            "text": allergy.text or "allergie"
+            "text": allergy.text or "allergie (non précisée)"
         }
+        if allergy.none:
+            res.pop("clinicalStatus")  # IPS: a "no known allergy" statement has no clinical status
         res["patient"] = _ref(self.patient_res)
         if allergy.reaction:
             res["reaction"] = [{"manifestation": [{"text": allergy.reaction}]}]

@@ -639,17 +639,27 @@ def _plan_item(element: etree._Element, kind: str, key: str, ctx: CdaContext) ->
 
 def _allergies(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     found = False
+    none_table = ctx.mappings.code("no-known-allergy")
     for index, obs in enumerate(section.iter(q("observation"))):
         templates = {t.get("root") for t in obs.findall(q("templateId"))}
         playing = obs.find(f"{q('participant')}/{q('participantRole')}/{q('playingEntity')}")
-        if playing is None and not templates & {"1.3.6.1.4.1.19376.1.5.3.1.4.6", "2.16.840.1.113883.10.20.22.4.7"}:
+        if playing is None and not templates & _ALLERGY_TEMPLATES:
             continue
         found = True
         substance = ctx.concept(playing.find(q("code")) if playing is not None else None)
         if not substance and playing is not None:
             substance = Concept((), text_of(playing.find(q("name"))) or None)
+        value = ctx.concept(obs.find(q("value")))
         ref = obs.find(f"{q('text')}/{q('reference')}")
         text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
+        says_none = obs.get("negationInd") == "true" or any(
+            none_table.lookup(f"{c.system}|{c.code}") for c in (*substance.codings, *value.codings)
+        )
+        if says_none:
+            parts.allergies.append(
+                Allergy(f"{key}.a{index}", Concept(), NO_KNOWN_ALLERGY, text or value.text or None, None, none=True)
+            )
+            continue
         reaction = next(
             (
                 ctx.concept(r.find(f"{q('observation')}/{q('value')}")).text
@@ -658,11 +668,18 @@ def _allergies(section: etree._Element, rule: SectionRule, ctx: CdaContext, part
             ),
             None,
         )
+        described = substance if substance else value
+        if not described:
+            ctx.note("warning", "incomplete", "allergy entry names neither substance nor description", obs)
         parts.allergies.append(
-            Allergy(f"{key}.a{index}", ctx.concept(obs.find(q("value"))), substance, text or None, reaction)
+            Allergy(f"{key}.a{index}", ctx.concept(obs.find(q("code"))), described, text or None, reaction)
         )
     if not found:
         _keep_narrative(section, ctx, parts)
+
+
+_ALLERGY_TEMPLATES = {"1.3.6.1.4.1.19376.1.5.3.1.4.6", "2.16.840.1.113883.10.20.22.4.7", "1.2.250.1.213.1.1.3.41"}
+NO_KNOWN_ALLERGY = Concept((Code("http://snomed.info/sct", "716186003", "No known allergy"),), "Aucune allergie connue")
 
 
 def _devices(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
