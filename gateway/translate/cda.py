@@ -21,7 +21,6 @@ from gateway.model import (
     Concept,
     Device,
     Ident,
-    Issue,
     Letter,
     MedicationLine,
     MedSection,
