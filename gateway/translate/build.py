@@ -36,7 +36,7 @@ from gateway.model import (
 )
 from gateway.translate import narrative as nv
 from gateway.translate.ids import resource_id, urn
-from gateway.translate.reconcile import Basis, Change
+from gateway.translate.reconcile import Basis, Change, Status
 
 __all__ = ["PROJECT", "Built", "build"]
 
@@ -620,7 +620,8 @@ class _Builder:
             label = (
                 entry["label"] + {Basis.STATED: " (déclaré)", Basis.DERIVED: " (déduit)", Basis.UNKNOWN: ""}[c.basis]
             )
-            rows.append((c.line.name, before or "—", after or "—", label, c.reason or "—"))
+            reason = c.reason or ("motif non précisé dans la lettre" if c.status is Status.STOPPED else "—")
+            rows.append((c.line.name, before or "—", after or "—", label, reason))
         return rows
 
     def change_table(self, changes: Sequence[Change]) -> str:
