@@ -4,14 +4,15 @@ Why this exists
 ---------------
 The gateway builds its resources as plain JSON-shaped dicts (see :mod:`gateway.translate.build`) and
 every one of them must be valid for the fhir.resources R4B models.  Asking the models
-(``fhir.resources.R4B.<module>.<Type>.model_validate(d)``) costs about 0.25 ms per resource: 7 to 8 ms
-for a typical letter of ~30 resources, more than the whole translation budget of a few ms.
-``bench/bench_validate.py`` measures both on a realistic letter.
+(``fhir.resources.R4B.<module>.<Type>.model_validate(d)``, :func:`check_with_models`) costs 0.25 to
+0.4 ms per resource: about 12 ms for the 29 resources (110 KiB of JSON) of the realistic letter of
+``bench/bench_validate.py``, several times the whole translation budget of a few ms.
 
 So the first time a resource type is checked, this module reads the R4B model classes themselves (their
 pydantic fields, aliases, ``element_required`` primitives, ``one_of_many`` choice groups and the
-primitive annotations of ``fhir_core.types``) into a compact schema, and :func:`problems` walks the dict
-against that schema: the same verdict for a small fraction of the cost.
+primitive annotations of ``fhir_core.types``) into a compact schema, cached per model class, and
+:func:`problems` walks the dict against that schema: the same verdict for about 1 ms per letter (12x
+less on that bench; run it to measure on your machine).
 
 How it stays honest
 -------------------
@@ -405,6 +406,7 @@ class _Node:
         "needs_content",
         "post",
         "required",
+        "required_choice",
         "required_primitives",
         "rtype",
     )
@@ -421,6 +423,7 @@ class _Node:
         self.required: tuple[_Field, ...] = ()  # must be present (pydantic required)
         self.required_primitives: tuple[tuple[_Field, _Field | None], ...] = ()  # value or extension
         self.choices: tuple[_Choice, ...] = ()
+        self.required_choice = False  # one of the choice groups is required
         self.post = False  # any object-level rule to check after the keys
 
 
@@ -573,6 +576,7 @@ def _build(model: _Model, building: dict[_Model, _Node]) -> _Node:
         for element, ext in sample.get_required_fields()
     )
     node.choices = tuple(choices)
+    node.required_choice = any(choice.required for choice in choices)
     node.post = bool(node.required or node.required_primitives or node.choices or node.needs_content)
     return node
 
@@ -697,8 +701,13 @@ def _walk(node: _Node, obj: dict[str, Any], strict: bool) -> _Errors | None:
                         else:
                             continue
             elif op == _OP_CODE:
-                if type(value) is str and _CODE_MATCH(value) and (value.isascii() or _encodable(value)):
-                    continue
+                if type(value) is str:
+                    if value.isascii():
+                        # printable ASCII without spaces is a code; anything else asks the pattern
+                        if (value and value.isprintable() and " " not in value) or _CODE_MATCH(value):
+                            continue
+                    elif _CODE_MATCH(value) and _encodable(value):
+                        continue
             elif op == _OP_URI:
                 if type(value) is str and value and (value.isascii() or _encodable(value)):
                     continue
@@ -847,12 +856,13 @@ def _post(
             message = _required_primitive(node, obj, field, ext)
             if message is not None:
                 errors = _add(errors, field.alias, message)
-    for index, choice in enumerate(node.choices):
-        count = counts[index] if counts is not None else 0
-        if count > 1:
-            errors = _add(errors, f"{choice.name}[x]", f"only one of {choice.name}[x] is allowed")
-        elif count == 0 and choice.required:
-            errors = _add(errors, f"{choice.name}[x]", f"{choice.name}[x] is required")
+    if counts is not None or node.required_choice:
+        for index, choice in enumerate(node.choices):
+            count = counts[index] if counts is not None else 0
+            if count > 1:
+                errors = _add(errors, f"{choice.name}[x]", f"only one of {choice.name}[x] is allowed")
+            elif count == 0 and choice.required:
+                errors = _add(errors, f"{choice.name}[x]", f"{choice.name}[x] is required")
     if node.needs_content and all(obj.get(k) is None for k in ("id", "extension", "fhir_comments")):
         errors = _add(errors, "", "a primitive's extension element needs an id or extensions")
     if strict and not obj:
