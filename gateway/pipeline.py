@@ -54,7 +54,7 @@ def translate_letter(
     resources = translation.resources
     label.apply(resources, label.rules_from(mappings), translation.letter.confidentiality)
     for resource in resources:
-        validate.check(resource)
+        validate.check(resource, fhir_json=True)
         if settings.strict_validation:
             problems = validate.check_with_models(resource)
             if problems:

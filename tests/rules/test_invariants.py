@@ -11,6 +11,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 from lxml import etree
 
+from gateway import validate
 from gateway.label import INLINE_LABEL, categories_of, inline_category
 from gateway.translate.build import EXT_CHANGE
 from tests.conftest import CASES, available_cases, resources, run_case
@@ -50,6 +51,9 @@ def test_every_resource_is_valid_r4(case: str) -> None:
             problems.append(f"{res['resourceType']}/{res['id']}: {exc}")
     assert problems == []
     Bundle.model_validate(result.bundle)
+    # and the stricter FHIR JSON rules the models do not enforce (no empty arrays, real booleans, XHTML div)
+    for res in resources(result):
+        assert validate.problems(res, fhir_json=True) == []
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
