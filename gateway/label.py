@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from gateway.errors import MappingLoadError, Where
 from gateway.mappings import Mappings
+from gateway.text import fold
 
 __all__ = ["INLINE_LABEL", "LabelRules", "apply", "categories_of", "inline_category", "rules_from"]
 
@@ -94,16 +94,10 @@ def _rules(digest: str, mappings: Mappings) -> LabelRules:
     return rules
 
 
-def _fold(text: str) -> str:
-    """Lower case, no accents, punctuation as spaces: 'Régime hyposodé,' → 'regime hyposode'."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    return " ".join("".join(ch if ch.isalnum() or ch == "*" else " " for ch in ascii_text).split())
-
-
 def _pattern(terms: tuple[str, ...]) -> re.Pattern[str]:
     alternatives = []
     for term in terms:
-        folded = _fold(term)
+        folded = fold(term, keep="*")
         if folded.endswith("*"):
             alternatives.append(re.escape(folded[:-1].rstrip()))
         else:
@@ -147,7 +141,7 @@ def activity_category(activity: Mapping[str, Any], rules: LabelRules) -> Categor
     code = detail.get("code") or {}
     parts.append(str(code.get("text") or ""))
     parts.extend(str(c.get("display") or "") for c in code.get("coding", []))
-    text = _fold(" ".join(parts))
+    text = fold(" ".join(parts))
     for rule in rules.activities:
         if rules.hits(rule.when_any, text):
             return rule.category

@@ -7,7 +7,6 @@ then LOINC code).  Sections no table claims are kept as narrative, never dropped
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +35,7 @@ from gateway.model import (
     Stay,
     Timing,
 )
+from gateway.text import fold
 from gateway.translate.cda_types import XSI_TYPE, CdaContext, q, text_of
 from gateway.translate.registry import SECTION_TRANSLATORS
 
@@ -393,11 +393,6 @@ def _value(element: etree._Element | None, ctx: CdaContext) -> str | bool | Conc
 # -- medications -----------------------------------------------------------------------------------
 
 
-def _normal(text: str) -> str:
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    return " ".join(folded.replace(".", " ").replace(":", " ").split())
-
-
 def _table_headers(row: etree._Element) -> list[str]:
     table = next((a for a in row.iterancestors(q("table"))), None)
     if table is None:
@@ -407,7 +402,7 @@ def _table_headers(row: etree._Element) -> list[str]:
         head = next(iter(table.iter(q("tr"))), None)
     if head is None:
         return []
-    return [_normal(text_of(cell)) for cell in head if isinstance(cell.tag, str) and cell.tag in (q("th"), q("td"))]
+    return [fold(text_of(cell)) for cell in head if isinstance(cell.tag, str) and cell.tag in (q("th"), q("td"))]
 
 
 def _row_of(element: etree._Element | None) -> etree._Element | None:
@@ -551,11 +546,11 @@ def _row_by_name(section: etree._Element, name: str, used: set[int]) -> etree._E
     """The one narrative row whose text names this drug; None when absent or ambiguous (never guess)."""
     if not name:
         return None
-    wanted = _normal(name)
+    wanted = fold(name)
     hits = [
         row
         for row in section.iter(q("tr"))
-        if id(row) not in used and row.find(q("td")) is not None and wanted and wanted in _normal(text_of(row))
+        if id(row) not in used and row.find(q("td")) is not None and wanted and wanted in fold(text_of(row))
     ]
     return hits[0] if len(hits) == 1 else None
 

@@ -14,12 +14,12 @@ then the normalised name.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from gateway.model import Code, MedicationLine, MedSection
+from gateway.text import fold
 
 __all__ = ["Basis", "Change", "Status", "reconcile"]
 
@@ -68,18 +68,13 @@ def _code(line: MedicationLine, systems: Sequence[str]) -> str | None:
     return None
 
 
-def _fold(text: str) -> str:
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    return " ".join("".join(ch if ch.isalnum() else " " for ch in ascii_text).split())
-
-
 def _name(line: MedicationLine) -> str | None:
-    return _fold(line.name) or None
+    return fold(line.name) or None
 
 
 def _brand(line: MedicationLine) -> str | None:
     """The name up to the first digit: 'kardegic 160 mg' → 'kardegic'."""
-    folded = _fold(line.name)
+    folded = fold(line.name)
     words: list[str] = []
     for word in folded.split():
         if word[0].isdigit():
@@ -123,7 +118,7 @@ def _unit(unit: str | None) -> str:
     """UCUM annotations ({tbl}, {count}...) and "1" all mean one unit of presentation."""
     if unit is None or unit == "1" or (unit.startswith("{") and unit.endswith("}")):
         return "1"
-    return _fold(unit)
+    return fold(unit)
 
 
 def _posology(line: MedicationLine) -> tuple[object, ...] | None:
@@ -146,7 +141,7 @@ def _posology(line: MedicationLine) -> tuple[object, ...] | None:
     )
     if any(part is not None for part in structured):
         return structured
-    text = _fold(" ".join(filter(None, (line.narrative.cell("dose"), line.narrative.cell("frequence")))))
+    text = fold(" ".join(filter(None, (line.narrative.cell("dose"), line.narrative.cell("frequence")))))
     return (text,) if text else None
 
 
