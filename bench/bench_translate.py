@@ -27,7 +27,7 @@ from gateway.pipeline import translate_letter  # noqa: E402
 from gateway.settings import Settings  # noqa: E402
 from gateway.translate.registry import SECTION_TRANSLATORS  # noqa: E402
 
-DEFAULT_FILE = ROOT.parent / "shared" / "peers-anchor" / "ccda" / "Discharge_Summary.ccda"
+DEFAULT_FILE = ROOT / "tests" / "fixtures" / "ccda" / "Discharge_Summary.ccda"
 
 
 def main() -> int:

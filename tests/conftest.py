@@ -15,8 +15,6 @@ from gateway.translate.registry import SECTION_TRANSLATORS
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-PEERS = ROOT.parent / "shared" / "peers-anchor" / "ccda"
-LOCAL_CCDA = FIXTURES / "ccda"
 FIXED_NOW = datetime(2026, 1, 15, 10, 0, 0, tzinfo=UTC)
 
 # (letter, priors) pairs translated by the golden and rule tests; names are relative to FIXTURES
@@ -35,10 +33,7 @@ CASES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def fixture_path(relative: str) -> Path:
-    path = FIXTURES / relative
-    if relative.startswith("ccda/") and not path.exists():
-        path = PEERS / Path(relative).name
-    return path
+    return FIXTURES / relative
 
 
 def available_cases() -> list[str]:
