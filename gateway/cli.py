@@ -2,7 +2,8 @@
 
 Errors the user can act on (bad letter, bad mapping, bad settings) print one line — what and where —
 on stderr and exit non-zero; they never show a traceback.  Exit codes: 0 ok, 1 usage, 2 refused input,
-3 configuration problem.
+3 configuration problem, 4 dispatch done but incomplete (no médecin traitant, an actor unknown to the
+directory or without endpoint: every such case is also in the audit).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from gateway.errors import GatewayError, IngestError, MappingError
@@ -18,7 +20,7 @@ from gateway.settings import Settings, SettingsError
 
 __all__ = ["main"]
 
-EXIT_USAGE, EXIT_REFUSED, EXIT_CONFIG = 1, 2, 3
+EXIT_USAGE, EXIT_REFUSED, EXIT_CONFIG, EXIT_INCOMPLETE = 1, 2, 3, 4
 
 
 def _err(text: str) -> None:
@@ -29,6 +31,15 @@ def _load(settings: Settings) -> Mappings:
     from gateway.translate.registry import SECTION_TRANSLATORS
 
     return load_mappings(settings.mappings_overlay, translators=SECTION_TRANSLATORS)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    if getattr(args, "mappings", None):
+        settings = replace(settings, mappings_overlay=Path(args.mappings))
+    if getattr(args, "strict", False):
+        settings = replace(settings, strict_validation=True)
+    return settings
 
 
 def _read(path: str) -> bytes:
@@ -80,6 +91,80 @@ def _translate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_json(path: str) -> dict[str, object]:
+    from gateway.ingest.json import parse_json
+
+    return parse_json(_read_named(path), path)
+
+
+def _read_named(path: str) -> bytes:
+    try:
+        return _read(path)
+    except IngestError as exc:
+        exc.where = type(exc.where)(source=path)
+        raise
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from gateway.consent import MemoryConsentStore
+    from gateway.directory import load_directory
+    from gateway.pipeline import dispatch_letter
+    from gateway.policy import policy_from
+
+    settings = _settings(args)
+    mappings = _load(settings)
+    policy = policy_from(mappings)
+    directory = load_directory(_read_json(args.directory), policy, args.directory)
+    store = MemoryConsentStore()
+    if args.consents:
+        store.load_bundle(_read_json(args.consents), args.consents)
+    at = None
+    if args.at:
+        try:
+            at = datetime.fromisoformat(args.at.replace("Z", "+00:00"))
+        except ValueError:
+            raise IngestError(f"--at {args.at!r} is not an ISO 8601 date-time") from None
+        if at.tzinfo is None:
+            raise IngestError(f"--at {args.at!r} needs a time zone (e.g. +01:00 or Z)")
+    priors = [(_read_named(p), p) for p in args.prior or []]
+    result = dispatch_letter(
+        _read_named(args.letter),
+        name=args.letter,
+        mappings=mappings,
+        settings=settings,
+        directory=directory,
+        consents=store,
+        prior=priors,
+        at=at,
+        fallback=args.fallback,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import orjson
+
+    for recipient_id, message in result.messages.items():
+        (out / f"{recipient_id}.json").write_bytes(orjson.dumps(message, option=orjson.OPT_INDENT_2) + b"\n")
+    (out / "audit.json").write_bytes(orjson.dumps(result.audit, option=orjson.OPT_INDENT_2) + b"\n")
+    for issue in result.translation.issues:
+        _err(f"{issue.severity}: {issue.text}")
+    for recipient_id, decision in result.decisions.items():
+        view = result.views[recipient_id]
+        sent = "sent" if recipient_id in result.messages else "NOTHING SENT"
+        _err(
+            f"{recipient_id}: {sent} ({decision.kind or 'kind unknown'}; allowed: "
+            f"{', '.join(sorted(decision.categories)) or 'nothing'}; {len(view.withheld)} withheld)"
+        )
+    for event in result.routing.events:
+        _err(f"{'exception' if event in result.routing.exceptions else 'note'}: {event.kind}: {event.text}")
+    _err(
+        f"dispatched {args.letter}: {len(result.messages)} message(s), audit in {out / 'audit.json'}"
+        + ("" if result.complete else f"; INCOMPLETE: {len(result.routing.exceptions)} routing exception(s)")
+    )
+    return 0 if result.complete else EXIT_INCOMPLETE
+
+
 def _count(values: Iterable[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for value in values:
@@ -95,8 +180,12 @@ def _mappings_check(args: argparse.Namespace) -> int:
         translators=__import__("gateway.translate.registry", fromlist=["SECTION_TRANSLATORS"]).SECTION_TRANSLATORS,
     )
     from gateway.label import rules_from
+    from gateway.policy import policy_from
+    from gateway.redact import scanner_from
 
     rules_from(mappings)
+    policy_from(mappings)
+    scanner_from(mappings)
     overlaid = sorted(rel for rel, src in mappings.sources.items() if src != "builtin")
     _err(
         f"mappings ok: {len(mappings.codes)} code tables, {sum(len(t.sections) for t in mappings.sections.values())} "
@@ -131,6 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--strict", action="store_true", help="also validate every resource with the fhir.resources models")
     tr.set_defaults(handler=_translate)
+    dp = sub.add_parser(
+        "dispatch", help="route, apply consent, redact and package one letter for every recipient (no network)"
+    )
+    dp.add_argument("letter")
+    dp.add_argument(
+        "--directory",
+        required=True,
+        metavar="DIRECTORY.json",
+        help="FHIR Bundle of Organization / Practitioner / PractitionerRole / Endpoint",
+    )
+    dp.add_argument(
+        "--consents", metavar="CONSENTS.json", help="FHIR Bundle of Consent (all versions) and legal representatives"
+    )
+    dp.add_argument("--out", required=True, metavar="DIR", help="writes DIR/<recipient-id>.json and DIR/audit.json")
+    dp.add_argument("--prior", action="append", metavar="PRIOR", help="admission / prior medication list (repeatable)")
+    dp.add_argument("--at", metavar="DATETIME", help="decide with the consents valid at this instant (default: now)")
+    dp.add_argument(
+        "--fallback", metavar="REF", help="directory entry receiving what cannot be routed (overrides policy.yaml)"
+    )
+    dp.add_argument("--mappings", metavar="DIR", help="site overlay directory for mappings/")
+    dp.set_defaults(handler=_dispatch)
     dm = sub.add_parser("demo", help="translate the embedded sample letters and show the GP's change tables")
     dm.add_argument("--out", default="demo-out", help="directory for the output Bundles (default: demo-out)")
     dm.set_defaults(handler=_demo)

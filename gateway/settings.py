@@ -17,6 +17,7 @@ __all__ = ["Settings", "SettingsError"]
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_ZONE = "Europe/Paris"
+DEFAULT_PUBLIC_URL = "https://discharge-gateway.localhost/fhir"
 
 
 class SettingsError(GatewayError):
@@ -29,6 +30,7 @@ class Settings:
     mappings_overlay: Path | None = None
     default_timezone: str = DEFAULT_ZONE
     strict_validation: bool = False  # also run the (slow) fhir.resources models on every resource
+    public_url: str = DEFAULT_PUBLIC_URL  # the gateway's own FHIR endpoint (MessageHeader.source.endpoint)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -46,4 +48,7 @@ class Settings:
         except (ZoneInfoNotFoundError, ValueError):
             raise SettingsError(f"GATEWAY_DEFAULT_TIMEZONE {zone!r} is not a known time zone") from None
         strict = env.get("GATEWAY_STRICT_VALIDATION", "").lower() in ("1", "true", "yes")
-        return cls(max_bytes, Path(overlay) if overlay else None, zone, strict)
+        public_url = env.get("GATEWAY_PUBLIC_URL", DEFAULT_PUBLIC_URL)
+        if not public_url.startswith(("https://", "http://")):
+            raise SettingsError("GATEWAY_PUBLIC_URL must be an http(s) URL")
+        return cls(max_bytes, Path(overlay) if overlay else None, zone, strict, public_url)

@@ -1,0 +1,205 @@
+"""Audit records (FHIR R4 AuditEvent, after IHE BALP) for every routing and disclosure decision.
+
+One ``PrivacyDisclosure``-style event per recipient (DICOM 110106 Export, ISO 21089 *disclose*): who
+received it, under which rule or Consent versions, every resource sent and every element withheld
+with the reason; and one event per routing exception (no médecin traitant, actor not in the
+directory, actor without endpoint, fallback used).  Events carry identifiers and references only, no
+clinical text: the withheld items are named by type and id, never by content.
+
+(The tamper-evident log that stores these events comes with the audit issue; this module only builds
+them, as pure values.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from gateway.consent import Decision
+from gateway.model import Ident
+from gateway.redact import View, Withheld
+from gateway.route import RouteEvent
+from gateway.translate import narrative as nv
+from gateway.translate.build import PROJECT
+from gateway.translate.ids import resource_id, urn
+
+__all__ = ["audit_bundle", "disclosure_event", "route_event"]
+
+Json = dict[str, Any]
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+LIFECYCLE = "http://terminology.hl7.org/CodeSystem/iso-21089-lifecycle"
+ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
+DETAIL = f"{PROJECT}/CodeSystem/audit-detail"
+CATEGORY_SYSTEM = f"{PROJECT}/CodeSystem/data-category"
+OBSERVER = {"display": "discharge-gateway"}
+
+
+def _patient_entity(patient: Ident) -> Json:
+    return {
+        "what": {"identifier": {"system": patient.system, "value": patient.value}},
+        "type": {"system": ENTITY_TYPE, "code": "1", "display": "Person"},
+        "role": {"system": OBJECT_ROLE, "code": "1", "display": "Patient"},
+    }
+
+
+def _agents(recipient_ref: str | None, display: str, decision: Decision | None) -> list[Json]:
+    source = {
+        "type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
+        "who": OBSERVER,
+        "requestor": False,
+    }
+    recipient: Json = {
+        "type": {"coding": [{"system": DCM, "code": "110152", "display": "Destination Role ID"}]},
+        "who": {"reference": recipient_ref, "display": display} if recipient_ref else {"display": display},
+        "requestor": False,
+    }
+    if decision is not None and decision.consents:
+        recipient["policy"] = list(decision.consents)
+    return [source, recipient]
+
+
+def _withheld_entity(item: Withheld) -> Json:
+    details = [{"type": "rule", "valueString": item.rule}, {"type": "reason", "valueString": item.reason}]
+    if item.consent:
+        details.append({"type": "consent", "valueString": item.consent})
+    entity: Json = {
+        "what": {"display": item.what},
+        "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+        "description": f"withheld ({item.category})",
+        "detail": details,
+    }
+    if item.category in ("medical", "social", "logistics"):
+        entity["securityLabel"] = [{"system": CATEGORY_SYSTEM, "code": item.category}]
+    return entity
+
+
+def disclosure_event(
+    view: View,
+    decision: Decision,
+    patient: Ident,
+    letter_key: str,
+    recorded: str,
+    message: Json | None,
+    reasons: Sequence[str],
+) -> Json:
+    """What one recipient was sent, what it was not, and which rule or Consent version decided."""
+    recipient = view.recipient
+    sent: list[Json] = []
+    if message is not None:
+        sent.append(
+            {
+                "what": {"reference": urn(message["id"]), "display": "message Bundle"},
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "description": f"message {message['entry'][0]['resource']['id']} (MessageHeader.id)",
+            }
+        )
+        for entry in message["entry"][1:]:
+            res = entry["resource"]
+            labels = [s for s in res.get("meta", {}).get("security", []) if s.get("system") == CATEGORY_SYSTEM]
+            item: Json = {
+                "what": {"reference": entry["fullUrl"], "display": f"{res['resourceType']}/{res['id']}"},
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "description": "sent",
+            }
+            if labels:
+                item["securityLabel"] = labels
+            sent.append(item)
+    consents = [
+        {
+            "what": {"reference": ref},
+            "type": {"system": "http://hl7.org/fhir/resource-types", "code": "Consent"},
+            "description": "consent version that decided",
+        }
+        for ref in decision.consents
+    ]
+    ignored = [
+        {
+            "what": {"reference": b.consent} if b.consent else {"display": b.rule},
+            "type": {"system": "http://hl7.org/fhir/resource-types", "code": "Consent"},
+            "description": f"consent not applied: {b.text}",
+        }
+        for b in decision.ignored
+    ]
+    allowed = ", ".join(sorted(decision.categories)) or "rien"
+    bases = "; ".join(
+        f"{c}: {b.rule}" + (f" ({b.consent})" if b.consent else "") for c, b in sorted(decision.by_category.items())
+    )
+    outcome_desc = (
+        f"{'sent' if message is not None else 'nothing sent'} to {recipient.display} ({decision.kind or 'kind unknown'}, "
+        f"{'care team' if decision.care_team else 'outside the care team'}); allowed: {allowed}; "
+        f"{len(view.withheld)} item(s) withheld; basis — {bases}"
+    )
+    event: Json = {
+        "resourceType": "AuditEvent",
+        "id": resource_id("AuditEvent", letter_key, recipient.id, "disclosure", recorded),
+        "meta": {"security": [{"system": CATEGORY_SYSTEM, "code": "logistics"}]},
+        "text": nv.generated(
+            nv.dl(
+                [
+                    ("Destinataire", recipient.display),
+                    ("Motif d'envoi", ", ".join(reasons)),
+                    ("Autorisé", allowed),
+                    ("Retenu", f"{len(view.withheld)} élément(s)"),
+                ]
+            ),
+            nv.table(
+                ("Élément retenu", "Catégorie", "Règle", "Consentement"),
+                ((w.what, w.category, w.rule, w.consent or "—") for w in view.withheld),
+            ),
+        ),
+        "type": {"system": DCM, "code": "110106", "display": "Export"},
+        "subtype": [{"system": LIFECYCLE, "code": "disclose", "display": "Disclose"}],
+        "action": "R",
+        "recorded": recorded,
+        "outcome": "0",
+        "outcomeDesc": outcome_desc,
+        "purposeOfEvent": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "COC"}]}
+        ],
+        "agent": _agents(recipient.ref, recipient.display, decision),
+        "source": {
+            "observer": OBSERVER,
+            "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+        "entity": [_patient_entity(patient), *consents, *ignored, *sent, *(_withheld_entity(w) for w in view.withheld)],
+    }
+    return event
+
+
+def route_event(event: RouteEvent, patient: Ident, letter_key: str, recorded: str, index: int) -> Json:
+    """A routing exception: never a silent success."""
+    outcome = "0" if event.kind in ("fallback", "not-routed") else "4"
+    return {
+        "resourceType": "AuditEvent",
+        "id": resource_id("AuditEvent", letter_key, "route", event.kind, str(index), recorded),
+        "meta": {"security": [{"system": CATEGORY_SYSTEM, "code": "logistics"}]},
+        "text": nv.generated(nv.para(f"Routage — {event.kind} : {event.text}")),
+        "type": {"system": DCM, "code": "110106", "display": "Export"},
+        "subtype": [
+            {"system": LIFECYCLE, "code": "disclose", "display": "Disclose"},
+            {"system": f"{PROJECT}/CodeSystem/route-event", "code": event.kind},
+        ],
+        "action": "R",
+        "recorded": recorded,
+        "outcome": outcome,
+        "outcomeDesc": event.text,
+        "agent": _agents(None, event.recipient or "destinataire non résolu", None),
+        "source": {
+            "observer": OBSERVER,
+            "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+        "entity": [_patient_entity(patient)],
+    }
+
+
+def audit_bundle(events: Iterable[Json], letter_key: str, recorded: str) -> Json:
+    items = list(events)
+    return {
+        "resourceType": "Bundle",
+        "id": resource_id("Bundle", letter_key, "audit", recorded),
+        "type": "collection",
+        "timestamp": recorded,
+        "entry": [{"fullUrl": urn(e["id"]), "resource": e} for e in items],
+    }

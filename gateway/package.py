@@ -1,0 +1,105 @@
+"""Stage — package: one recipient's view becomes a FHIR R4 message Bundle.
+
+``Bundle.type = message``, the ``MessageHeader`` first, ``focus`` on the recipient's Communication
+(https://hl7.org/fhir/R4/messaging.html).  ``MessageHeader.id`` and ``Bundle.id`` are derived from
+the letter and the recipient, so every retry of the same message carries the same identity and a
+receiver applying FHIR reliable messaging can drop duplicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import __version__
+from gateway.label import CONFIDENTIALITY
+from gateway.redact import View
+from gateway.translate import narrative as nv
+from gateway.translate.build import PROJECT
+from gateway.translate.ids import resource_id, urn
+
+__all__ = ["EVENT", "Sender", "message"]
+
+Json = dict[str, Any]
+EVENT = {
+    "system": f"{PROJECT}/CodeSystem/message-event",
+    "code": "discharge-notification",
+    "display": "Discharge notification",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """The gateway as a message source."""
+
+    name: str = "discharge-gateway"
+    endpoint: str = "https://gateway.invalid/fhir"
+
+
+def message(view: View, letter_key: str, timestamp: str, sender: Sender, category_system: str) -> Json:
+    """The message Bundle for one recipient (its MessageHeader and every resource of its view)."""
+    recipient = view.recipient
+    assert recipient.endpoint is not None, "route only passes reachable recipients"
+    assert view.communication is not None, "every view has its own Communication"
+    header_id = resource_id("MessageHeader", letter_key, recipient.id)
+    author = next(
+        (
+            urn(r["id"])
+            for r in view.resources
+            if r["resourceType"] == "PractitionerRole" and any(u == r["id"] for u in _sender_ids(view.communication))
+        ),
+        None,
+    )
+    header: Json = {
+        "resourceType": "MessageHeader",
+        "id": header_id,
+        "meta": {"security": [{"system": category_system, "code": "logistics"}]},
+        "text": nv.generated(
+            nv.dl(
+                [
+                    ("Message", EVENT["display"]),
+                    ("Destinataire", recipient.display),
+                    ("Adresse", recipient.endpoint.address),
+                ]
+            )
+        ),
+        "eventCoding": EVENT,
+        "destination": [
+            {
+                "name": recipient.display,
+                "endpoint": recipient.endpoint.address,
+                "receiver": {"reference": recipient.ref, "display": recipient.display},
+            }
+        ],
+        "source": {
+            "name": sender.name,
+            "software": "discharge-gateway",
+            "version": __version__,
+            "endpoint": sender.endpoint,
+        },
+        "focus": [{"reference": urn(view.communication["id"])}],
+    }
+    if author:
+        header["sender"] = {"reference": author}
+    entries = [header, *view.resources]
+    labels: dict[tuple[str, str], Json] = {}
+    for res in entries:
+        for coding in res.get("meta", {}).get("security", []):
+            if coding.get("system") in (category_system, CONFIDENTIALITY):
+                labels.setdefault(
+                    (coding["system"], coding["code"]), {"system": coding["system"], "code": coding["code"]}
+                )
+    return {
+        "resourceType": "Bundle",
+        "id": resource_id("Bundle", letter_key, recipient.id, "message"),
+        "meta": {"security": list(labels.values())},
+        "type": "message",
+        "timestamp": timestamp,
+        "entry": [{"fullUrl": urn(r["id"]), "resource": r} for r in entries],
+    }
+
+
+def _sender_ids(communication: Mapping[str, Any]) -> list[str]:
+    ref = (communication.get("sender") or {}).get("reference", "")
+    return [ref.removeprefix("urn:uuid:")] if ref else []

@@ -1,0 +1,462 @@
+"""Stage — redact: cut one recipient's view out of the labelled letter (Content Filter).
+
+Given a :class:`~gateway.consent.Decision`, keep only the resources and elements whose data category
+(and sensitivity codes) the recipient may receive; rebuild the recipient's own Communication and
+CarePlan from allowed elements only; remove every reference to what was withheld; and, for a
+recipient without medical rights, scan the free text left in social and logistics elements for
+medical content (drug names of this letter, a lexicon in ``mappings/medical-lexicon.yaml``, ATC and
+CIM-10 code shapes).  Everything withheld is listed with the rule or Consent version that decided it,
+for the audit.
+
+Views never modify the shared translated resources: a resource that must change is copied first.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from gateway.consent import Decision
+from gateway.directory import Recipient
+from gateway.errors import MappingLoadError, Where
+from gateway.label import CONFIDENTIALITY, INLINE_LABEL, LabelRules, categories_of, inline_category
+from gateway.mappings import Mappings
+from gateway.route import Routed
+from gateway.text import fold
+from gateway.translate import narrative as nv
+
+__all__ = ["MedicalScanner", "View", "Withheld", "cut", "scanner_from"]
+
+Json = dict[str, Any]
+SENSITIVITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+
+
+@dataclass(frozen=True, slots=True)
+class Withheld:
+    """One thing a recipient did not get, and why."""
+
+    what: str  # "MedicationStatement/<id>" or "CarePlan/<id>#activity-x"
+    resource_type: str
+    category: str  # the category or sensitivity code that excluded it ("medical", "PSY", "free-text")
+    rule: str
+    reason: str
+    consent: str | None = None
+
+
+@dataclass
+class View:
+    """What one recipient receives: resources (Communication first) and what was held back."""
+
+    recipient: Recipient
+    decision: Decision
+    resources: list[Json] = field(default_factory=list)
+    withheld: list[Withheld] = field(default_factory=list)
+    communication: Json | None = None
+    changed: set[str] = field(default_factory=set)  # ids of resources built or altered for this view
+
+
+class MedicalScanner:
+    """Finds medical content in free text (compiled once per mapping set, plus the letter's drugs)."""
+
+    def __init__(self, terms: Iterable[str], patterns: Mapping[str, str]) -> None:
+        words: list[str] = []
+        stems: list[str] = []
+        for term in terms:
+            folded = fold(term, keep="*")
+            (stems if folded.endswith("*") else words).append(folded.rstrip("*").strip())
+        alternatives = [re.escape(w) + r"\b" for w in words if w] + [re.escape(s) for s in stems if s]
+        self._terms = re.compile(r"\b(?:" + "|".join(alternatives) + ")") if alternatives else None
+        self._patterns = [(name, re.compile(p, re.IGNORECASE)) for name, p in patterns.items()]
+
+    def with_drugs(self, resources: Sequence[Mapping[str, Any]]) -> MedicalScanner:
+        """A scanner that also knows every drug name of this letter."""
+        names: set[str] = set()
+        for res in resources:
+            if res["resourceType"] != "MedicationStatement":
+                continue
+            concept = res.get("medicationCodeableConcept") or {}
+            texts = [concept.get("text") or "", *(c.get("display") or "" for c in concept.get("coding", []))]
+            for text in texts:
+                names.update(w for w in fold(text).split() if len(w) >= 4 and not w.isdigit())
+        scanner = copy.copy(self)
+        if names:
+            extra = re.compile(r"\b(?:" + "|".join(re.escape(n) for n in sorted(names)) + r")\b")
+            scanner._patterns = [*self._patterns, ("letter-drug", extra)]
+        return scanner
+
+    def hit(self, text: str) -> str | None:
+        """The kind of medical content found ('lexicon', 'letter-drug', 'atc'...), or None."""
+        folded = fold(text)
+        if self._terms is not None and self._terms.search(folded):
+            return "lexicon"
+        for name, pattern in self._patterns:
+            if pattern.search(folded if name == "letter-drug" else text):
+                return name
+        return None
+
+
+_SCANNERS: dict[str, MedicalScanner] = {}
+
+
+def scanner_from(mappings: Mappings) -> MedicalScanner:
+    if mappings.digest in _SCANNERS:
+        return _SCANNERS[mappings.digest]
+    data = mappings.raw.get("medical-lexicon.yaml")
+    if not isinstance(data, Mapping) or not isinstance(data.get("terms"), Mapping):
+        raise MappingLoadError("medical-lexicon.yaml is missing or has no terms", where=Where(source="mappings"))
+    terms = [t for group in data["terms"].values() for t in group]
+    patterns = data.get("patterns") or {}
+    try:
+        scanner = MedicalScanner(terms, patterns)
+    except re.error as exc:
+        raise MappingLoadError(
+            f"bad pattern in medical-lexicon.yaml: {exc}", where=Where(source="medical-lexicon.yaml")
+        ) from None
+    _SCANNERS[mappings.digest] = scanner
+    return scanner
+
+
+def _sensitivity(resource: Mapping[str, Any]) -> set[str]:
+    return {
+        str(c["code"]) for c in resource.get("meta", {}).get("security", []) if c.get("system") == SENSITIVITY_SYSTEM
+    }
+
+
+def _strings(
+    node: Any, skip: frozenset[str] = frozenset({"system", "reference", "url", "div", "id", "data"})
+) -> Iterable[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key not in skip:
+                yield from _strings(value, skip)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _strings(item, skip)
+    elif isinstance(node, str):
+        yield node
+
+
+def _prune_references(node: Any, removed: set[str]) -> Any:
+    """A copy of ``node`` without any element referencing a removed resource (None if node itself goes)."""
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and ref in removed:
+            return None
+        out = {}
+        for key, value in node.items():
+            pruned = _prune_references(value, removed)
+            if pruned is not None and pruned != [] and pruned != {}:
+                out[key] = pruned
+        return out
+    if isinstance(node, list):
+        items = [_prune_references(item, removed) for item in node]
+        return [i for i in items if i is not None and i != {}]
+    return node
+
+
+def _refers_to(node: Any, removed: set[str]) -> bool:
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and ref in removed:
+            return True
+        return any(_refers_to(v, removed) for v in node.values())
+    if isinstance(node, list):
+        return any(_refers_to(v, removed) for v in node)
+    return False
+
+
+def _urn(resource: Mapping[str, Any]) -> str:
+    return f"urn:uuid:{resource['id']}"
+
+
+@dataclass
+class _Cutter:
+    decision: Decision
+    routed: Routed
+    rules: LabelRules
+    scanner: MedicalScanner
+    view: View
+    removed: set[str] = field(default_factory=set)
+
+    @cached_property
+    def medical(self) -> bool:
+        return "medical" in self.decision.categories
+
+    def withhold(self, what: str, rtype: str, category: str, reason: str | None = None) -> None:
+        if category in ("medical", "social", "logistics"):
+            basis = self.decision.why_not(category)
+        else:
+            basis = self.decision.by_sensitivity.get(category) or self.decision.why_not("medical")
+        self.view.withheld.append(Withheld(what, rtype, category, basis.rule, reason or basis.text, basis.consent))
+
+    def blocked(self, categories: Iterable[str], sensitivity: Iterable[str]) -> str | None:
+        for category in categories:
+            if category not in self.decision.categories:
+                return category
+        for code in sensitivity:
+            if code not in self.decision.sensitive:
+                return code
+        return None
+
+    def free_text_hit(self, element: Any) -> str | None:
+        if self.medical:
+            return None
+        for text in _strings(element):
+            found = self.scanner.hit(text)
+            if found:
+                return found
+        return None
+
+
+def cut(
+    resources: Sequence[Json],
+    decision: Decision,
+    routed: Routed,
+    rules: LabelRules,
+    scanner: MedicalScanner,
+) -> View:
+    """The recipient's view of a labelled translation (never mutates ``resources``)."""
+    view = View(routed.recipient, decision)
+    c = _Cutter(decision, routed, rules, scanner, view)
+    kept: list[Json] = []
+    rebuild: list[Json] = []
+    # 1. whole resources, by category and sensitivity
+    for res in resources:
+        rtype = res["resourceType"]
+        if rtype in ("CarePlan", "Communication", "Provenance"):
+            rebuild.append(res)
+            continue
+        blocked = c.blocked(categories_of(res, rules.system), _sensitivity(res))
+        if blocked:
+            c.withhold(f"{rtype}/{res['id']}", rtype, blocked)
+            c.removed.add(_urn(res))
+            continue
+        kept.append(res)
+    # 2. free text in what is left, for recipients without medical rights
+    if not c.medical:
+        kept = [r for r in (_scrub(res, c) for res in kept) if r is not None]
+    # 3. rebuilt resources: CarePlan (allowed activities only), Communication (own), Provenance
+    careplan = next((r for r in rebuild if r["resourceType"] == "CarePlan"), None)
+    kept_plan = _careplan(careplan, c) if careplan else None
+    if kept_plan is not None:
+        kept.append(kept_plan)
+    elif careplan is not None:
+        c.removed.add(_urn(careplan))
+    # references to withheld resources disappear from what is kept
+    final: list[Json] = []
+    for res in kept:
+        if _refers_to(res, c.removed):
+            pruned = _prune_references(res, c.removed)
+            view.changed.add(res["id"])
+            final.append(pruned)
+        else:
+            final.append(res)
+    communication = next((r for r in rebuild if r["resourceType"] == "Communication"), None)
+    if communication is not None:
+        own = _communication(communication, c, final)
+        view.communication = own
+        final.insert(0, own)
+    provenance = next((r for r in rebuild if r["resourceType"] == "Provenance"), None)
+    if provenance is not None:
+        final.append(_provenance(provenance, final, view))
+    view.resources = final
+    return view
+
+
+_KEEP_KEYS = ("resourceType", "id", "meta", "text")
+
+
+def _scrub(res: Json, c: _Cutter) -> Json | None:
+    """The resource without the elements whose free text looks medical (None: withheld whole)."""
+    from gateway import validate
+
+    rtype = res["resourceType"]
+    hits = {
+        key: found for key, value in res.items() if key not in _KEEP_KEYS for found in [c.free_text_hit(value)] if found
+    }
+    specialty = rtype == "PractitionerRole" and "code" in res
+    if not hits and not specialty:
+        return res
+    trimmed = {k: copy.deepcopy(v) for k, v in res.items() if k not in hits}
+    for key, found in hits.items():
+        c.withhold(f"{rtype}/{res['id']}.{key}", rtype, "free-text", f"free text suggests medical content ({found})")
+    if specialty:
+        # a specialty ("cardiologie") says why someone is involved: medical context
+        trimmed.pop("code", None)
+    trimmed["text"] = nv.generated(nv.dl(_summary(trimmed)))
+    if validate.problems(trimmed):
+        c.withhold(f"{rtype}/{res['id']}", rtype, "free-text", "medical free text in a required element")
+        c.removed.add(_urn(res))
+        return None
+    c.view.changed.add(res["id"])
+    return trimmed
+
+
+def _summary(resource: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """Label/value pairs for a regenerated narrative: the readable top-level values."""
+    pairs: list[tuple[str, str | None]] = [("Ressource", str(resource["resourceType"]))]
+    for key, value in resource.items():
+        if key in _KEEP_KEYS:
+            continue
+        texts = [t for t in _strings(value) if t and len(t) < 200][:3]
+        if texts:
+            pairs.append((key, " · ".join(texts)))
+    return pairs
+
+
+def _careplan(plan: Json, c: _Cutter) -> Json | None:
+    own = c.routed.members
+    activities = []
+    for activity in plan.get("activity", []):
+        what = f"CarePlan/{plan['id']}#{activity.get('id')}"
+        category = inline_category(activity, c.rules.system) or c.rules.fallback
+        if category not in c.decision.categories:
+            c.withhold(what, "CarePlan", category)
+            continue
+        performers = {p.get("reference") for p in activity.get("detail", {}).get("performer", [])}
+        if not c.decision.care_team and not performers & own:
+            c.view.withheld.append(
+                Withheld(
+                    what,
+                    "CarePlan",
+                    category,
+                    "policy:own-segment",
+                    "outside the care team, a recipient sees only the activities it performs",
+                )
+            )
+            continue
+        found = c.free_text_hit(activity.get("detail", {}).get("description", ""))
+        if found:
+            c.withhold(what, "CarePlan", "free-text", f"free text suggests medical content ({found})")
+            continue
+        activities.append(activity)
+    if not activities:
+        c.view.withheld.append(
+            Withheld(
+                f"CarePlan/{plan['id']}",
+                "CarePlan",
+                "plan",
+                "policy:nothing-left",
+                "no activity of the plan is for this recipient",
+            )
+        )
+        return None
+    if len(activities) == len(plan.get("activity", [])):
+        return plan
+    out = copy.deepcopy({k: v for k, v in plan.items() if k != "activity"})
+    out["activity"] = copy.deepcopy(activities)
+    _relabel(out, [inline_category(a, c.rules.system) or c.rules.fallback for a in activities], c.rules)
+    rows = [
+        (
+            str(a["detail"].get("description", "")),
+            " – ".join(
+                filter(
+                    None,
+                    (
+                        a["detail"].get("scheduledPeriod", {}).get("start"),
+                        a["detail"].get("scheduledPeriod", {}).get("end"),
+                    ),
+                )
+            )
+            or "—",
+            ", ".join(p.get("display", "") for p in a["detail"].get("performer", [])) or "—",
+        )
+        for a in activities
+    ]
+    out["text"] = nv.generated(nv.table(("Action", "Quand", "Par qui"), rows, caption="Suites à donner (extrait)"))
+    c.view.changed.add(out["id"])
+    return out
+
+
+def _relabel(resource: Json, categories: Iterable[str], rules: LabelRules) -> None:
+    """Resource-level categories of a rebuilt resource: the union of what it still carries."""
+    kept = list(dict.fromkeys(categories))
+    others = [s for s in resource.get("meta", {}).get("security", []) if s.get("system") != rules.system]
+    resource.setdefault("meta", {})["security"] = [{"system": rules.system, "code": k} for k in kept] + others
+
+
+def _communication(source: Json, c: _Cutter, kept: Sequence[Json]) -> Json:
+    """The recipient's own Communication: allowed payload elements only, addressed to it."""
+    present = {_urn(r) for r in kept}
+    payload = []
+    for element in source.get("payload", []):
+        what = f"Communication/{source['id']}#{element.get('id')}"
+        category = inline_category(element, c.rules.system) or c.rules.fallback
+        if category not in c.decision.categories:
+            c.withhold(what, "Communication", category)
+            continue
+        target = (element.get("contentReference") or {}).get("reference")
+        if target and target not in present:
+            continue  # points at something withheld: already recorded there
+        found = c.free_text_hit(element.get("contentString", ""))
+        if found:
+            c.withhold(what, "Communication", "free-text", f"free text suggests medical content ({found})")
+            continue
+        payload.append(element)
+    recipient = c.routed.recipient
+    out = {k: v for k, v in source.items() if k not in ("payload", "about", "recipient", "text", "meta", "id")}
+    out = copy.deepcopy(out)
+    out["resourceType"] = "Communication"
+    from gateway.translate.ids import resource_id
+
+    out["id"] = resource_id("Communication", source["id"], recipient.id)
+    about = [a for a in source.get("about", []) if a.get("reference") in present]
+    if about:
+        out["about"] = copy.deepcopy(about)
+    out["recipient"] = [{"reference": recipient.ref, "display": recipient.display}]
+    if payload:
+        out["payload"] = copy.deepcopy(payload)
+    categories = [inline_category(p, c.rules.system) or c.rules.fallback for p in payload] or ["logistics"]
+    security = [s for s in source.get("meta", {}).get("security", []) if s.get("system") == CONFIDENTIALITY]
+    security += [
+        s
+        for s in source.get("meta", {}).get("security", [])
+        if s.get("system") == SENSITIVITY_SYSTEM and s.get("code") in c.decision.sensitive
+    ]
+    out["meta"] = {"security": [{"system": c.rules.system, "code": k} for k in dict.fromkeys(categories)] + security}
+    out = {
+        "resourceType": "Communication",
+        "id": out["id"],
+        "meta": out.pop("meta"),
+        **{k: v for k, v in out.items() if k not in ("resourceType", "id")},
+    }
+    blocks = [f"<p>Destinataire : {nv.esc(recipient.display)}</p>"]
+    for element in payload:
+        if "contentString" in element:
+            blocks.append(nv.para(element["contentString"]))
+        elif "contentAttachment" in element:
+            blocks.append(nv.para(f"Pièce jointe : {element['contentAttachment'].get('title', '')}"))
+        elif "contentReference" in element:
+            blocks.append(
+                nv.para(
+                    f"Voir : {element['contentReference'].get('display', element['contentReference'].get('reference'))}"
+                )
+            )
+    if c.view.withheld:
+        blocks.append(nv.para(f"{len(c.view.withheld)} élément(s) de la lettre ne vous sont pas transmis (droits d'accès)."))
+    out["text"] = nv.generated(*blocks)
+    c.view.changed.add(out["id"])
+    for element in payload:
+        element_ext = [e for e in element.get("extension", []) if e.get("url") == INLINE_LABEL]
+        assert element_ext, "payload elements carry their inline label"
+    return out
+
+
+def _provenance(source: Json, kept: Sequence[Json], view: View) -> Json:
+    out = copy.deepcopy(source)
+    out["target"] = [{"reference": _urn(r)} for r in kept]
+    present = {_urn(r) for r in kept}
+    entities = [e for e in out.get("entity", []) if e.get("what", {}).get("reference") in present]
+    if entities:
+        out["entity"] = entities
+    else:
+        out.pop("entity", None)
+    out["agent"] = [
+        a for a in out.get("agent", []) if not a.get("who", {}).get("reference") or a["who"]["reference"] in present
+    ]
+    view.changed.add(out["id"])
+    return out
