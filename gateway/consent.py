@@ -214,7 +214,7 @@ def decide(
     """What this recipient may receive about this patient at instant ``at``, and why."""
     ids = set(patient_ids)
     care_team = policy.in_care_team(recipient.kind)
-    defaults = policy.without_consent.care_team if care_team else policy.without_consent.others
+    defaults = policy.without_consent.for_kind(recipient.kind, care_team)
     state: dict[str, tuple[bool, Basis]] = {}
     for category in CATEGORIES:
         if category in defaults:

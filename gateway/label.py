@@ -1,12 +1,18 @@
-"""Stage 3 — label: give every resource and every mixed element its data category.
+"""Stage 3 — label: give every resource and every mixed element its data category and sensitivity.
 
 Categories (``medical``, ``social``, ``logistics``) are a project code system carried in
 ``meta.security`` beside the letter's HL7 confidentiality code and HL7 sensitivity codes (PSY, ETH,
 HIV...).  The rules are data (``mappings/labels.yaml``); the labeller fails closed: a resource type
 or an element that no rule classifies is ``medical``, so a forgotten rule can only withhold data,
 never leak it.  Elements of mixed resources — ``CarePlan.activity`` and ``Communication.payload`` —
-carry an inline label (DS4P ``extension-inline-sec-label``) so later stages can cut a recipient's view
-element by element.
+carry inline labels (DS4P ``extension-inline-sec-label``: one for the category, one per sensitivity
+code) so later stages can cut a recipient's view element by element.
+
+Sensitivity comes from codes (ATC of a drug, CIM-10 of a diagnosis) *and* from text (a lexicon per
+code), because letters describe an alcohol use disorder in a free-text synthesis as often as they code
+it.  The original letter and the translation report carry every code found anywhere in the letter.
+Borderline items (incontinence, diet, cognitive decline, addiction, psychological state) follow the
+explicit ``borderline`` rules of the same file.
 """
 
 from __future__ import annotations
@@ -22,12 +28,37 @@ from gateway.errors import MappingLoadError, Where
 from gateway.mappings import Mappings
 from gateway.text import fold
 
-__all__ = ["INLINE_LABEL", "LabelRules", "apply", "categories_of", "inline_category", "rules_from"]
+__all__ = [
+    "CONFIDENTIALITY",
+    "INLINE_LABEL",
+    "LabelRules",
+    "apply",
+    "categories_of",
+    "compile_terms",
+    "inline_category",
+    "inline_sensitivity",
+    "rules_from",
+]
 
 INLINE_LABEL = "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/extension-inline-sec-label"
 CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 Category = Literal["medical", "social", "logistics"]
 Json = dict[str, Any]
+_TEXT_SKIP = frozenset({"system", "reference", "url", "div", "id", "data", "fullUrl"})
+
+
+def compile_terms(terms: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex for a term list: whole words or phrases (plural s/x accepted), ``stem*`` as prefixes."""
+    alternatives = []
+    for term in terms:
+        folded = fold(term, keep="*")
+        if not folded:
+            continue
+        if folded.endswith("*"):
+            alternatives.append(re.escape(folded[:-1].rstrip()))
+        else:
+            alternatives.append(re.escape(folded) + r"[sx]?\b")
+    return re.compile(r"\b(?:" + "|".join(alternatives) + ")") if alternatives else None
 
 
 class _Strict(BaseModel):
@@ -39,11 +70,18 @@ class ActivityRule(_Strict):
     when_any: str
 
 
+class Borderline(_Strict):
+    name: str
+    terms: tuple[str, ...]
+    logistics_in: str | None
+
+
 class SensitivityRule(_Strict):
     code: str
     display: str
     atc: tuple[str, ...] = ()
     icd10: tuple[str, ...] = ()
+    terms: tuple[str, ...] = ()
 
 
 class Sensitivity(_Strict):
@@ -58,31 +96,49 @@ class LabelRules(_Strict):
     payload: dict[str, Category]
     activities: tuple[ActivityRule, ...]
     lexicons: dict[str, tuple[str, ...]]
+    borderline: tuple[Borderline, ...] = ()
     sensitivity: Sensitivity
-    _patterns: dict[str, re.Pattern[str]] = PrivateAttr(default_factory=dict)
+    _patterns: dict[str, re.Pattern[str] | None] = PrivateAttr(default_factory=dict)
+    _sensitive_terms: dict[str, re.Pattern[str] | None] = PrivateAttr(default_factory=dict)
+    _borderline: list[tuple[re.Pattern[str] | None, str | None]] = PrivateAttr(default_factory=list)
 
     def model_post_init(self, _context: Any) -> None:
         for rule in self.activities:
             if rule.when_any not in self.lexicons:
                 raise ValueError(f"activity rule names unknown lexicon {rule.when_any!r}")
-        self._patterns = {name: _pattern(terms) for name, terms in self.lexicons.items()}
+        for item in self.borderline:
+            if item.logistics_in is not None and item.logistics_in not in self.lexicons:
+                raise ValueError(f"borderline rule {item.name!r} names unknown lexicon {item.logistics_in!r}")
+        self._patterns = {name: compile_terms(terms) for name, terms in self.lexicons.items()}
+        self._sensitive_terms = {r.code: compile_terms(r.terms) for r in self.sensitivity.rules}
+        self._borderline = [(compile_terms(b.terms), b.logistics_in) for b in self.borderline]
 
     def hits(self, lexicon: str, folded_text: str) -> bool:
-        """Whether the (folded) text contains a term of the lexicon, as a whole word or a stem."""
-        return self._patterns[lexicon].search(folded_text) is not None
+        """Whether the (folded) text contains a term of the lexicon."""
+        pattern = self._patterns[lexicon]
+        return pattern is not None and pattern.search(folded_text) is not None
 
+    def mask_borderline(self, folded_text: str) -> str:
+        """The text with the borderline terms that its context makes non-medical blanked out."""
+        for pattern, context in self._borderline:
+            if pattern is not None and context is not None and self.hits(context, folded_text):
+                folded_text = pattern.sub(" ", folded_text)
+        return folded_text
 
-def rules_from(mappings: Mappings) -> LabelRules:
-    """The label rules of a mapping set, validated (MappingLoadError when broken)."""
-    return _rules(mappings.digest, mappings)
+    def sensitive_in_text(self, folded_text: str) -> list[str]:
+        return [code for code, p in self._sensitive_terms.items() if p is not None and p.search(folded_text)]
+
+    def display(self, code: str) -> str:
+        return next((r.display for r in self.sensitivity.rules if r.code == code), code)
 
 
 _CACHE: dict[str, LabelRules] = {}
 
 
-def _rules(digest: str, mappings: Mappings) -> LabelRules:
-    if digest in _CACHE:
-        return _CACHE[digest]
+def rules_from(mappings: Mappings) -> LabelRules:
+    """The label rules of a mapping set, validated (MappingLoadError when broken)."""
+    if mappings.digest in _CACHE:
+        return _CACHE[mappings.digest]
     data = mappings.raw.get("labels.yaml")
     if data is None:
         raise MappingLoadError("labels.yaml is missing", where=Where(source="mappings"))
@@ -90,19 +146,8 @@ def _rules(digest: str, mappings: Mappings) -> LabelRules:
         rules = LabelRules.model_validate(data)
     except (ValidationError, ValueError) as exc:
         raise MappingLoadError(f"invalid label rules: {exc}", where=Where(source="labels.yaml")) from None
-    _CACHE[digest] = rules
+    _CACHE[mappings.digest] = rules
     return rules
-
-
-def _pattern(terms: tuple[str, ...]) -> re.Pattern[str]:
-    alternatives = []
-    for term in terms:
-        folded = fold(term, keep="*")
-        if folded.endswith("*"):
-            alternatives.append(re.escape(folded[:-1].rstrip()))
-        else:
-            alternatives.append(re.escape(folded) + r"\b")
-    return re.compile(r"\b(?:" + "|".join(alternatives) + ")")
 
 
 def _coding(system: str, code: str, display: str | None = None) -> Json:
@@ -119,29 +164,47 @@ def _codes(value: Any, systems: Sequence[str]) -> Iterable[str]:
                 yield str(coding["code"]).upper().replace(".", "")
 
 
-def _sensitivities(resource: Json, rules: LabelRules) -> list[Json]:
+def _strings(node: Any) -> Iterable[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key not in _TEXT_SKIP:
+                yield from _strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _strings(item)
+    elif isinstance(node, str):
+        yield node
+
+
+def _text(node: Any) -> str:
+    return fold(" ".join(_strings(node)))
+
+
+_ICD = ("http://hl7.org/fhir/sid/icd-10", "http://hl7.org/fhir/sid/icd-10-cm")
+
+
+def _coded_sensitivity(resource: Mapping[str, Any], rules: LabelRules) -> set[str]:
     atc = list(_codes(resource.get("medicationCodeableConcept"), ("http://www.whocc.no/atc",)))
     icd: list[str] = []
     for key in ("code", "valueCodeableConcept"):
-        icd.extend(_codes(resource.get(key), ("http://hl7.org/fhir/sid/icd-10", "http://hl7.org/fhir/sid/icd-10-cm")))
+        icd.extend(_codes(resource.get(key), _ICD))
     for reason in resource.get("reasonCode", []):
-        icd.extend(_codes(reason, ("http://hl7.org/fhir/sid/icd-10", "http://hl7.org/fhir/sid/icd-10-cm")))
-    out = []
+        icd.extend(_codes(reason, _ICD))
+    found = set()
     for rule in rules.sensitivity.rules:
         if any(code.startswith(p) for code in atc for p in rule.atc) or any(
             code.startswith(p) for code in icd for p in rule.icd10
         ):
-            out.append(_coding(rules.sensitivity.system, rule.code, rule.display))
-    return out
+            found.add(rule.code)
+    return found
 
 
 def activity_category(activity: Mapping[str, Any], rules: LabelRules) -> Category:
     detail = activity.get("detail") or {}
-    parts = [str(detail.get("description") or "")]
     code = detail.get("code") or {}
-    parts.append(str(code.get("text") or ""))
+    parts = [str(detail.get("description") or ""), str(code.get("text") or "")]
     parts.extend(str(c.get("display") or "") for c in code.get("coding", []))
-    text = fold(" ".join(parts))
+    text = rules.mask_borderline(fold(" ".join(parts)))
     for rule in rules.activities:
         if rules.hits(rule.when_any, text):
             return rule.category
@@ -156,9 +219,13 @@ def payload_category(payload: Mapping[str, Any], rules: LabelRules) -> Category:
     return rules.fallback
 
 
-def _inline(element: Json, system: str, category: Category) -> None:
+def _inline(element: Json, system: str, category: str, sensitivity: Iterable[str], rules: LabelRules) -> None:
     extensions = [e for e in element.get("extension", []) if e.get("url") != INLINE_LABEL]
     extensions.append({"url": INLINE_LABEL, "valueCoding": _coding(system, category)})
+    for code in sorted(sensitivity):
+        extensions.append(
+            {"url": INLINE_LABEL, "valueCoding": _coding(rules.sensitivity.system, code, rules.display(code))}
+        )
     element["extension"] = extensions
 
 
@@ -171,52 +238,79 @@ def inline_category(element: Mapping[str, Any], system: str) -> str | None:
     return None
 
 
+def inline_sensitivity(element: Mapping[str, Any], system: str) -> set[str]:
+    """The inline HL7 sensitivity codes of an element."""
+    return {
+        str(ext["valueCoding"]["code"])
+        for ext in element.get("extension", [])
+        if ext.get("url") == INLINE_LABEL and (ext.get("valueCoding") or {}).get("system") == system
+    }
+
+
 def categories_of(resource: Mapping[str, Any], system: str) -> set[str]:
     return {str(c["code"]) for c in resource.get("meta", {}).get("security", []) if c.get("system") == system}
 
 
+# payloads whose content is the letter's drugs or plan rather than their own text
+_DRUG_PAYLOADS = ("change-table", "list", "original")
+_PLAN_PAYLOADS = ("follow-up-plan", "careplan")
+
+
 def apply(resources: Sequence[Json], rules: LabelRules, confidentiality: str | None = None) -> None:
     """Label every resource in place (the dicts are fresh from the builder and owned by this stage)."""
-    sensitive: dict[str, list[Json]] = {}
+    own: dict[str, set[str]] = {}
+    inline: dict[int, tuple[str, set[str]]] = {}
     for res in resources:
-        found = _sensitivities(res, rules)
-        if found:
-            sensitive[f"urn:uuid:{res['id']}"] = found
+        found = _coded_sensitivity(res, rules)
+        kind = rules.resources.get(res["resourceType"], rules.fallback)
+        if kind == "by-element":
+            if res["resourceType"] == "CarePlan":
+                for activity in res.get("activity") or []:
+                    codes = set(rules.sensitive_in_text(_text(activity.get("detail", {}))))
+                    inline[id(activity)] = (activity_category(activity, rules), codes)
+                    found |= codes
+        elif res["resourceType"] not in ("DocumentReference", "OperationOutcome", "List", "Communication"):
+            found |= set(rules.sensitive_in_text(_text({k: v for k, v in res.items() if k != "text"})))
+        own[res["id"]] = found
+    drugs = set().union(*(own[r["id"]] for r in resources if r["resourceType"] == "MedicationStatement"))
+    plan = set().union(*(own[r["id"]] for r in resources if r["resourceType"] == "CarePlan"))
+    letter = set().union(*own.values())
     for res in resources:
         kind = rules.resources.get(res["resourceType"], rules.fallback)
-        categories: list[Category] = []
-        extra: list[Json] = list(sensitive.get(f"urn:uuid:{res['id']}", []))
+        categories: list[str] = []
+        sensitivity = set(own[res["id"]])
+        if res["resourceType"] == "List":
+            sensitivity |= drugs
+        elif res["resourceType"] in ("DocumentReference", "OperationOutcome"):
+            sensitivity |= letter  # the original letter and the report contain everything
         if kind == "by-element":
-            elements = res.get("activity") if res["resourceType"] == "CarePlan" else res.get("payload")
-            for element in elements or []:
-                category = (
-                    activity_category(element, rules)
-                    if res["resourceType"] == "CarePlan"
-                    else payload_category(element, rules)
-                )
-                _inline(element, rules.system, category)
-                if category not in categories:
+            if res["resourceType"] == "CarePlan":
+                for activity in res.get("activity") or []:
+                    category, codes = inline[id(activity)]
+                    _inline(activity, rules.system, category, codes, rules)
                     categories.append(category)
+            else:
+                for payload in res.get("payload") or []:
+                    category = payload_category(payload, rules)
+                    element_id = str(payload.get("id") or "")
+                    if element_id in _DRUG_PAYLOADS:
+                        codes = drugs if element_id != "original" else letter
+                    elif element_id in _PLAN_PAYLOADS:
+                        codes = plan
+                    else:
+                        codes = set(rules.sensitive_in_text(_text(payload)))
+                    _inline(payload, rules.system, category, codes, rules)
+                    categories.append(category)
+                    sensitivity |= codes
             if not categories:
                 categories.append(rules.fallback)
         else:
             categories.append(kind)
-        if res["resourceType"] in ("List", "Communication"):
-            # they show the drugs of the table: carry the drugs' sensitivity codes too
-            for labels in sensitive.values():
-                extra.extend(labels)
-        security = [_coding(rules.system, c) for c in categories]
+        security = [_coding(rules.system, c) for c in dict.fromkeys(categories)]
         if confidentiality:
             security.append(_coding(CONFIDENTIALITY, confidentiality))
-        seen: set[tuple[str, str]] = set()
-        unique = []
-        for coding in (*security, *extra):
-            key = (coding["system"], coding["code"])
-            if key not in seen:
-                seen.add(key)
-                unique.append(coding)
-        meta = res.setdefault("meta", {})
-        meta["security"] = unique
+        security.extend(_coding(rules.sensitivity.system, c, rules.display(c)) for c in sorted(sensitivity))
+        res["meta"] = {**res.get("meta", {}), "security": security}
         # keep "meta" right after "id" for readable output
         ordered: dict[str, Any] = {k: res[k] for k in ("resourceType", "id", "meta") if k in res}
         ordered.update({k: v for k, v in res.items() if k not in ordered})

@@ -183,6 +183,7 @@ class Stay:
     admit_mode: Concept = field(default_factory=Concept)
     discharge_mode: Concept = field(default_factory=Concept)
     ids: tuple[Ident, ...] = ()
+    encounter_class: str = "IMP"  # v3 ActEncounterCode: IMP inpatient, EMER emergency, AMB, SS short stay...
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,12 @@ class ActorKind(_Strict):
 class WithoutConsent(_Strict):
     care_team: tuple[Category, ...]
     others: tuple[Category, ...]
+    by_kind: dict[str, tuple[Category, ...]] = {}
+
+    def for_kind(self, kind: str | None, care_team: bool) -> tuple[Category, ...]:
+        if kind in self.by_kind:
+            return self.by_kind[kind]
+        return self.care_team if care_team else self.others
 
 
 class Fallback(_Strict):
@@ -57,7 +63,7 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _known_kinds(self) -> Policy:
         kinds = {k.kind for k in self.actor_kinds}
-        unknown = set(self.care_team) - kinds
+        unknown = (set(self.care_team) | set(self.without_consent.by_kind)) - kinds
         if unknown:
             raise ValueError(f"care_team names unknown kinds {sorted(unknown)}")
         return self

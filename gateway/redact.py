@@ -23,11 +23,19 @@ from typing import Any
 from gateway.consent import Decision
 from gateway.directory import Recipient
 from gateway.errors import MappingLoadError, Where
-from gateway.label import CONFIDENTIALITY, INLINE_LABEL, LabelRules, categories_of, inline_category
+from gateway.label import (
+    CONFIDENTIALITY,
+    LabelRules,
+    categories_of,
+    compile_terms,
+    inline_category,
+    inline_sensitivity,
+)
 from gateway.mappings import Mappings
 from gateway.route import Routed
 from gateway.text import fold
 from gateway.translate import narrative as nv
+from gateway.translate.ids import resource_id
 
 __all__ = ["MedicalScanner", "View", "Withheld", "cut", "scanner_from"]
 
@@ -63,13 +71,7 @@ class MedicalScanner:
     """Finds medical content in free text (compiled once per mapping set, plus the letter's drugs)."""
 
     def __init__(self, terms: Iterable[str], patterns: Mapping[str, str]) -> None:
-        words: list[str] = []
-        stems: list[str] = []
-        for term in terms:
-            folded = fold(term, keep="*")
-            (stems if folded.endswith("*") else words).append(folded.rstrip("*").strip())
-        alternatives = [re.escape(w) + r"\b" for w in words if w] + [re.escape(s) for s in stems if s]
-        self._terms = re.compile(r"\b(?:" + "|".join(alternatives) + ")") if alternatives else None
+        self._terms = compile_terms(terms)
         self._patterns = [(name, re.compile(p, re.IGNORECASE)) for name, p in patterns.items()]
 
     def with_drugs(self, resources: Sequence[Mapping[str, Any]]) -> MedicalScanner:
@@ -88,13 +90,12 @@ class MedicalScanner:
             scanner._patterns = [*self._patterns, ("letter-drug", extra)]
         return scanner
 
-    def hit(self, text: str) -> str | None:
-        """The kind of medical content found ('lexicon', 'letter-drug', 'atc'...), or None."""
-        folded = fold(text)
+    def hit(self, folded: str) -> str | None:
+        """The kind of medical content in already folded text ('lexicon', 'letter-drug', 'atc'...), or None."""
         if self._terms is not None and self._terms.search(folded):
             return "lexicon"
         for name, pattern in self._patterns:
-            if pattern.search(folded if name == "letter-drug" else text):
+            if pattern.search(folded):
                 return name
         return None
 
@@ -203,10 +204,11 @@ class _Cutter:
         return None
 
     def free_text_hit(self, element: Any) -> str | None:
+        """Medical content in an element's free text (borderline terms its context allows are ignored)."""
         if self.medical:
             return None
         for text in _strings(element):
-            found = self.scanner.hit(text)
+            found = self.scanner.hit(self.rules.mask_borderline(fold(text)))
             if found:
                 return found
         return None
@@ -314,8 +316,9 @@ def _careplan(plan: Json, c: _Cutter) -> Json | None:
     for activity in plan.get("activity", []):
         what = f"CarePlan/{plan['id']}#{activity.get('id')}"
         category = inline_category(activity, c.rules.system) or c.rules.fallback
-        if category not in c.decision.categories:
-            c.withhold(what, "CarePlan", category)
+        blocked = c.blocked([category], inline_sensitivity(activity, SENSITIVITY_SYSTEM))
+        if blocked:
+            c.withhold(what, "CarePlan", blocked)
             continue
         performers = {p.get("reference") for p in activity.get("detail", {}).get("performer", [])}
         if not c.decision.care_team and not performers & own:
@@ -349,7 +352,12 @@ def _careplan(plan: Json, c: _Cutter) -> Json | None:
         return plan
     out = copy.deepcopy({k: v for k, v in plan.items() if k != "activity"})
     out["activity"] = copy.deepcopy(activities)
-    _relabel(out, [inline_category(a, c.rules.system) or c.rules.fallback for a in activities], c.rules)
+    _relabel(
+        out,
+        [inline_category(a, c.rules.system) or c.rules.fallback for a in activities],
+        set().union(*(inline_sensitivity(a, SENSITIVITY_SYSTEM) for a in activities)),
+        c.rules,
+    )
     rows = [
         (
             str(a["detail"].get("description", "")),
@@ -372,11 +380,13 @@ def _careplan(plan: Json, c: _Cutter) -> Json | None:
     return out
 
 
-def _relabel(resource: Json, categories: Iterable[str], rules: LabelRules) -> None:
-    """Resource-level categories of a rebuilt resource: the union of what it still carries."""
-    kept = list(dict.fromkeys(categories))
-    others = [s for s in resource.get("meta", {}).get("security", []) if s.get("system") != rules.system]
-    resource.setdefault("meta", {})["security"] = [{"system": rules.system, "code": k} for k in kept] + others
+def _relabel(resource: Json, categories: Iterable[str], sensitivity: set[str], rules: LabelRules) -> None:
+    """Labels of a rebuilt resource: the union of what it still carries (plus the confidentiality)."""
+    security = resource.get("meta", {}).get("security", [])
+    kept = [{"system": rules.system, "code": k} for k in dict.fromkeys(categories)]
+    kept += [s for s in security if s.get("system") == CONFIDENTIALITY]
+    kept += [s for s in security if s.get("system") == SENSITIVITY_SYSTEM and s.get("code") in sensitivity]
+    resource.setdefault("meta", {})["security"] = kept
 
 
 def _communication(source: Json, c: _Cutter, kept: Sequence[Json]) -> Json:
@@ -386,8 +396,9 @@ def _communication(source: Json, c: _Cutter, kept: Sequence[Json]) -> Json:
     for element in source.get("payload", []):
         what = f"Communication/{source['id']}#{element.get('id')}"
         category = inline_category(element, c.rules.system) or c.rules.fallback
-        if category not in c.decision.categories:
-            c.withhold(what, "Communication", category)
+        blocked = c.blocked([category], inline_sensitivity(element, SENSITIVITY_SYSTEM))
+        if blocked:
+            c.withhold(what, "Communication", blocked)
             continue
         target = (element.get("contentReference") or {}).get("reference")
         if target and target not in present:
@@ -398,32 +409,25 @@ def _communication(source: Json, c: _Cutter, kept: Sequence[Json]) -> Json:
             continue
         payload.append(element)
     recipient = c.routed.recipient
-    out = {k: v for k, v in source.items() if k not in ("payload", "about", "recipient", "text", "meta", "id")}
-    out = copy.deepcopy(out)
-    out["resourceType"] = "Communication"
-    from gateway.translate.ids import resource_id
-
-    out["id"] = resource_id("Communication", source["id"], recipient.id)
+    out: Json = {
+        "resourceType": "Communication",
+        "id": resource_id("Communication", source["id"], recipient.id),
+        "meta": {"security": list(source.get("meta", {}).get("security", []))},
+    }
+    skip = ("resourceType", "id", "meta", "text", "payload", "about", "recipient")
+    out.update(copy.deepcopy({k: v for k, v in source.items() if k not in skip}))
     about = [a for a in source.get("about", []) if a.get("reference") in present]
     if about:
         out["about"] = copy.deepcopy(about)
     out["recipient"] = [{"reference": recipient.ref, "display": recipient.display}]
     if payload:
         out["payload"] = copy.deepcopy(payload)
-    categories = [inline_category(p, c.rules.system) or c.rules.fallback for p in payload] or ["logistics"]
-    security = [s for s in source.get("meta", {}).get("security", []) if s.get("system") == CONFIDENTIALITY]
-    security += [
-        s
-        for s in source.get("meta", {}).get("security", [])
-        if s.get("system") == SENSITIVITY_SYSTEM and s.get("code") in c.decision.sensitive
-    ]
-    out["meta"] = {"security": [{"system": c.rules.system, "code": k} for k in dict.fromkeys(categories)] + security}
-    out = {
-        "resourceType": "Communication",
-        "id": out["id"],
-        "meta": out.pop("meta"),
-        **{k: v for k, v in out.items() if k not in ("resourceType", "id")},
-    }
+    _relabel(
+        out,
+        [inline_category(p, c.rules.system) or c.rules.fallback for p in payload] or ["logistics"],
+        set().union(*(inline_sensitivity(p, SENSITIVITY_SYSTEM) for p in payload)),
+        c.rules,
+    )
     blocks = [f"<p>Destinataire : {nv.esc(recipient.display)}</p>"]
     for element in payload:
         if "contentString" in element:
@@ -437,12 +441,11 @@ def _communication(source: Json, c: _Cutter, kept: Sequence[Json]) -> Json:
                 )
             )
     if c.view.withheld:
-        blocks.append(nv.para(f"{len(c.view.withheld)} élément(s) de la lettre ne vous sont pas transmis (droits d'accès)."))
+        blocks.append(
+            nv.para(f"{len(c.view.withheld)} élément(s) de la lettre ne vous sont pas transmis (droits d'accès).")
+        )
     out["text"] = nv.generated(*blocks)
     c.view.changed.add(out["id"])
-    for element in payload:
-        element_ext = [e for e in element.get("extension", []) if e.get("url") == INLINE_LABEL]
-        assert element_ext, "payload elements carry their inline label"
     return out
 
 

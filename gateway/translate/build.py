@@ -387,8 +387,8 @@ class _Builder:
         res["status"] = "finished" if stay.end else "in-progress"
         res["class"] = {
             "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-            "code": "IMP",
-            "display": "inpatient encounter",
+            "code": stay.encounter_class,
+            "display": _CLASS_DISPLAY.get(stay.encounter_class, stay.encounter_class),
         }
         if stay.facility_type:
             res["type"] = [_concept(stay.facility_type)]
@@ -992,6 +992,17 @@ def _instant(point: Timepoint) -> str:
         return f"{parts[0]}-{parts[1]}-{parts[2]}T00:00:00Z"
     return value
 
+
+_CLASS_DISPLAY = {
+    "IMP": "inpatient encounter",
+    "EMER": "emergency",
+    "AMB": "ambulatory",
+    "ACUTE": "inpatient acute",
+    "NONAC": "inpatient non-acute",
+    "SS": "short stay",
+    "HH": "home health",
+    "OBSENC": "observation encounter",
+}
 
 _SECTION_LABEL = {
     MedSection.DISCHARGE: "Traitement à la sortie",

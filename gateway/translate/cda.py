@@ -267,7 +267,18 @@ def _stay(root: etree._Element, ctx: CdaContext, parts: _Parts) -> Stay | None:
             )
         if not discharge:
             discharge = ctx.concept(encounter.find(q("dischargeDispositionCode")))
-    return Stay(start, end, facility, facility_type, parts.admit_mode, discharge, ids)
+    klass = "IMP"
+    code_el = encounter.find(q("code")) if encounter is not None else None
+    if (
+        code_el is not None
+        and code_el.get("codeSystem") == "2.16.840.1.113883.5.4"
+        and code_el.get("code") in _ENCOUNTER_CLASSES
+    ):
+        klass = str(code_el.get("code"))
+    return Stay(start, end, facility, facility_type, parts.admit_mode, discharge, ids, klass)
+
+
+_ENCOUNTER_CLASSES = {"IMP", "EMER", "AMB", "ACUTE", "NONAC", "SS", "HH", "OBSENC", "PRENC", "VR", "FLD"}
 
 
 # -- body ------------------------------------------------------------------------------------------
