@@ -25,6 +25,7 @@ from gateway.directory import Recipient
 from gateway.errors import MappingLoadError, Where
 from gateway.label import (
     CONFIDENTIALITY,
+    INLINE_LABEL,
     LabelRules,
     categories_of,
     compile_terms,
@@ -391,18 +392,22 @@ def _relabel(resource: Json, categories: Iterable[str], sensitivity: set[str], r
 
 def _communication(source: Json, c: _Cutter, kept: Sequence[Json]) -> Json:
     """The recipient's own Communication: allowed payload elements only, addressed to it."""
-    present = {_urn(r) for r in kept}
+    present = {_urn(r): r for r in kept}
     payload = []
     for element in source.get("payload", []):
         what = f"Communication/{source['id']}#{element.get('id')}"
         category = inline_category(element, c.rules.system) or c.rules.fallback
-        blocked = c.blocked([category], inline_sensitivity(element, SENSITIVITY_SYSTEM))
+        target = (element.get("contentReference") or {}).get("reference")
+        # a reference shows nothing itself: it goes with its target (already cut for this recipient)
+        sensitivity = set() if target else inline_sensitivity(element, SENSITIVITY_SYSTEM)
+        blocked = c.blocked([category], sensitivity)
         if blocked:
             c.withhold(what, "Communication", blocked)
             continue
-        target = (element.get("contentReference") or {}).get("reference")
         if target and target not in present:
             continue  # points at something withheld: already recorded there
+        if target:
+            element = _retag(element, present[target], c.rules)
         found = c.free_text_hit(element.get("contentString", ""))
         if found:
             c.withhold(what, "Communication", "free-text", f"free text suggests medical content ({found})")
@@ -446,6 +451,28 @@ def _communication(source: Json, c: _Cutter, kept: Sequence[Json]) -> Json:
         )
     out["text"] = nv.generated(*blocks)
     c.view.changed.add(out["id"])
+    return out
+
+
+def _retag(element: Json, target: Mapping[str, Any], rules: LabelRules) -> Json:
+    """A reference payload labelled with the sensitivity of its target as this recipient receives it."""
+    wanted = sorted(_sensitivity(target))
+    current = sorted(inline_sensitivity(element, SENSITIVITY_SYSTEM))
+    if wanted == current:
+        return element
+    out = copy.deepcopy(element)
+    out["extension"] = [
+        e
+        for e in out.get("extension", [])
+        if not (e.get("url") == INLINE_LABEL and (e.get("valueCoding") or {}).get("system") == SENSITIVITY_SYSTEM)
+    ]
+    out["extension"] += [
+        {
+            "url": INLINE_LABEL,
+            "valueCoding": {"system": SENSITIVITY_SYSTEM, "code": code, "display": rules.display(code)},
+        }
+        for code in wanted
+    ]
     return out
 
 

@@ -131,7 +131,16 @@ def route(resources: Sequence[Json], directory: Directory, policy: Policy, fallb
                 "fallback", f"{what}: routed to the fallback {fallback_recipient.display}", None, fallback_recipient.id
             )
         )
-    return Routing(tuple(routed.values()), tuple(events))
+    return Routing(tuple(_with_organisation(r, resources) for r in routed.values()), tuple(events))
+
+
+def _with_organisation(routed: Routed, resources: Sequence[Json]) -> Routed:
+    """A person's segment includes what the letter gives to their organisation (a DAC référente, the DAC)."""
+    org_ids = _ids(routed.recipient.organization)
+    if not org_ids:
+        return routed
+    extra = {f"urn:uuid:{r['id']}" for r in resources if r["resourceType"] == "Organization" and _ids(r) & org_ids}
+    return Routed(routed.recipient, routed.reasons, routed.members | extra, routed.fallback_for) if extra else routed
 
 
 def _resolve(resource: Json, by_url: Mapping[str, Json], directory: Directory) -> Recipient | None:

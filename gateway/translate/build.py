@@ -962,16 +962,14 @@ def _slug(text: str) -> str:
 
 
 def _contacts(letter: Letter) -> str | None:
-    parts = []
+    """Who to call at the hospital: the author and the establishment (not the ward, which is clinical)."""
     author = letter.author
-    if author is not None:
-        phones = ", ".join(t.value for t in author.telecoms if t.system in ("phone", "email"))
-        who = author.name.display() if author.name else "le service"
-        where = author.organization.name if author.organization and author.organization.name else None
-        parts.append(
-            f"Contact hospitalier : {who}" + (f" ({where})" if where else "") + (f" — {phones}" if phones else "")
-        )
-    return " ; ".join(parts) or None
+    if author is None:
+        return None
+    phones = ", ".join(t.value for t in author.telecoms if t.system in ("phone", "email"))
+    who = author.name.display() if author.name else "le service"
+    place = letter.custodian.name if letter.custodian and letter.custodian.name else None
+    return f"Contact hospitalier : {who}" + (f" ({place})" if place else "") + (f" — {phones}" if phones else "")
 
 
 def _display(resource: Json) -> str | None:

@@ -80,7 +80,8 @@ def leaks(message: dict[str, Any], decision: Decision, letter: Letter) -> list[s
         sens = {c["code"] for c in res.get("meta", {}).get("security", []) if c.get("system") == SENSITIVITY}
         if sens - decision.sensitive:
             found.append(f"{name}: sensitivity {sorted(sens - decision.sensitive)} not allowed")
-        for element in (res.get("activity") or []) + (res.get("payload") or []):
+        elements = res.get("activity", []) if res["resourceType"] == "CarePlan" else res.get("payload", [])
+        for element in elements if res["resourceType"] in ("CarePlan", "Communication") else []:
             inline = inline_category(element, CATEGORY)
             if inline not in allowed:
                 found.append(f"{name}#{element.get('id')}: element category {inline} not allowed")
