@@ -7,7 +7,7 @@ audit of every decision).  Sealing and delivery join here with the delivery issu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -109,8 +109,12 @@ def dispatch_letter(
     prior: Sequence[tuple[bytes, str]] = (),
     at: datetime | None = None,
     fallback: str | None = None,
+    cutter: Callable[..., View] = redact.cut,
 ) -> Dispatch:
-    """Translate, label, route, decide, redact and package one letter for every recipient (no network)."""
+    """Translate, label, route, decide, redact and package one letter for every recipient (no network).
+
+    ``cutter`` is the redaction stage; tests inject a broken one to prove the leak checks can fail.
+    """
     when = at or datetime.now(UTC)
     result = translate_letter(raw, name=name, mappings=mappings, settings=settings, prior=prior, now=when)
     resources = [e["resource"] for e in result.bundle["entry"]]
@@ -131,7 +135,7 @@ def dispatch_letter(
         events.append(audit.route_event(event, letter.patient.ids[0], letter_key, recorded, index))
     for routed in routing.routed:
         decision = decide(patient_ids, routed.recipient, when, consents, policy, related=related)
-        view = redact.cut(resources, decision, routed, rules, scanner)
+        view = cutter(resources, decision, routed, rules, scanner)
         message = None
         if decision.categories and view.communication is not None:
             message = package.message(

@@ -143,20 +143,22 @@ def _strings(
 
 
 def _prune_references(node: Any, removed: set[str]) -> Any:
-    """A copy of ``node`` without any element referencing a removed resource (None if node itself goes)."""
+    """A copy of ``node`` without what refers to a removed resource.
+
+    A list item that refers to one anywhere inside goes whole (a List entry, an activity, a
+    participant); a single element that is such a reference goes; the caller validates the result.
+    """
     if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str) and ref in removed:
-            return None
         out = {}
         for key, value in node.items():
+            if isinstance(value, dict) and isinstance(value.get("reference"), str) and value["reference"] in removed:
+                continue
             pruned = _prune_references(value, removed)
-            if pruned is not None and pruned != [] and pruned != {}:
+            if pruned not in ([], {}):
                 out[key] = pruned
         return out
     if isinstance(node, list):
-        items = [_prune_references(item, removed) for item in node]
-        return [i for i in items if i is not None and i != {}]
+        return [_prune_references(item, removed) for item in node if not _refers_to(item, removed)]
     return node
 
 
@@ -225,12 +227,17 @@ def cut(
     """The recipient's view of a labelled translation (never mutates ``resources``)."""
     view = View(routed.recipient, decision)
     c = _Cutter(decision, routed, rules, scanner, view)
+    if "logistics" not in decision.categories:
+        # identity, dates and the message envelope are logistics: without them nothing can be sent
+        for res in resources:
+            c.withhold(f"{res['resourceType']}/{res['id']}", res["resourceType"], "logistics")
+        return view
     kept: list[Json] = []
     rebuild: list[Json] = []
     # 1. whole resources, by category and sensitivity
     for res in resources:
         rtype = res["resourceType"]
-        if rtype in ("CarePlan", "Communication", "Provenance"):
+        if rtype in ("CarePlan", "Communication"):
             rebuild.append(res)
             continue
         blocked = c.blocked(categories_of(res, rules.system), _sensitivity(res))
@@ -249,23 +256,16 @@ def cut(
         kept.append(kept_plan)
     elif careplan is not None:
         c.removed.add(_urn(careplan))
-    # references to withheld resources disappear from what is kept
-    final: list[Json] = []
-    for res in kept:
-        if _refers_to(res, c.removed):
-            pruned = _prune_references(res, c.removed)
-            view.changed.add(res["id"])
-            final.append(pruned)
-        else:
-            final.append(res)
+    # references to withheld resources disappear from what is kept; what cannot stand without them goes too
+    final = _without_dangling(kept, c)
     communication = next((r for r in rebuild if r["resourceType"] == "Communication"), None)
     if communication is not None:
         own = _communication(communication, c, final)
         view.communication = own
         final.insert(0, own)
-    provenance = next((r for r in rebuild if r["resourceType"] == "Provenance"), None)
+    provenance = next((r for r in final if r["resourceType"] == "Provenance"), None)
     if provenance is not None:
-        final.append(_provenance(provenance, final, view))
+        final[final.index(provenance)] = _provenance(provenance, final, view)
     view.resources = final
     return view
 
@@ -309,6 +309,38 @@ def _summary(resource: Mapping[str, Any]) -> list[tuple[str, str | None]]:
         if texts:
             pairs.append((key, " · ".join(texts)))
     return pairs
+
+
+def _without_dangling(kept: list[Json], c: _Cutter) -> list[Json]:
+    from gateway import validate
+
+    current = list(kept)
+    while True:
+        again = False
+        result: list[Json] = []
+        for res in current:
+            if not _refers_to(res, c.removed):
+                result.append(res)
+                continue
+            pruned = _prune_references(res, c.removed)
+            if validate.problems(pruned, fhir_json=True):
+                c.view.withheld.append(
+                    Withheld(
+                        f"{res['resourceType']}/{res['id']}",
+                        res["resourceType"],
+                        "dependency",
+                        "policy:dependency",
+                        "cannot be sent without elements withheld from this recipient",
+                    )
+                )
+                c.removed.add(_urn(res))
+                again = True
+                continue
+            c.view.changed.add(res["id"])
+            result.append(pruned)
+        current = result
+        if not again:
+            return current
 
 
 def _careplan(plan: Json, c: _Cutter) -> Json | None:
@@ -424,6 +456,7 @@ def _communication(source: Json, c: _Cutter, kept: Sequence[Json]) -> Json:
     about = [a for a in source.get("about", []) if a.get("reference") in present]
     if about:
         out["about"] = copy.deepcopy(about)
+    out = _prune_references(out, c.removed)  # subject, encounter, sender may have been withheld
     out["recipient"] = [{"reference": recipient.ref, "display": recipient.display}]
     if payload:
         out["payload"] = copy.deepcopy(payload)
@@ -478,7 +511,7 @@ def _retag(element: Json, target: Mapping[str, Any], rules: LabelRules) -> Json:
 
 def _provenance(source: Json, kept: Sequence[Json], view: View) -> Json:
     out = copy.deepcopy(source)
-    out["target"] = [{"reference": _urn(r)} for r in kept]
+    out["target"] = [{"reference": _urn(r)} for r in kept if r["id"] != source["id"]]
     present = {_urn(r) for r in kept}
     entities = [e for e in out.get("entity", []) if e.get("what", {}).get("reference") in present]
     if entities:

@@ -33,7 +33,9 @@ SCENARIOS: dict[str, tuple[str, str, str, str | None]] = {
 
 @cache
 def directory() -> Directory:
-    return load_directory(orjson.loads((FIXTURES / "dispatch" / "directory.json").read_bytes()), policy_from(mappings()))
+    return load_directory(
+        orjson.loads((FIXTURES / "dispatch" / "directory.json").read_bytes()), policy_from(mappings())
+    )
 
 
 def store(consents: str) -> MemoryConsentStore:

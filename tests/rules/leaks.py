@@ -20,25 +20,81 @@ from gateway.text import fold
 CATEGORY = "https://fhir.discharge-gateway.fr/CodeSystem/data-category"
 SENSITIVITY = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 CLINICAL_TYPES = {
-    "MedicationStatement", "MedicationRequest", "Medication", "List", "Observation", "AllergyIntolerance",
-    "Condition", "Procedure", "DocumentReference", "Device", "DeviceUseStatement", "DiagnosticReport",
+    "MedicationStatement",
+    "MedicationRequest",
+    "Medication",
+    "List",
+    "Observation",
+    "AllergyIntolerance",
+    "Condition",
+    "Procedure",
+    "DocumentReference",
+    "Device",
+    "DeviceUseStatement",
+    "DiagnosticReport",
     "OperationOutcome",
 }
 DIAGNOSES = [
-    "insuffisance cardiaque", "decompensation", "depression", "depressif", "alcool", "ethylique", "demence",
-    "alzheimer", "diabete", "cancer", "infarctus", "schizophren", "cognitif", "mmse", "psychiatr", "addiction",
-    "stimulateur", "pacemaker", "insuffisance renale", "hemorragi",
+    "insuffisance cardiaque",
+    "decompensation",
+    "depression",
+    "depressif",
+    "alcool",
+    "ethylique",
+    "demence",
+    "alzheimer",
+    "diabete",
+    "cancer",
+    "infarctus",
+    "schizophren",
+    "cognitif",
+    "mmse",
+    "psychiatr",
+    "addiction",
+    "stimulateur",
+    "pacemaker",
+    "insuffisance renale",
+    "hemorragi",
 ]
-GENERIC_WORDS = {"comprime", "comprimes", "secable", "pellicule", "solution", "buvable", "sachet", "poudre", "injectable",
-                 "seringue", "preremplie", "gelule", "conseil", "biogaran", "sandoz", "mylan", "arrow", "teva", "viatris",
-                 "zentiva", "cristers", "almus", "ratiopharm", "sachets", "enfant", "adulte"}
+GENERIC_WORDS = {
+    "comprime",
+    "comprimes",
+    "secable",
+    "pellicule",
+    "solution",
+    "buvable",
+    "sachet",
+    "poudre",
+    "injectable",
+    "seringue",
+    "preremplie",
+    "gelule",
+    "conseil",
+    "biogaran",
+    "sandoz",
+    "mylan",
+    "arrow",
+    "teva",
+    "viatris",
+    "zentiva",
+    "cristers",
+    "almus",
+    "ratiopharm",
+    "sachets",
+    "enfant",
+    "adulte",
+}
 
 
 def _texts(node: Any) -> list[str]:
     out: list[str] = []
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "data" and isinstance(value, str) and node.get("contentType") in ("application/xhtml+xml", "text/plain", "text/html"):
+            if (
+                key == "data"
+                and isinstance(value, str)
+                and node.get("contentType") in ("application/xhtml+xml", "text/plain", "text/html")
+            ):
                 out.append(base64.b64decode(value).decode("utf-8", "replace"))
             elif key == "div" and isinstance(value, str):
                 out.append(re.sub(r"<[^>]+>", " ", value))

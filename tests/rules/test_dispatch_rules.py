@@ -71,7 +71,9 @@ def test_audit_records_every_recipient_every_withheld_item_and_every_exception(n
     disclosures = {e["agent"][1]["who"].get("reference"): e for e in events if len(e["subtype"]) == 1}
     for recipient_id, view in result.views.items():
         event = disclosures[view.recipient.ref]
-        described = {x["what"].get("display") for x in event["entity"] if x.get("description", "").startswith("withheld")}
+        described = {
+            x["what"].get("display") for x in event["entity"] if x.get("description", "").startswith("withheld")
+        }
         assert {w.what for w in view.withheld} <= described
         for consent in result.decisions[recipient_id].consents:
             assert consent in event["agent"][1].get("policy", [])
