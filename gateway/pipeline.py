@@ -144,7 +144,7 @@ def dispatch_letter(
             header = message["entry"][0]["resource"]
             validate.check(header, fhir_json=True)
             for res in view.resources:
-                if res["id"] in view.changed:
+                if res["id"] in view.changed and res["id"] not in view.checked:
                     validate.check(res, fhir_json=True)
             messages[routed.recipient.id] = message
         decisions[routed.recipient.id] = decision

@@ -66,6 +66,7 @@ class View:
     withheld: list[Withheld] = field(default_factory=list)
     communication: Json | None = None
     changed: set[str] = field(default_factory=set)  # ids of resources built or altered for this view
+    checked: set[str] = field(default_factory=set)  # of those, the ones redaction already proved valid
 
 
 class MedicalScanner:
@@ -74,6 +75,34 @@ class MedicalScanner:
     def __init__(self, terms: Iterable[str], patterns: Mapping[str, str]) -> None:
         self._terms = compile_terms(terms)
         self._patterns = [(name, re.compile(p, re.IGNORECASE)) for name, p in patterns.items()]
+        # per-letter memo (see with_drugs): every recipient of a letter asks the same questions
+        self._verdicts: dict[tuple[int, str], str | None] = {}
+        self._references: dict[int, frozenset[str]] = {}
+        self._shared: dict[int, Mapping[str, Any]] = {}
+
+    def element_verdict(self, owner: Mapping[str, Any], key: str, rules: LabelRules) -> str | None:
+        """Medical content in ``owner[key]`` (memoised for the letter: resources are shared, not mutated)."""
+        memo_key = (id(owner), key)
+        if memo_key not in self._verdicts or self._shared.get(id(owner)) is not owner:
+            found = None
+            for text in _strings(owner[key]):
+                found = self.hit(rules.mask_borderline(fold(text)))
+                if found:
+                    break
+            if self._shared.get(id(owner)) is not owner:
+                return found
+            self._verdicts[memo_key] = found
+        return self._verdicts[memo_key]
+
+    def references(self, resource: Mapping[str, Any]) -> frozenset[str]:
+        """Every reference inside a resource (memoised for the letter)."""
+        if self._shared.get(id(resource)) is not resource:
+            return frozenset(_all_references(resource))
+        found = self._references.get(id(resource))
+        if found is None:
+            found = frozenset(_all_references(resource))
+            self._references[id(resource)] = found
+        return found
 
     def with_drugs(self, resources: Sequence[Mapping[str, Any]]) -> MedicalScanner:
         """A scanner that also knows every drug name of this letter."""
@@ -86,6 +115,9 @@ class MedicalScanner:
             for text in texts:
                 names.update(w for w in fold(text).split() if len(w) >= 4 and not w.isdigit())
         scanner = copy.copy(self)
+        scanner._verdicts = {}
+        scanner._references = {}
+        scanner._shared = {id(r): r for r in resources}  # held, so their ids stay unique while memoised
         if names:
             extra = re.compile(r"\b(?:" + "|".join(re.escape(n) for n in sorted(names)) + r")\b")
             scanner._patterns = [*self._patterns, ("letter-drug", extra)]
@@ -160,6 +192,18 @@ def _prune_references(node: Any, removed: set[str]) -> Any:
     if isinstance(node, list):
         return [_prune_references(item, removed) for item in node if not _refers_to(item, removed)]
     return node
+
+
+def _all_references(node: Any) -> Iterable[str]:
+    if isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str):
+            yield ref
+        for value in node.values():
+            yield from _all_references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _all_references(item)
 
 
 def _refers_to(node: Any, removed: set[str]) -> bool:
@@ -279,23 +323,29 @@ def _scrub(res: Json, c: _Cutter) -> Json | None:
 
     rtype = res["resourceType"]
     hits = {
-        key: found for key, value in res.items() if key not in _KEEP_KEYS for found in [c.free_text_hit(value)] if found
+        key: found
+        for key in res
+        if key not in _KEEP_KEYS
+        for found in [c.scanner.element_verdict(res, key, c.rules)]
+        if found
     }
     specialty = rtype == "PractitionerRole" and "code" in res
     if not hits and not specialty:
         return res
-    trimmed = {k: copy.deepcopy(v) for k, v in res.items() if k not in hits}
+    trimmed = {k: v for k, v in res.items() if k not in hits}  # shallow: views never mutate shared values
     for key, found in hits.items():
         c.withhold(f"{rtype}/{res['id']}.{key}", rtype, "free-text", f"free text suggests medical content ({found})")
     if specialty:
         # a specialty ("cardiologie") says why someone is involved: medical context
         trimmed.pop("code", None)
     trimmed["text"] = nv.generated(nv.dl(_summary(trimmed)))
-    if validate.problems(trimmed):
+    dropped = [*hits, *(["code"] if specialty else [])]
+    if not validate.droppable(rtype, dropped) and validate.problems(trimmed, fhir_json=True):
         c.withhold(f"{rtype}/{res['id']}", rtype, "free-text", "medical free text in a required element")
         c.removed.add(_urn(res))
         return None
     c.view.changed.add(res["id"])
+    c.view.checked.add(res["id"])
     return trimmed
 
 
@@ -319,7 +369,7 @@ def _without_dangling(kept: list[Json], c: _Cutter) -> list[Json]:
         again = False
         result: list[Json] = []
         for res in current:
-            if not _refers_to(res, c.removed):
+            if not (c.scanner.references(res) & c.removed):
                 result.append(res)
                 continue
             pruned = _prune_references(res, c.removed)
@@ -337,6 +387,7 @@ def _without_dangling(kept: list[Json], c: _Cutter) -> list[Json]:
                 again = True
                 continue
             c.view.changed.add(res["id"])
+            c.view.checked.add(res["id"])
             result.append(pruned)
         current = result
         if not again:

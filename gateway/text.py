@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from functools import lru_cache
 
 __all__ = ["fold"]
+
+@lru_cache(maxsize=8)
+def _separator(keep: str) -> re.Pattern[str]:
+    return re.compile(f"[^a-z0-9{re.escape(keep)}]+")
 
 
 def fold(text: str, keep: str = "") -> str:
@@ -13,4 +19,4 @@ def fold(text: str, keep: str = "") -> str:
     Characters in ``keep`` survive (the label lexicons keep '*' to mark a stem).
     """
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    return " ".join("".join(ch if ch.isalnum() or ch in keep else " " for ch in ascii_text).split())
+    return _separator(keep).sub(" ", ascii_text).strip()

@@ -59,7 +59,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from gateway.errors import ProfileViolation, Where
 
-__all__ = ["check", "check_with_models", "problems"]
+__all__ = ["check", "check_with_models", "droppable", "problems"]
 
 _Model = type[FHIRAbstractModel]
 _Check = Callable[[Any], str | None]
@@ -956,3 +956,19 @@ def check_with_models(resource: dict[str, Any]) -> list[str]:
     except Exception as exc:  # fhir.resources lets TypeError, KeyError, AttributeError... through
         return [f"{root}: {type(exc).__name__}: {_show(str(exc))}"]
     return []
+
+
+def droppable(resource_type: str, keys: Any) -> bool:
+    """Whether removing these top-level elements from a valid resource leaves it valid.
+
+    True when none is required (directly, as a required primitive, or as the only member of a
+    required choice group); lets a redaction drop optional elements without validating again.
+    """
+    node = _resource_node(resource_type)
+    if node is None:
+        return False
+    dropped = set(keys)
+    required = {f.alias for f in node.required} | {f.alias for f, _ in node.required_primitives}
+    if required & dropped:
+        return False
+    return not any(f.choice >= 0 and node.choices[f.choice].required for a, f in node.fields.items() if a in dropped)

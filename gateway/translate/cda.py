@@ -450,7 +450,7 @@ def _medications(section: etree._Element, rule: SectionRule, ctx: CdaContext, pa
     which = MedSection(rule.args["list"])
     parts.lists.add(which)
     entries = _substance_administrations(section)
-    rows_used: set[int] = set()
+    rows_used: list[etree._Element] = []  # the elements themselves: lxml proxies' id() is not stable
     for index, sa in enumerate(entries):
         line = _medication(sa, which, f"{key}.{which.value}{index}", ctx, section, rows_used)
         if line is not None:
@@ -473,7 +473,7 @@ def _medication(
     key: str,
     ctx: CdaContext,
     section: etree._Element,
-    rows_used: set[int],
+    rows_used: list[etree._Element],
 ) -> MedicationLine | None:
     material = sa.find(f"{q('consumable')}/{q('manufacturedProduct')}/{q('manufacturedMaterial')}")
     product = ctx.concept(material.find(q("code")) if material is not None else None)
@@ -492,7 +492,7 @@ def _medication(
         if row is not None:
             ctx.note("information", "informational", f"narrative row for {name!r} found by drug name", sa)
     if row is not None:
-        rows_used.add(id(row))
+        rows_used.append(row)
     narrative = _row_narrative(row)
     if not name:
         name = narrative.cell("medicament", "medication", "medicaments", "drug") or text_of(target) or ""
@@ -553,7 +553,7 @@ def _medication(
     )
 
 
-def _row_by_name(section: etree._Element, name: str, used: set[int]) -> etree._Element | None:
+def _row_by_name(section: etree._Element, name: str, used: list[etree._Element]) -> etree._Element | None:
     """The one narrative row whose text names this drug; None when absent or ambiguous (never guess)."""
     if not name:
         return None
@@ -561,7 +561,7 @@ def _row_by_name(section: etree._Element, name: str, used: set[int]) -> etree._E
     hits = [
         row
         for row in section.iter(q("tr"))
-        if id(row) not in used and row.find(q("td")) is not None and wanted and wanted in fold(text_of(row))
+        if not any(row is u for u in used) and row.find(q("td")) is not None and wanted and wanted in fold(text_of(row))
     ]
     return hits[0] if len(hits) == 1 else None
 
