@@ -57,8 +57,15 @@ def main() -> int:
         translate_letter(raw, name=args.letter.name, mappings=mappings, settings=settings, now=when).json()
 
     def dispatch_once() -> int:
-        result = dispatch_letter(raw, name=args.letter.name, mappings=mappings, settings=settings,
-                                 directory=directory, consents=store, at=when)
+        result = dispatch_letter(
+            raw,
+            name=args.letter.name,
+            mappings=mappings,
+            settings=settings,
+            directory=directory,
+            consents=store,
+            at=when,
+        )
         for message in result.messages.values():
             orjson.dumps(message)
         orjson.dumps(result.audit)
@@ -80,8 +87,10 @@ def main() -> int:
     t, d = statistics.median(translated), statistics.median(dispatched)
     print(f"letter: {args.letter.name}; recipients: {recipients}")
     print(f"translate alone: median {t:.2f} ms (n={len(translated)})")
-    print(f"dispatch to {recipients} recipients: median {d:.2f} ms (n={len(dispatched)}), "
-          f"{(d - t) / max(recipients, 1):.2f} ms per recipient beyond translation")
+    print(
+        f"dispatch to {recipients} recipients: median {d:.2f} ms (n={len(dispatched)}), "
+        f"{(d - t) / max(recipients, 1):.2f} ms per recipient beyond translation"
+    )
     print(f"ratio dispatch/translate: {d / t:.2f} (bar: <= 2.00)")
     return 0 if d / t <= 2.0 else 1
 

@@ -18,7 +18,6 @@ explicit ``borderline`` rules of the same file.
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from gateway.errors import MappingLoadError, Where
 from gateway.mappings import Mappings
-from gateway.text import fold
+from gateway.text import Lexicon, fold
 
 __all__ = [
     "CONFIDENTIALITY",
@@ -34,7 +33,6 @@ __all__ = [
     "LabelRules",
     "apply",
     "categories_of",
-    "compile_terms",
     "inline_category",
     "inline_sensitivity",
     "rules_from",
@@ -45,20 +43,6 @@ CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 Category = Literal["medical", "social", "logistics"]
 Json = dict[str, Any]
 _TEXT_SKIP = frozenset({"system", "reference", "url", "div", "id", "data", "fullUrl"})
-
-
-def compile_terms(terms: Iterable[str]) -> re.Pattern[str] | None:
-    """One regex for a term list: whole words or phrases (plural s/x accepted), ``stem*`` as prefixes."""
-    alternatives = []
-    for term in terms:
-        folded = fold(term, keep="*")
-        if not folded:
-            continue
-        if folded.endswith("*"):
-            alternatives.append(re.escape(folded[:-1].rstrip()))
-        else:
-            alternatives.append(re.escape(folded) + r"[sx]?\b")
-    return re.compile(r"\b(?:" + "|".join(alternatives) + ")") if alternatives else None
 
 
 class _Strict(BaseModel):
@@ -98,9 +82,9 @@ class LabelRules(_Strict):
     lexicons: dict[str, tuple[str, ...]]
     borderline: tuple[Borderline, ...] = ()
     sensitivity: Sensitivity
-    _patterns: dict[str, re.Pattern[str] | None] = PrivateAttr(default_factory=dict)
-    _sensitive_terms: dict[str, re.Pattern[str] | None] = PrivateAttr(default_factory=dict)
-    _borderline: list[tuple[re.Pattern[str] | None, str | None]] = PrivateAttr(default_factory=list)
+    _lexicons: dict[str, Lexicon] = PrivateAttr(default_factory=dict)
+    _sensitive_terms: dict[str, Lexicon] = PrivateAttr(default_factory=dict)
+    _borderline: list[tuple[Lexicon, str | None]] = PrivateAttr(default_factory=list)
 
     def model_post_init(self, _context: Any) -> None:
         for rule in self.activities:
@@ -109,24 +93,23 @@ class LabelRules(_Strict):
         for item in self.borderline:
             if item.logistics_in is not None and item.logistics_in not in self.lexicons:
                 raise ValueError(f"borderline rule {item.name!r} names unknown lexicon {item.logistics_in!r}")
-        self._patterns = {name: compile_terms(terms) for name, terms in self.lexicons.items()}
-        self._sensitive_terms = {r.code: compile_terms(r.terms) for r in self.sensitivity.rules}
-        self._borderline = [(compile_terms(b.terms), b.logistics_in) for b in self.borderline]
+        self._lexicons = {name: Lexicon(terms) for name, terms in self.lexicons.items()}
+        self._sensitive_terms = {r.code: Lexicon(r.terms) for r in self.sensitivity.rules}
+        self._borderline = [(Lexicon(b.terms), b.logistics_in) for b in self.borderline]
 
     def hits(self, lexicon: str, folded_text: str) -> bool:
         """Whether the (folded) text contains a term of the lexicon."""
-        pattern = self._patterns[lexicon]
-        return pattern is not None and pattern.search(folded_text) is not None
+        return self._lexicons[lexicon].hit(folded_text)
 
     def mask_borderline(self, folded_text: str) -> str:
         """The text with the borderline terms that its context makes non-medical blanked out."""
-        for pattern, context in self._borderline:
-            if pattern is not None and context is not None and self.hits(context, folded_text):
-                folded_text = pattern.sub(" ", folded_text)
+        for lexicon, context in self._borderline:
+            if context is not None and self.hits(context, folded_text):
+                folded_text = lexicon.remove(folded_text)
         return folded_text
 
     def sensitive_in_text(self, folded_text: str) -> list[str]:
-        return [code for code, p in self._sensitive_terms.items() if p is not None and p.search(folded_text)]
+        return [code for code, lexicon in self._sensitive_terms.items() if lexicon.hit(folded_text)]
 
     def display(self, code: str) -> str:
         return next((r.display for r in self.sensitivity.rules if r.code == code), code)

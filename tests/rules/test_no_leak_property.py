@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from gateway import redact
+from gateway import redact, validate
 from gateway.consent import Decision, MemoryConsentStore
 from gateway.mappings import builtin_dir, load_mappings
 from gateway.pipeline import dispatch_letter
@@ -144,6 +144,8 @@ def test_no_leak_whatever_the_text_and_the_consents(case: Case) -> None:
             assert message is None
         elif message is not None:
             assert leaks(message, decision, letter) == [], recipient_id
+            for entry in message["entry"]:  # redaction output is valid FHIR, whatever was cut
+                assert validate.problems(entry["resource"], fhir_json=True) == [], entry["resource"]["resourceType"]
 
 
 def _s1_dispatch(**kwargs: Any) -> Any:
