@@ -149,8 +149,33 @@ class MedicalScanner:
 
 # words of a drug's name that say its form, not the drug: common in logistics text, never telling
 _DOSAGE_FORM_WORDS = frozenset(
-    "comprime comprimes gelule gelules solution buvable injectable poudre sachet sachets secable pellicule "
-    "pellicules enrobe flacon seringue seringues preremplie unite unites dose doses forme orale voie".split()
+    [
+        "comprime",
+        "comprimes",
+        "gelule",
+        "gelules",
+        "solution",
+        "buvable",
+        "injectable",
+        "poudre",
+        "sachet",
+        "sachets",
+        "secable",
+        "pellicule",
+        "pellicules",
+        "enrobe",
+        "flacon",
+        "seringue",
+        "seringues",
+        "preremplie",
+        "unite",
+        "unites",
+        "dose",
+        "doses",
+        "forme",
+        "orale",
+        "voie",
+    ]
 )
 
 _SCANNERS: dict[str, MedicalScanner] = {}
