@@ -116,10 +116,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     mappings = _load(settings)
     policy = policy_from(mappings)
-    directory = load_directory(_read_json(args.directory), policy, args.directory)
-    store = MemoryConsentStore()
-    if args.consents:
-        store.load_bundle(_read_json(args.consents), args.consents)
+    if args.store:
+        from gateway.store import ResourceStore, SqlConsentStore, directory_from_store
+
+        sql = ResourceStore(args.store)
+        directory = directory_from_store(sql, policy)
+        store: MemoryConsentStore | SqlConsentStore = SqlConsentStore(sql)
+    else:
+        if not args.directory:
+            raise IngestError("--directory (or --store) is required")
+        directory = load_directory(_read_json(args.directory), policy, args.directory)
+        store = MemoryConsentStore()
+        if args.consents:
+            store.load_bundle(_read_json(args.consents), args.consents)
     at = None
     if args.at:
         try:
@@ -194,6 +203,22 @@ def _mappings_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.api.app import create_app
+    from gateway.store import ResourceStore
+
+    settings = Settings.from_env()
+    _load(settings)  # refuse to start on a bad mapping
+    if not settings.api_keys:
+        _err("warning: no API key configured (GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE): every call will get 401")
+    uvicorn.run(
+        create_app(settings, ResourceStore(settings.database_url)), host=args.host, port=args.port, log_level="info"
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -240,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fallback", metavar="REF", help="directory entry receiving what cannot be routed (overrides policy.yaml)"
     )
     dp.add_argument("--mappings", metavar="DIR", help="site overlay directory for mappings/")
+    dp.add_argument("--store", metavar="URL", help="read directory and consents from the gateway's database instead")
     dp.set_defaults(handler=_dispatch)
+    sv = sub.add_parser("serve", help="run the HTTP API (consents, directory; OpenAPI at /docs)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.set_defaults(handler=_serve)
     dm = sub.add_parser("demo", help="translate the embedded sample letters and show the GP's change tables")
     dm.add_argument("--out", default="demo-out", help="directory for the output Bundles (default: demo-out)")
     dm.set_defaults(handler=_demo)

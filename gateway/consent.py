@@ -84,6 +84,10 @@ class ConsentStore(Protocol):
     def versions(self) -> Sequence[Sequence[ConsentVersion]]:
         """Every consent's versions, oldest first."""
 
+    @property
+    def related(self) -> Sequence[Json]:
+        """RelatedPerson resources: legal representatives, with the start of their mandate."""
+
 
 def _instant(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
@@ -154,9 +158,9 @@ def _covers(period: Mapping[str, Any] | None, at: datetime) -> bool:
     return (start is None or start <= at) and (end is None or at <= end)
 
 
-def _guardianship_start(store: MemoryConsentStore, extra: Iterable[Json]) -> datetime | None:
+def _guardianship_start(known: Iterable[Json], extra: Iterable[Json]) -> datetime | None:
     starts = []
-    for person in (*store.related, *extra):
+    for person in (*known, *extra):
         codes = {c.get("code") for rel in person.get("relationship", []) for c in rel.get("coding", [])}
         if codes & GUARDIAN_CODES:
             start = _instant((person.get("period") or {}).get("start"))
@@ -239,7 +243,7 @@ def decide(
         else:
             sensitive[code] = (False, Basis("policy:sensitive", f"{code}: consentement explicite requis"))
     ignored: list[Basis] = []
-    guardian_since = _guardianship_start(store, related) if isinstance(store, MemoryConsentStore) else None
+    guardian_since = _guardianship_start(store.related, related)
 
     valid: list[tuple[datetime, ConsentVersion]] = []
     for versions in store.versions():

@@ -7,13 +7,14 @@ and pass it down.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.errors import GatewayError
 
-__all__ = ["Settings", "SettingsError"]
+__all__ = ["Settings", "SettingsError", "parse_api_keys"]
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_ZONE = "Europe/Paris"
@@ -31,6 +32,8 @@ class Settings:
     default_timezone: str = DEFAULT_ZONE
     strict_validation: bool = False  # also run the (slow) fhir.resources models on every resource
     public_url: str = DEFAULT_PUBLIC_URL  # the gateway's own FHIR endpoint (MessageHeader.source.endpoint)
+    database_url: str = "sqlite:///gateway.db"
+    api_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)  # key -> roles
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -51,4 +54,37 @@ class Settings:
         public_url = env.get("GATEWAY_PUBLIC_URL", DEFAULT_PUBLIC_URL)
         if not public_url.startswith(("https://", "http://")):
             raise SettingsError("GATEWAY_PUBLIC_URL must be an http(s) URL")
-        return cls(max_bytes, Path(overlay) if overlay else None, zone, strict, public_url)
+        keys_text = env.get("GATEWAY_API_KEYS", "")
+        keys_file = env.get("GATEWAY_API_KEYS_FILE")
+        if keys_file:
+            try:
+                keys_text = Path(keys_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise SettingsError(f"GATEWAY_API_KEYS_FILE: {exc.strerror}") from None
+        return cls(
+            max_bytes,
+            Path(overlay) if overlay else None,
+            zone,
+            strict,
+            public_url,
+            env.get("GATEWAY_DATABASE_URL", "sqlite:///gateway.db"),
+            parse_api_keys(keys_text),
+        )
+
+
+def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
+    """``key:role+role`` items separated by commas or new lines (a file keeps keys out of the environment)."""
+    keys: dict[str, frozenset[str]] = {}
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        key, _, roles = item.partition(":")
+        if len(key) < 16:
+            raise SettingsError("API keys must be at least 16 characters long")
+        known = {"admin", "auditor", "his"}
+        wanted = frozenset(r for r in roles.split("+") if r)
+        if not wanted or wanted - known:
+            raise SettingsError(f"API key roles must be among {sorted(known)}")
+        keys[key.strip()] = wanted
+    return keys

@@ -1,0 +1,202 @@
+"""``create_app``: the gateway's HTTP API.
+
+Today it serves what the consent/separation stage needs to be edited in place — FHIR ``Consent``
+(with the legal representatives as ``RelatedPerson``) and the directory (Organization, Practitioner,
+PractitionerRole, Endpoint) — versioned, with ``_history``; the delivery issue adds ``POST /letters``
+and ``$process-message``.  Callers authenticate with an API key (``Authorization: Bearer <key>`` or
+``X-API-Key``); a key carries roles, and writing consents or the directory needs ``admin``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import orjson
+from fastapi import Depends, FastAPI, Header, Request, Response
+
+from gateway import validate
+from gateway.api.outcomes import FHIR_JSON, ApiError, install
+from gateway.settings import Settings
+from gateway.store import STORED_TYPES, ResourceStore
+
+__all__ = ["create_app"]
+
+Json = dict[str, Any]
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
+
+
+def create_app(settings: Settings, store: ResourceStore) -> FastAPI:
+    app = FastAPI(
+        title="Discharge gateway",
+        version="0.1.0",
+        description="FHIR R4 gateway for hospital discharge letters — consents and directory",
+    )
+    install(app)
+    keys = settings.api_keys
+
+    def caller(
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> frozenset[str]:
+        key = x_api_key
+        if authorization and authorization.lower().startswith("bearer "):
+            key = authorization[7:].strip()
+        if not key or key not in keys:
+            raise ApiError(401, "login", "authentication required: a valid API key")
+        return keys[key]
+
+    def role(*allowed: str) -> Callable[..., frozenset[str]]:
+        def check(roles: frozenset[str] = Depends(caller)) -> frozenset[str]:
+            if not roles & set(allowed):
+                raise ApiError(403, "forbidden", f"this operation needs the role {' or '.join(allowed)}")
+            return roles
+
+        return check
+
+    reader = Depends(role("admin", "auditor"))
+    writer = Depends(role("admin"))
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> Json:
+        return {"status": "ok"}
+
+    def _type(resource_type: str) -> str:
+        if resource_type not in STORED_TYPES:
+            raise ApiError(404, "not-supported", f"no {resource_type} endpoint here; types: {', '.join(STORED_TYPES)}")
+        return resource_type
+
+    async def _body(request: Request, resource_type: str, rid: str | None) -> Json:
+        raw = await request.body()
+        if len(raw) > settings.max_document_bytes:
+            raise ApiError(413, "too-long", "request body over the size limit")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "structure", f"malformed JSON: {exc}") from None
+        if not isinstance(body, dict) or body.get("resourceType") != resource_type:
+            raise ApiError(400, "invalid", f"the body must be a {resource_type} resource")
+        if rid is not None and body.get("id") not in (None, rid):
+            raise ApiError(400, "invalid", f"resource id {body.get('id')!r} does not match the URL id {rid!r}")
+        body = {k: v for k, v in body.items() if k != "meta"} | (
+            {"meta": {k: v for k, v in body["meta"].items() if k not in ("versionId", "lastUpdated")}}
+            if isinstance(body.get("meta"), dict) and set(body["meta"]) - {"versionId", "lastUpdated"}
+            else {}
+        )
+        candidate = {**body, "id": rid or body.get("id") or "candidate"}
+        problems = validate.check_with_models(candidate) or validate.problems(candidate, fhir_json=True)
+        if problems:
+            raise ApiError(422, "invariant", f"not a valid FHIR R4 {resource_type}: {problems[0]}")
+        if resource_type == "Consent":
+            _check_consent(body)
+        return body
+
+    @app.post("/{resource_type}", status_code=201)
+    async def create(resource_type: str, request: Request, _: frozenset[str] = writer) -> Response:
+        body = await _body(request, _type(resource_type), None)
+        if body.get("id") and store.read(resource_type, str(body["id"])) is not None:
+            raise ApiError(409, "duplicate", f"{resource_type}/{body['id']} exists: update it with PUT")
+        stored = store.create(resource_type, body)
+        location = f"{resource_type}/{stored['id']}/_history/{stored['meta']['versionId']}"
+        return _json(stored, 201, {"Location": location, "ETag": f'W/"{stored["meta"]["versionId"]}"'})
+
+    @app.put("/{resource_type}/{rid}")
+    async def update(resource_type: str, rid: str, request: Request, _: frozenset[str] = writer) -> Response:
+        body = await _body(request, _type(resource_type), rid)
+        existed = store.read(resource_type, rid) is not None
+        stored = store.put(resource_type, rid, body)
+        return _json(stored, 200 if existed else 201, {"ETag": f'W/"{stored["meta"]["versionId"]}"'})
+
+    @app.get("/{resource_type}/{rid}")
+    def read(resource_type: str, rid: str, _: frozenset[str] = reader) -> Response:
+        found = store.read(_type(resource_type), rid)
+        if found is None:
+            raise ApiError(404, "not-found", f"{resource_type}/{rid} not found (or deleted)")
+        return _json(found, headers={"ETag": f'W/"{found["meta"]["versionId"]}"'})
+
+    @app.delete("/{resource_type}/{rid}", status_code=204)
+    def delete(resource_type: str, rid: str, _: frozenset[str] = writer) -> Response:
+        if not store.delete(_type(resource_type), rid):
+            raise ApiError(404, "not-found", f"{resource_type}/{rid} not found")
+        return Response(status_code=204)
+
+    @app.get("/{resource_type}/{rid}/_history")
+    def history(resource_type: str, rid: str, _: frozenset[str] = reader) -> Response:
+        versions = store.history(_type(resource_type), rid)
+        if not versions:
+            raise ApiError(404, "not-found", f"{resource_type}/{rid} not found")
+        entries = []
+        for version, updated, deleted, body in reversed(versions):
+            entry: Json = {
+                "request": {"method": "DELETE" if deleted else "PUT", "url": f"{resource_type}/{rid}"},
+                "response": {
+                    "status": "204" if deleted else "200",
+                    "etag": f'W/"{version}"',
+                    "lastModified": updated.isoformat(),
+                },
+            }
+            if not deleted:
+                entry["fullUrl"] = f"{resource_type}/{rid}"
+                entry["resource"] = body
+            entries.append(entry)
+        return _json({"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries})
+
+    @app.get("/{resource_type}/{rid}/_history/{version}")
+    def vread(resource_type: str, rid: str, version: int, _: frozenset[str] = reader) -> Response:
+        found = store.vread(_type(resource_type), rid, version)
+        if found is None:
+            raise ApiError(404, "not-found", f"{resource_type}/{rid} version {version} not found")
+        return _json(found)
+
+    @app.get("/{resource_type}")
+    def search(
+        resource_type: str,
+        _: frozenset[str] = reader,
+        patient: str | None = None,
+        identifier: str | None = None,
+    ) -> Response:
+        found = store.current(_type(resource_type))
+        if patient:
+            system, _sep, value = patient.rpartition("|")
+            found = [r for r in found if _matches((r.get("patient") or {}).get("identifier"), system, value)]
+        if identifier:
+            system, _sep, value = identifier.rpartition("|")
+            found = [r for r in found if any(_matches(i, system, value) for i in r.get("identifier", []))]
+        return _json(
+            {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": len(found),
+                "entry": [
+                    {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                    for r in found
+                ],
+            }
+        )
+
+    return app
+
+
+def _matches(identifier: Any, system: str, value: str) -> bool:
+    return (
+        isinstance(identifier, dict)
+        and identifier.get("value") == value
+        and (not system or identifier.get("system") == system)
+    )
+
+
+def _check_consent(body: Json) -> None:
+    """What the decision stage needs of a Consent (beyond structure): whose, when, and a provision."""
+    ident = (body.get("patient") or {}).get("identifier") or {}
+    if not ident.get("system") or not ident.get("value"):
+        raise ApiError(422, "required", "Consent.patient must carry the patient's identifier (INS or IPP)")
+    if body.get("status") not in ("active", "inactive", "rejected", "draft", "proposed", "entered-in-error"):
+        raise ApiError(422, "code-invalid", f"Consent.status {body.get('status')!r} is not a FHIR R4 consent-state")
+    if not body.get("dateTime"):
+        raise ApiError(422, "required", "Consent.dateTime (when it was given) is required")
+    provision = body.get("provision")
+    if not isinstance(provision, dict) or provision.get("type") not in ("permit", "deny"):
+        raise ApiError(422, "required", "Consent.provision with type permit or deny is required")

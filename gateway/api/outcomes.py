@@ -1,0 +1,75 @@
+"""Errors become FHIR OperationOutcome here, and only here (the HTTP edge)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.errors import GatewayError, IngestError, MissingIdentity, ProfileViolation, UnsupportedDocument
+
+__all__ = ["ApiError", "install", "outcome"]
+
+FHIR_JSON = "application/fhir+json"
+log = logging.getLogger("gateway.api")
+
+
+class ApiError(GatewayError):
+    """An HTTP-level refusal (not found, not authenticated, forbidden...) with its status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def outcome(code: str, text: str, severity: str = "error") -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": severity, "code": code, "diagnostics": text}]}
+
+
+def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers)
+
+
+def _status(error: GatewayError) -> int:
+    if isinstance(error, ApiError):
+        return error.status
+    if isinstance(error, UnsupportedDocument):
+        return 415 if "content type" in error.message else 422
+    if isinstance(error, MissingIdentity | ProfileViolation):
+        return 422
+    if isinstance(error, IngestError):
+        return 400
+    return 500
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway(_: Request, error: GatewayError) -> JSONResponse:
+        if isinstance(error, ApiError):
+            body = outcome(error.code, error.message)
+            headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+            return _response(error.status, body, headers)
+        return _response(_status(error), error.to_operation_outcome())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _response(400, outcome("invalid", f"{where}: {first.get('msg')}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not-found", 405: "not-supported", 401: "login", 403: "forbidden"}.get(
+            error.status_code, "processing"
+        )
+        return _response(error.status_code, outcome(code, str(error.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error")  # ids only: no request body is logged
+        return _response(500, outcome("exception", "internal error; the request was not applied"))
