@@ -31,7 +31,6 @@ LIFECYCLE = "http://terminology.hl7.org/CodeSystem/iso-21089-lifecycle"
 ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
-DETAIL = f"{PROJECT}/CodeSystem/audit-detail"
 CATEGORY_SYSTEM = f"{PROJECT}/CodeSystem/data-category"
 OBSERVER = {"display": "discharge-gateway"}
 

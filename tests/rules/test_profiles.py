@@ -55,3 +55,23 @@ def test_outputs_use_only_declared_project_codes(case: str) -> None:
             for part in ext.get("extension", []):
                 if part["url"] == "basis":
                     assert part["valueCode"] in declared[f"{PROJECT}/CodeSystem/change-basis"]
+
+
+@pytest.mark.parametrize("name", ["s1", "s4-fallback", "s5", "s7"])
+def test_messages_and_audit_use_only_declared_project_codes(name: str) -> None:
+    from tests.dispatch_cases import run
+
+    declared = _declared()
+    result = run(name)
+    for bundle in (*result.messages.values(), result.audit):
+        for coding in _codings(bundle):
+            if coding["system"].startswith(f"{PROJECT}/CodeSystem/"):
+                assert coding["code"] in declared.get(coding["system"], set()), coding
+
+
+def test_policy_kinds_are_declared() -> None:
+    from gateway.policy import policy_from
+    from tests.conftest import mappings
+
+    declared = _declared()[f"{PROJECT}/CodeSystem/actor-kind"]
+    assert {k.kind for k in policy_from(mappings()).actor_kinds} | {"care-team", "outside-care-team"} == declared
