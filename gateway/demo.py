@@ -1,7 +1,8 @@
-"""``gateway demo``: run the pipeline on the embedded sample letters and show what the GP receives.
+"""``gateway demo``: run the pipeline on the embedded sample letters and show what each recipient gets.
 
-For now the pipeline ends at translation (the delivery issue extends the demo to the network): each
-sample is translated, its Bundle written to the output directory, and the change table printed.
+Each sample letter is translated (its Bundle written, its change table printed), then two scenarios are
+dispatched to show who receives what and what is withheld (the delivery issue extends the demo to the
+network).
 """
 
 from __future__ import annotations
@@ -67,7 +68,65 @@ def run_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> int:
         for issue in result.issues:
             _out(f"   ! {issue.severity}: {issue.text}")
         _out()
-    _out(
-        f"Bundles written to {out_dir}/ — open one, or run `gateway translate LETTER [--prior PRIOR]` on your own letter."
-    )
+    _dispatch_demo(mappings, settings, out_dir)
+    _out(f"Bundles written to {out_dir}/ — try `gateway translate LETTER [--prior PRIOR]` or `gateway dispatch` next.")
     return 0
+
+
+def _dispatch_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> None:
+    """S1 and S6 dispatched: who receives what, and what is withheld (no network yet)."""
+    from datetime import datetime
+
+    import orjson
+
+    from gateway.consent import MemoryConsentStore
+    from gateway.directory import load_directory
+    from gateway.pipeline import dispatch_letter
+    from gateway.policy import policy_from
+
+    base = samples_dir()
+    directory = load_directory(orjson.loads((base / "dispatch" / "directory.json").read_bytes()), policy_from(mappings))
+    runs = (
+        (
+            "S1 — sortie à domicile : médecin traitant, IDE, pharmacien, SAAD, CCAS, cardiologue",
+            "dispatch/ldl-ses-s1-pharmacy.xml",
+            "dispatch/consents-s1.json",
+            "2026-10-30T11:30:00+01:00",
+        ),
+        (
+            "S6 — la patiente s'oppose au partage avec les acteurs sociaux",
+            "dispatch/ldl-ses-s6-objection.xml",
+            "dispatch/consents-s6.json",
+            "2026-11-05T11:30:00+01:00",
+        ),
+    )
+    for title, letter, consents, instant in runs:
+        store = MemoryConsentStore()
+        store.load_bundle(orjson.loads((base / consents).read_bytes()))
+        result = dispatch_letter(
+            (base / letter).read_bytes(),
+            name=Path(letter).name,
+            mappings=mappings,
+            settings=settings,
+            directory=directory,
+            consents=store,
+            at=datetime.fromisoformat(instant),
+        )
+        target = out_dir / Path(letter).stem
+        target.mkdir(parents=True, exist_ok=True)
+        for recipient_id, message in result.messages.items():
+            (target / f"{recipient_id}.json").write_bytes(orjson.dumps(message, option=orjson.OPT_INDENT_2))
+        (target / "audit.json").write_bytes(orjson.dumps(result.audit, option=orjson.OPT_INDENT_2))
+        _out(f"== {title}")
+        for recipient_id, decision in result.decisions.items():
+            view = result.views[recipient_id]
+            allowed = ", ".join(sorted(decision.categories)) or "rien"
+            basis = ", ".join(decision.consents) or ("équipe de soins" if decision.care_team else "pas de consentement")
+            sent = "message" if recipient_id in result.messages else "AUCUN ENVOI"
+            _out(
+                f"   {view.recipient.display[:46]:46} {sent:11} reçoit : {allowed:26} retenus : {len(view.withheld):3}  ({basis})"
+            )
+        for event in result.routing.events:
+            _out(f"   ! {event.kind}: {event.text}")
+        _out(f"   → {target}/ (un message par destinataire + audit.json)")
+        _out()
