@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway import audit, ingest, label, package, redact, validate
+from gateway import audit, ingest, invariants, label, package, redact, validate
 from gateway.consent import ConsentStore, Decision, decide
 from gateway.directory import Directory
 from gateway.errors import ProfileViolation, Where
@@ -69,6 +69,10 @@ def translate_letter(
                     where=Where(path=resource["resourceType"]),
                 )
     letter = translation.letter
+    if settings.strict_validation:
+        broken = invariants.violations({"resourceType": "Bundle", "entry": [{"resource": r} for r in resources]})
+        if broken:
+            raise ProfileViolation(f"translation breaks {broken[0]}")
     bundle = {
         "resourceType": "Bundle",
         "id": resource_id("Bundle", letter.doc_id.system, letter.doc_id.value, "translation"),
@@ -143,6 +147,10 @@ def dispatch_letter(
             )
             header = message["entry"][0]["resource"]
             validate.check(header, fhir_json=True)
+            if settings.strict_validation:
+                broken = invariants.violations(message)
+                if broken:
+                    raise ProfileViolation(f"message for {routed.recipient.id} breaks {broken[0]}")
             for res in view.resources:
                 if res["id"] in view.changed and res["id"] not in view.checked:
                     validate.check(res, fhir_json=True)
