@@ -67,6 +67,6 @@ def violations(bundle_or_resource: Mapping[str, Any]) -> list[str]:
             if inv.resource_type == "*" and rtype == "Bundle":
                 continue  # Bundles carry no category or narrative of their own
             result = inv.evaluate(dict(resource), {"resource": dict(resource)})
-            if (result != [True] and result != []) or (result == [] and inv.resource_type != "*"):
+            if result not in ([True], []):  # empty: the rule does not apply (e.g. "implies" on nothing)
                 found.append(f"{inv.key} {rtype}/{resource.get('id')}: {inv.human}")
     return found
