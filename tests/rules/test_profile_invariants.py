@@ -31,8 +31,13 @@ def test_each_kind_of_break_is_caught() -> None:
     statement["meta"]["security"] = []  # unlabelled resource
     lst = next(e["resource"] for e in message["entry"] if e["resource"]["resourceType"] == "List")
     lst["entry"][0].pop("flag")
+    patient = next(e["resource"] for e in message["entry"] if e["resource"]["resourceType"] == "Patient")
+    patient.pop("text")  # no narrative
+    comm = next(e["resource"] for e in message["entry"] if e["resource"]["resourceType"] == "Communication")
+    comm.pop("recipient")
+    comm.pop("category")
     keys = {v.split()[0] for v in violations(message)}
-    assert {"gw-msg-1", "gw-label-2", "gw-label-1", "gw-med-1"} <= keys
+    assert {"gw-msg-1", "gw-label-2", "gw-label-1", "gw-med-1", "gw-text-1", "gw-comm-1"} <= keys
 
 
 def test_invariants_load() -> None:
