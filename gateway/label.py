@@ -21,10 +21,9 @@ import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from gateway.errors import MappingLoadError, Where
-from gateway.mappings import Mappings
+from gateway.mappings import Mappings, load_model
 from gateway.text import Lexicon, fold
 
 __all__ = [
@@ -115,22 +114,9 @@ class LabelRules(_Strict):
         return next((r.display for r in self.sensitivity.rules if r.code == code), code)
 
 
-_CACHE: dict[str, LabelRules] = {}
-
-
 def rules_from(mappings: Mappings) -> LabelRules:
     """The label rules of a mapping set, validated (MappingLoadError when broken)."""
-    if mappings.digest in _CACHE:
-        return _CACHE[mappings.digest]
-    data = mappings.raw.get("labels.yaml")
-    if data is None:
-        raise MappingLoadError("labels.yaml is missing", where=Where(source="mappings"))
-    try:
-        rules = LabelRules.model_validate(data)
-    except (ValidationError, ValueError) as exc:
-        raise MappingLoadError(f"invalid label rules: {exc}", where=Where(source="labels.yaml")) from None
-    _CACHE[mappings.digest] = rules
-    return rules
+    return load_model(mappings, "labels.yaml", LabelRules)
 
 
 def _coding(system: str, code: str, display: str | None = None) -> Json:

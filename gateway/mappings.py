@@ -31,6 +31,7 @@ __all__ = [
     "SectionRule",
     "builtin_dir",
     "load_mappings",
+    "load_model",
 ]
 
 CDA_NS = "urn:hl7-org:v3"
@@ -184,13 +185,36 @@ def _files(directory: Path) -> dict[str, Path]:
 def _model(model: type[_M], data: Any, path: str) -> _M:
     try:
         return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise MappingLoadError(
-            f"invalid mapping ({exc.error_count()} problem(s)); first at {loc}: {first['msg']}",
-            where=Where(source=path),
-        ) from None
+    except ValueError as exc:  # raised by a model's own post-validation check
+        if not isinstance(exc, ValidationError):
+            raise MappingLoadError(f"invalid mapping: {exc}", where=Where(source=path)) from None
+        raise _first_error(exc, path) from None
+
+
+def _first_error(exc: ValidationError, path: str) -> MappingLoadError:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    return MappingLoadError(
+        f"invalid mapping ({exc.error_count()} problem(s)); first at {loc}: {first['msg']}",
+        where=Where(source=path),
+    )
+
+
+_MODELS: dict[tuple[str, str, type[BaseModel]], BaseModel] = {}
+
+
+def load_model(mappings: Mappings, relative: str, model: type[_M]) -> _M:
+    """A data file of the mapping set, validated into ``model`` once per mapping set (MappingLoadError)."""
+    key = (mappings.digest, relative, model)
+    found = _MODELS.get(key)
+    if found is None:
+        data = mappings.raw.get(relative)
+        if data is None:
+            raise MappingLoadError(f"{relative} is missing", where=Where(source="mappings"))
+        found = _model(model, data, relative)
+        _MODELS[key] = found
+    assert isinstance(found, model)
+    return found
 
 
 def load_mappings(

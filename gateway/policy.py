@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from gateway.errors import MappingLoadError, Where
-from gateway.mappings import Mappings
+from gateway.mappings import Mappings, load_model
 
 __all__ = ["ActorKind", "Category", "Policy", "policy_from"]
 
@@ -95,23 +94,6 @@ class Policy(_Strict):
         return group == kind
 
 
-_CACHE: dict[str, Policy] = {}
-
-
 def policy_from(mappings: Mappings) -> Policy:
     """The validated policy of a mapping set (MappingLoadError when missing or broken)."""
-    if mappings.digest in _CACHE:
-        return _CACHE[mappings.digest]
-    data = mappings.raw.get("policy.yaml")
-    if data is None:
-        raise MappingLoadError("policy.yaml is missing", where=Where(source="mappings"))
-    try:
-        policy = Policy.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise MappingLoadError(
-            f"invalid policy at {'.'.join(str(p) for p in first['loc'])}: {first['msg']}",
-            where=Where(source="policy.yaml"),
-        ) from None
-    _CACHE[mappings.digest] = policy
-    return policy
+    return load_model(mappings, "policy.yaml", Policy)
