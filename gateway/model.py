@@ -364,3 +364,4 @@ class Letter:
     has_discharge_list: bool = False
     has_stopped_list: bool = False
     has_admission_list: bool = False
+    attachment: tuple[str, bytes] | None = None  # an unstructured body (PDF...): media type and bytes

@@ -810,6 +810,18 @@ class _Builder:
                 }
             }
         ]
+        if letter.attachment is not None:
+            kind, data = letter.attachment
+            res["content"].append(
+                {
+                    "attachment": {
+                        "contentType": kind,
+                        "data": base64.b64encode(data).decode("ascii"),
+                        "title": f"{letter.title} (document)",
+                        "size": len(data),
+                    }
+                }
+            )
         if self.encounter_res is not None:
             res["context"] = {"encounter": [_ref(self.encounter_res)]}
         res["text"] = nv.generated(nv.dl([("Document d'origine", letter.title), ("Version", str(letter.version or 1))]))

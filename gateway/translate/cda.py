@@ -72,16 +72,27 @@ def read_cda(root: etree._Element, kind: DocumentKind, mappings: Mappings, sourc
     patient, related = _patient(root, ctx, source)
     parts = _Parts()
     body = root.find(f"{q('component')}/{q('structuredBody')}")
-    if body is None:
-        if root.find(f"{q('component')}/{q('nonXMLBody')}") is not None:
-            raise UnsupportedDocument(
-                "CDA with a non-XML body (PDF/scanned letter) carries no structured content to translate",
-                where=Where(source=source),
-            )
-        raise UnsupportedDocument("CDA without structuredBody", where=Where(source=source))
+    unstructured = root.find(f"{q('component')}/{q('nonXMLBody')}")
+    if body is None and unstructured is None:
+        raise UnsupportedDocument(
+            "CDA without a body (neither structuredBody nor nonXMLBody)", where=Where(source=source)
+        )
     assert kind.sections is not None
-    for index, section in enumerate(body.findall(f"{q('component')}/{q('section')}")):
-        _walk(section, kind.sections, ctx, parts, f"s{index}")
+    if body is not None:
+        for index, section in enumerate(body.findall(f"{q('component')}/{q('section')}")):
+            _walk(section, kind.sections, ctx, parts, f"s{index}")
+    attachment = None
+    if unstructured is not None:
+        # a CI-SIS level-1 letter (PDF in the CDA): the header still routes it and the GP still gets the
+        # document, but nothing in it can be read as data -- say so, never guess
+        attachment = _embedded(unstructured, ctx)
+        ctx.note(
+            "warning",
+            "incomplete",
+            "the letter is an unstructured document (nonXMLBody): no medication change, plan or result "
+            "can be read from it; the document is forwarded as is",
+            unstructured,
+        )
     stay = _stay(root, ctx, parts)
     gp = _gp(root, ctx)
     doc_id = ctx.ident(root.find(q("id")))
@@ -138,7 +149,25 @@ def read_cda(root: etree._Element, kind: DocumentKind, mappings: Mappings, sourc
         has_discharge_list=MedSection.DISCHARGE in parts.lists,
         has_stopped_list=MedSection.STOPPED in parts.lists,
         has_admission_list=MedSection.ADMISSION in parts.lists,
+        attachment=attachment,
     )
+
+
+def _embedded(element: etree._Element, ctx: CdaContext) -> tuple[str, bytes] | None:
+    """The (media type, bytes) a nonXMLBody carries inline (base64), or None for a reference."""
+    import base64
+    import binascii
+
+    text = element.find(q("text"))
+    if text is None or text.get("representation") != "B64":
+        ctx.note("warning", "not-supported", "nonXMLBody content is not inline base64: not forwarded", element)
+        return None
+    try:
+        data = base64.b64decode("".join((text.text or "").split()), validate=True)
+    except (binascii.Error, ValueError):
+        ctx.note("warning", "invalid", "nonXMLBody base64 content is corrupt: not forwarded", element)
+        return None
+    return (text.get("mediaType") or "application/octet-stream", data)
 
 
 # -- header ----------------------------------------------------------------------------------------
@@ -479,6 +508,9 @@ def _medication(
     product = ctx.concept(material.find(q("code")) if material is not None else None)
     name = text_of(material.find(q("name"))) if material is not None else ""
     reference = sa.find(f"{q('text')}/{q('reference')}")
+    if reference is None and material is not None:
+        # some letters link the row only through the product's originalText
+        reference = material.find(f"{q('code')}/{q('originalText')}/{q('reference')}")
     ref_value = reference.get("value") if reference is not None else None
     target = ctx.narrative(ref_value)
     if ref_value and target is None:

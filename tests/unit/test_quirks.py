@@ -82,3 +82,37 @@ def test_fhir_document_and_cda_give_the_same_change_table() -> None:
     cda = run_case("ldl-ses-s1-2022+ees").translation.built.changes
     fhir = run_case("fhir-document-s1+ees").translation.built.changes
     assert [(c.line.name.split()[0], c.status) for c in cda] == [(c.line.name.split()[0], c.status) for c in fhir]
+
+
+def test_unstructured_letter_is_forwarded_not_refused() -> None:
+    """A CI-SIS level-1 letter (PDF in nonXMLBody) still reaches the GP, with a clear warning."""
+    import base64
+
+    from fhir.resources.R4B import get_fhir_model_class
+    from lxml import etree
+
+    from gateway.pipeline import translate_letter
+    from gateway.settings import Settings
+    from tests.conftest import FIXTURES, mappings
+
+    root = etree.fromstring((FIXTURES / "cda" / "ldl-ses-s8-2020.xml").read_bytes())
+    ns = "{urn:hl7-org:v3}"
+    component = root.find(f"{ns}component")
+    assert component is not None
+    for child in list(component):
+        component.remove(child)
+    body = etree.SubElement(component, f"{ns}nonXMLBody")
+    text = etree.SubElement(body, f"{ns}text", mediaType="application/pdf", representation="B64")
+    pdf = b"%PDF-1.4 lettre de liaison\n%%EOF"
+    text.text = base64.b64encode(pdf).decode()
+    result = translate_letter(etree.tostring(root), name="n1.xml", mappings=mappings(), settings=Settings())
+    resources = [e["resource"] for e in result.bundle["entry"]]
+    docref = next(r for r in resources if r["resourceType"] == "DocumentReference")
+    assert [c["attachment"]["contentType"] for c in docref["content"]][1] == "application/pdf"
+    assert base64.b64decode(docref["content"][1]["attachment"]["data"]) == pdf
+    assert any("unstructured document" in i.text for i in result.issues)
+    assert not any(r["resourceType"] == "MedicationStatement" for r in resources)
+    comm = next(r for r in resources if r["resourceType"] == "Communication")
+    assert comm["recipient"], "the GP is still addressed"
+    for res in resources:
+        get_fhir_model_class(res["resourceType"]).model_validate(res)
