@@ -295,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         _err(f"error: {exc.one_line()}")
         return EXIT_REFUSED
+    except OSError as exc:  # an output we cannot write, a path we cannot create
+        _err(f"error: {exc.filename or ''}: {exc.strerror or exc}".replace(": :", ":"))
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

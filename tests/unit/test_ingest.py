@@ -171,3 +171,23 @@ def test_cli_missing_file_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "nope.xml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unwritable_output_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "translate",
+            str(FIXTURES / "cda" / "ldl-ses-s1-2022.xml"),
+            "-o",
+            str(tmp_path / "missing" / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "out.json" in proc.stderr.splitlines()[-1]
