@@ -133,16 +133,19 @@ def _codes(value: Any, systems: Sequence[str]) -> Iterable[str]:
                 yield str(coding["code"]).upper().replace(".", "")
 
 
-def _strings(node: Any) -> Iterable[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key not in _TEXT_SKIP:
-                yield from _strings(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _strings(item)
-    elif isinstance(node, str):
-        yield node
+def _strings(node: Any) -> list[str]:
+    """Every string value under a node (keys in _TEXT_SKIP excluded), iteratively: this runs on every resource."""
+    out: list[str] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items() if k not in _TEXT_SKIP)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return out
 
 
 def _text(node: Any) -> str:

@@ -31,7 +31,7 @@ class Lexicon:
     ``stem*`` matches any word starting with the stem.  Terms are folded once, here.
     """
 
-    __slots__ = ("_longest", "_phrases", "_stems", "_words")
+    __slots__ = ("_first_words", "_longest", "_phrases", "_stem_re", "_stems", "_words")
 
     def __init__(self, terms: Iterable[str]) -> None:
         words: set[str] = set()
@@ -43,7 +43,7 @@ class Lexicon:
                 continue
             if folded.endswith("*"):
                 stem = folded[:-1].strip()
-                if " " in stem:  # a multi-word stem: its last word is the stem
+                if " " in stem:  # a multi-word stem: matched as a phrase
                     phrases.add(stem)
                 else:
                     stems.append(stem)
@@ -52,25 +52,31 @@ class Lexicon:
             target.update((folded, f"{folded}s", f"{folded}x"))
         self._words = frozenset(words)
         self._phrases = frozenset(phrases)
+        self._first_words = frozenset(p.split(" ", 1)[0] for p in phrases)
         self._stems = tuple(stems)
+        self._stem_re = re.compile(r"\b(?:" + "|".join(map(re.escape, stems)) + ")") if stems else None
         self._longest = max((p.count(" ") + 1 for p in phrases), default=1)
 
-    def _spans(self, tokens: list[str]) -> Iterator[tuple[int, int]]:
+    def _phrase_spans(self, tokens: list[str]) -> Iterator[tuple[int, int]]:
         for i, token in enumerate(tokens):
-            if token in self._words or (self._stems and token.startswith(self._stems)):
-                yield i, i + 1
-            for n in range(2, self._longest + 1):
-                if i + n <= len(tokens) and " ".join(tokens[i : i + n]) in self._phrases:
-                    yield i, i + n
+            if token in self._first_words:
+                for n in range(2, self._longest + 1):
+                    if i + n <= len(tokens) and " ".join(tokens[i : i + n]) in self._phrases:
+                        yield i, i + n
 
     def hit(self, folded: str) -> bool:
         """Whether the folded text contains a term."""
-        return next(self._spans(folded.split()), None) is not None
+        tokens = folded.split()
+        if not self._words.isdisjoint(tokens):
+            return True
+        if self._stem_re is not None and self._stem_re.search(folded):
+            return True
+        return bool(self._phrases) and next(self._phrase_spans(tokens), None) is not None
 
     def remove(self, folded: str) -> str:
         """The folded text without the words of every term it contains."""
         tokens = folded.split()
-        gone: set[int] = set()
-        for start, end in self._spans(tokens):
+        gone = {i for i, t in enumerate(tokens) if t in self._words or (self._stems and t.startswith(self._stems))}
+        for start, end in self._phrase_spans(tokens):
             gone.update(range(start, end))
         return " ".join(t for i, t in enumerate(tokens) if i not in gone) if gone else folded
