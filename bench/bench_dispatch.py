@@ -40,8 +40,8 @@ def main() -> int:
     parser.add_argument("--directory", type=Path, default=FIXTURES / "directory.json")
     parser.add_argument("--consents", type=Path, default=FIXTURES / "consents-s1.json")
     parser.add_argument("--at", default="2026-10-30T12:00:00+01:00")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--per-round", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--per-round", type=int, default=4)
     args = parser.parse_args()
 
     mappings = load_mappings(translators=SECTION_TRANSLATORS)
@@ -91,7 +91,8 @@ def main() -> int:
         f"dispatch to {recipients} recipients: median {d:.2f} ms (n={len(dispatched)}), "
         f"{(d - t) / max(recipients, 1):.2f} ms per recipient beyond translation"
     )
-    print(f"ratio dispatch/translate: {d / t:.2f} (bar: <= 2.00)")
+    print(f"ratio dispatch/translate: {d / t:.2f} of medians (bar: <= 2.00); "
+          f"{min(dispatched) / min(translated):.2f} of minimums")
     return 0 if d / t <= 2.0 else 1
 
 

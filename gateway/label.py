@@ -69,6 +69,7 @@ class SensitivityRule(_Strict):
 
 class Sensitivity(_Strict):
     system: str
+    text_in: tuple[str, ...] = ()
     rules: tuple[SensitivityRule, ...]
 
 
@@ -108,7 +109,8 @@ class LabelRules(_Strict):
         return folded_text
 
     def sensitive_in_text(self, folded_text: str) -> list[str]:
-        return [code for code, lexicon in self._sensitive_terms.items() if lexicon.hit(folded_text)]
+        tokens = folded_text.split()
+        return [code for code, lexicon in self._sensitive_terms.items() if lexicon.hit(folded_text, tokens)]
 
     def display(self, code: str) -> str:
         return next((r.display for r in self.sensitivity.rules if r.code == code), code)
@@ -241,7 +243,7 @@ def apply(resources: Sequence[Json], rules: LabelRules, confidentiality: str | N
                     codes = set(rules.sensitive_in_text(_text(activity.get("detail", {}))))
                     inline[id(activity)] = (activity_category(activity, rules), codes)
                     found |= codes
-        elif res["resourceType"] not in ("DocumentReference", "OperationOutcome", "List", "Communication"):
+        elif res["resourceType"] in rules.sensitivity.text_in:
             found |= set(rules.sensitive_in_text(_text({k: v for k, v in res.items() if k != "text"})))
         own[res["id"]] = found
     drugs = set().union(*(own[r["id"]] for r in resources if r["resourceType"] == "MedicationStatement"))

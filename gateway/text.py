@@ -64,9 +64,9 @@ class Lexicon:
                     if i + n <= len(tokens) and " ".join(tokens[i : i + n]) in self._phrases:
                         yield i, i + n
 
-    def hit(self, folded: str) -> bool:
-        """Whether the folded text contains a term."""
-        tokens = folded.split()
+    def hit(self, folded: str, tokens: list[str] | None = None) -> bool:
+        """Whether the folded text contains a term (``tokens``: its words, when already split)."""
+        tokens = folded.split() if tokens is None else tokens
         if not self._words.isdisjoint(tokens):
             return True
         if self._stem_re is not None and self._stem_re.search(folded):
