@@ -20,7 +20,10 @@ def fold(text: str, keep: str = "") -> str:
 
     Characters in ``keep`` survive (the label lexicons keep '*' to mark a stem).
     """
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    if text.isascii():
+        ascii_text = text.lower()
+    else:
+        ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     return _separator(keep).sub(" ", ascii_text).strip()
 
 
