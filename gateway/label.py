@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from gateway.mappings import Mappings, load_model
-from gateway.text import Lexicon, fold
+from gateway.text import Lexicon, fold, strings_in
 
 __all__ = [
     "CONFIDENTIALITY",
@@ -73,6 +73,30 @@ class Sensitivity(_Strict):
     rules: tuple[SensitivityRule, ...]
 
 
+class Compiled:
+    """The label rules' lexicons, compiled once; a plain object so hot loops avoid pydantic's attribute hooks."""
+
+    __slots__ = ("borderline", "lexicons", "sensitive")
+
+    def __init__(self, rules: LabelRules) -> None:
+        self.lexicons = {name: Lexicon(terms) for name, terms in rules.lexicons.items()}
+        self.sensitive = {r.code: Lexicon(r.terms) for r in rules.sensitivity.rules}
+        self.borderline = [(Lexicon(b.terms), b.logistics_in) for b in rules.borderline]
+
+    def hits(self, lexicon: str, folded_text: str) -> bool:
+        return self.lexicons[lexicon].hit(folded_text)
+
+    def mask_borderline(self, folded_text: str) -> str:
+        for lexicon, context in self.borderline:
+            if context is not None and self.lexicons[context].hit(folded_text):
+                folded_text = lexicon.remove(folded_text)
+        return folded_text
+
+    def sensitive_in_text(self, folded_text: str) -> list[str]:
+        tokens = folded_text.split()
+        return [code for code, lexicon in self.sensitive.items() if lexicon.hit(folded_text, tokens)]
+
+
 class LabelRules(_Strict):
     system: str
     fallback: Literal["medical"]
@@ -82,9 +106,7 @@ class LabelRules(_Strict):
     lexicons: dict[str, tuple[str, ...]]
     borderline: tuple[Borderline, ...] = ()
     sensitivity: Sensitivity
-    _lexicons: dict[str, Lexicon] = PrivateAttr(default_factory=dict)
-    _sensitive_terms: dict[str, Lexicon] = PrivateAttr(default_factory=dict)
-    _borderline: list[tuple[Lexicon, str | None]] = PrivateAttr(default_factory=list)
+    _compiled: Compiled | None = PrivateAttr(default=None)
 
     def model_post_init(self, _context: Any) -> None:
         for rule in self.activities:
@@ -93,24 +115,23 @@ class LabelRules(_Strict):
         for item in self.borderline:
             if item.logistics_in is not None and item.logistics_in not in self.lexicons:
                 raise ValueError(f"borderline rule {item.name!r} names unknown lexicon {item.logistics_in!r}")
-        self._lexicons = {name: Lexicon(terms) for name, terms in self.lexicons.items()}
-        self._sensitive_terms = {r.code: Lexicon(r.terms) for r in self.sensitivity.rules}
-        self._borderline = [(Lexicon(b.terms), b.logistics_in) for b in self.borderline]
+        self._compiled = Compiled(self)
+
+    @property
+    def compiled(self) -> Compiled:
+        assert self._compiled is not None
+        return self._compiled
 
     def hits(self, lexicon: str, folded_text: str) -> bool:
         """Whether the (folded) text contains a term of the lexicon."""
-        return self._lexicons[lexicon].hit(folded_text)
+        return self.compiled.hits(lexicon, folded_text)
 
     def mask_borderline(self, folded_text: str) -> str:
         """The text with the borderline terms that its context makes non-medical blanked out."""
-        for lexicon, context in self._borderline:
-            if context is not None and self.hits(context, folded_text):
-                folded_text = lexicon.remove(folded_text)
-        return folded_text
+        return self.compiled.mask_borderline(folded_text)
 
     def sensitive_in_text(self, folded_text: str) -> list[str]:
-        tokens = folded_text.split()
-        return [code for code, lexicon in self._sensitive_terms.items() if lexicon.hit(folded_text, tokens)]
+        return self.compiled.sensitive_in_text(folded_text)
 
     def display(self, code: str) -> str:
         return next((r.display for r in self.sensitivity.rules if r.code == code), code)
@@ -136,18 +157,7 @@ def _codes(value: Any, systems: Sequence[str]) -> Iterable[str]:
 
 
 def _strings(node: Any) -> list[str]:
-    """Every string value under a node (keys in _TEXT_SKIP excluded), iteratively: this runs on every resource."""
-    out: list[str] = []
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, dict):
-            stack.extend(v for k, v in item.items() if k not in _TEXT_SKIP)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return out
+    return strings_in(node, _TEXT_SKIP)
 
 
 def _text(node: Any) -> str:

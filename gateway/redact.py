@@ -33,7 +33,7 @@ from gateway.label import (
 )
 from gateway.mappings import Mappings
 from gateway.route import Routed
-from gateway.text import Lexicon, fold
+from gateway.text import Lexicon, fold, strings_in
 from gateway.translate import narrative as nv
 from gateway.translate.ids import resource_id
 
@@ -94,11 +94,8 @@ class MedicalScanner:
         """Medical content in ``owner[key]`` (memoised for the letter: resources are shared, not mutated)."""
         memo_key = (id(owner), key)
         if memo_key not in self._verdicts or self._shared.get(id(owner)) is not owner:
-            found = None
-            for text in _strings(owner[key]):
-                found = self.hit(rules.mask_borderline(fold(text)))
-                if found:
-                    break
+            # one fold for the whole element: a phrase straddling two of its strings only errs on the safe side
+            found = self.hit(rules.compiled.mask_borderline(fold(" ".join(_strings(owner[key])))))
             if self._shared.get(id(owner)) is not owner:
                 return found
             self._verdicts[memo_key] = found
@@ -205,18 +202,11 @@ def _sensitivity(resource: Mapping[str, Any]) -> set[str]:
     }
 
 
-def _strings(
-    node: Any, skip: frozenset[str] = frozenset({"system", "reference", "url", "div", "id", "data"})
-) -> Iterable[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key not in skip:
-                yield from _strings(value, skip)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _strings(item, skip)
-    elif isinstance(node, str):
-        yield node
+_SKIP = frozenset({"system", "reference", "url", "div", "id", "data"})
+
+
+def _strings(node: Any) -> list[str]:
+    return strings_in(node, _SKIP)
 
 
 def _prune_references(node: Any, removed: set[str]) -> Any:
@@ -239,16 +229,19 @@ def _prune_references(node: Any, removed: set[str]) -> Any:
     return node
 
 
-def _all_references(node: Any) -> Iterable[str]:
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str):
-            yield ref
-        for value in node.values():
-            yield from _all_references(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _all_references(item)
+def _all_references(node: Any) -> list[str]:
+    found: list[str] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("reference")
+            if isinstance(ref, str):
+                found.append(ref)
+            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend(v for v in item if isinstance(v, dict | list))
+    return found
 
 
 def _refers_to(node: Any, removed: set[str]) -> bool:
@@ -300,7 +293,7 @@ class _Cutter:
         if self.medical:
             return None
         for text in _strings(element):
-            found = self.scanner.hit(self.rules.mask_borderline(fold(text)))
+            found = self.scanner.hit(self.rules.compiled.mask_borderline(fold(text)))
             if found:
                 return found
         return None

@@ -7,7 +7,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 
-__all__ = ["Lexicon", "fold"]
+__all__ = ["Lexicon", "fold", "strings_in"]
 
 
 @lru_cache(maxsize=8)
@@ -83,3 +83,18 @@ class Lexicon:
         for start, end in self._phrase_spans(tokens):
             gone.update(range(start, end))
         return " ".join(t for i, t in enumerate(tokens) if i not in gone) if gone else folded
+
+
+def strings_in(node: object, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Every string value under a JSON-shaped node, keys in ``skip`` excluded (iterative: a hot path)."""
+    out: list[str] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items() if k not in skip)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return out
