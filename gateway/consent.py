@@ -34,6 +34,8 @@ SENSITIVITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 PURPOSE = "COC"  # v3-ActReason: coordination of care
 PURPOSES_COVERING_COC = {"COC", "TREAT", "CAREMGT"}  # purposes a care-coordination disclosure falls under
 CATEGORIES = ("medical", "social", "logistics")
+DISCLOSURE_ACTIONS = {"disclose", "access", "use"}  # consentaction codes that concern sending
+NARROWING = ("class", "code", "data", "dataPeriod")  # provision elements that restrict which data
 GUARDIAN_CODES = {"GUARD", "POWATT", "HPOWATT", "DPOWATT", "SPOWATT"}
 
 
@@ -183,8 +185,12 @@ def _actor_matches(actor: Mapping[str, Any], recipient: Recipient, policy: Polic
     ref = actor.get("reference") or {}
     target = ref.get("reference")
     if isinstance(target, str):
+        # the role itself, or the person behind it (a consent naming Dr X covers each of her roles)
         tail = "/".join(target.split("/")[-2:])
-        return target == recipient.ref or tail == "/".join(recipient.ref.split("/")[-2:])
+        own = {"/".join(recipient.ref.split("/")[-2:])}
+        if recipient.practitioner is not None:
+            own.add(f"Practitioner/{recipient.practitioner.get('id')}")
+        return target == recipient.ref or tail in own
     ident = ref.get("identifier")
     if isinstance(ident, Mapping):
         return (str(ident.get("system")), str(ident.get("value"))) in recipient.identifiers
@@ -284,8 +290,23 @@ def decide(
             applies = False
         if not _covers(provision.get("period"), at):
             applies = False
+        actions = {c.get("code") for a in provision.get("action", []) for c in a.get("coding", [])}
+        if actions and not actions & DISCLOSURE_ACTIONS:
+            applies = False  # about collecting or correcting, not about sending
+        permit = provision.get("type", "permit") == "permit"
+        narrowed = [k for k in NARROWING if provision.get(k)]
+        if applies and permit and narrowed:
+            # a permit limited to some resources, documents or data: the gateway cannot honour the
+            # limit element by element, so it grants nothing rather than too much (a deny applies whole)
+            ignored.append(
+                Basis(
+                    "consent:narrowed-permit",
+                    f"permit limited by {', '.join(narrowed)}: not applied (fail closed)",
+                    version.ref,
+                )
+            )
+            applies = False
         if applies:
-            permit = provision.get("type", "permit") == "permit"
             cats, sens, everything = _labels(provision)
             basis = Basis(
                 "consent:permit" if permit else "consent:deny",

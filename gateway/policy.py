@@ -27,6 +27,7 @@ class _Strict(BaseModel):
 class KindCode(_Strict):
     system: str
     code: str | None = None  # None: any code of the system
+    prefix: str | None = None  # codes starting with this (e.g. TRE_A02 "G15_10/" for physicians)
 
 
 class ActorKind(_Strict):
@@ -72,8 +73,14 @@ class Policy(_Strict):
         pairs = list(codings)
         for kind in self.actor_kinds:
             for rule in kind.codes:
-                if any(system == rule.system and rule.code in (None, code) for system, code in pairs):
-                    return kind.kind
+                for system, code in pairs:
+                    if system != rule.system:
+                        continue
+                    if rule.prefix is not None:
+                        if code.startswith(rule.prefix):
+                            return kind.kind
+                    elif rule.code in (None, code):
+                        return kind.kind
         for system, code in pairs:
             if system == self.actor_kind_system and code in {k.kind for k in self.actor_kinds}:
                 return code

@@ -208,3 +208,70 @@ def test_another_patients_consent_is_ignored() -> None:
     )
     other["patient"] = {"identifier": {"system": INS[0], "value": "199999999999999"}}
     assert run(SAAD, "2026-10-30T12:00:00+01:00", other).categories == frozenset()
+
+
+def test_a_permit_limited_to_some_data_grants_nothing() -> None:
+    """Fail closed: the gateway cannot honour a 'only the care plan' limit element by element."""
+    narrowed = consent(
+        "c8",
+        "2026-10-28T10:00:00+01:00",
+        {
+            "type": "permit",
+            "actor": [kind_actor("home-help")],
+            "securityLabel": labels("logistics"),
+            "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "CarePlan"}],
+        },
+    )
+    decision = run(SAAD, "2026-10-30T12:00:00+01:00", narrowed)
+    assert decision.categories == frozenset()
+    assert any(b.rule == "consent:narrowed-permit" for b in decision.ignored)
+
+
+def test_a_provision_about_collection_does_not_govern_disclosure() -> None:
+    collect = consent(
+        "c9",
+        "2026-10-28T10:00:00+01:00",
+        {
+            "type": "permit",
+            "actor": [kind_actor("home-help")],
+            "securityLabel": labels("logistics"),
+            "action": [
+                {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "collect"}]}
+            ],
+        },
+    )
+    assert run(SAAD, "2026-10-30T12:00:00+01:00", collect).categories == frozenset()
+
+
+def test_a_consent_naming_the_person_covers_her_role() -> None:
+    person = Recipient(
+        "PractitionerRole-ref",
+        "https://dir.example.fr/PractitionerRole/ref",
+        "social-worker",
+        "Référente",
+        {},
+        {"resourceType": "Practitioner", "id": "nguyen"},
+    )
+    permit = consent(
+        "c10",
+        "2026-10-28T10:00:00+01:00",
+        {
+            "type": "permit",
+            "securityLabel": labels("social", "logistics"),
+            "actor": [
+                {
+                    "role": {"coding": [{"system": "x", "code": "IRCP"}]},
+                    "reference": {"reference": "https://dir.example.fr/Practitioner/nguyen"},
+                }
+            ],
+        },
+    )
+    assert run(person, "2026-10-30T12:00:00+01:00", permit).categories == {"social", "logistics"}
+
+
+def test_kinds_from_cda_profession_codes() -> None:
+    policy = policy_from(mappings())
+    assert policy.kind_of([("urn:oid:1.2.250.1.213.1.1.4.5", "G15_10/SM54")]) == "gp"
+    assert policy.kind_of([("urn:oid:1.2.250.1.213.1.1.4.5", "G15_10/SM26")]) == "physician"
+    assert policy.kind_of([("urn:oid:1.2.250.1.213.1.1.4.5", "G15_60")]) == "nurse"
+    assert policy.kind_of([("urn:oid:1.2.250.1.213.1.1.4.5", "G15_99")]) is None
