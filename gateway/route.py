@@ -148,7 +148,12 @@ def _resolve(resource: Json, by_url: Mapping[str, Json], directory: Directory) -
         person = by_url.get(str(resource.get("practitioner", {}).get("reference")))
         org = by_url.get(str(resource.get("organization", {}).get("reference")))
         roles = directory.find_person(_ids(person), _ids(org))
-        return roles[0] if roles else None
+        if roles:
+            return roles[0]
+        if not _ids(person) and org is not None:
+            # addressed to an organisation without a named person (intendedRecipient/receivedOrganization)
+            return directory.find_organization(_ids(org), org.get("name"))
+        return None
     if resource["resourceType"] == "Organization":
         return directory.find_organization(_ids(resource), resource.get("name"))
     return None
