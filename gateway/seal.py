@@ -1,0 +1,111 @@
+"""Stage — seal: sign a message Bundle so a receiver can check who sent it and that nothing changed.
+
+The signature is a detached JWS (RFC 7515 appendix F: ``header..signature``), ES256 with the
+gateway's P-256 key, over the canonical JSON of the Bundle *without* its ``signature`` element, and it
+travels in ``Bundle.signature`` (R4 Signature: type, when, who, ``sigFormat = application/jose``).
+Canonical JSON here is RFC 8785 (JCS) as far as this gateway's content needs: keys sorted, no
+whitespace, UTF-8, integers and short decimals as JSON numbers; it is what ``orjson`` writes with
+sorted keys.  Keys are handled by joserfc (a maintained JOSE library), never by hand.
+
+(Encryption for recipients that publish a certificate comes with the delivery issue.)
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey
+
+from gateway.errors import GatewayError
+
+__all__ = ["SealError", "Signer", "canonical", "generate_key", "sign", "verify"]
+
+Json = dict[str, Any]
+SIGNATURE_TYPE = {
+    "system": "urn:iso-astm:E1762-95:2013",
+    "code": "1.2.840.10065.1.12.1.14",
+    "display": "Source Signature",
+}
+
+
+class SealError(GatewayError):
+    """A message whose signature is missing, malformed, from an unknown key, or does not match."""
+
+    issue_code = "security"
+
+
+def canonical(resource: Mapping[str, Any]) -> bytes:
+    """The bytes that are signed: sorted keys, no whitespace, UTF-8 (RFC 8785 for our content)."""
+    return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
+
+
+def generate_key() -> ECKey:
+    """A new P-256 signing key (its ``kid`` is its RFC 7638 thumbprint)."""
+    key = ECKey.generate_key("P-256", auto_kid=True)
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Signer:
+    """The gateway's signing identity."""
+
+    key: ECKey
+    who: str = "discharge-gateway"
+
+    @property
+    def kid(self) -> str:
+        return str(self.key.kid)
+
+
+def sign(bundle: Mapping[str, Any], signer: Signer, when: str) -> Json:
+    """A copy of the Bundle carrying a detached JWS over its canonical JSON (without ``signature``)."""
+    unsigned = {k: v for k, v in bundle.items() if k != "signature"}
+    header = {"alg": "ES256", "kid": signer.kid, "typ": "application/fhir+json"}
+    compact = jws.serialize_compact(header, canonical(unsigned), signer.key, algorithms=["ES256"])
+    head, _payload, signature = compact.split(".")
+    detached = f"{head}..{signature}"
+    return {
+        **unsigned,
+        "signature": {
+            "type": [SIGNATURE_TYPE],
+            "when": when,
+            "who": {"display": signer.who},
+            "sigFormat": "application/jose",
+            "data": base64.b64encode(detached.encode("ascii")).decode("ascii"),
+        },
+    }
+
+
+def verify(bundle: Mapping[str, Any], keys: Iterable[ECKey]) -> str:
+    """Check the Bundle's signature against trusted public keys; returns the signing ``kid``."""
+    signature = bundle.get("signature")
+    if not isinstance(signature, Mapping) or signature.get("sigFormat") != "application/jose":
+        raise SealError("the message carries no JWS signature")
+    try:
+        detached = base64.b64decode(str(signature.get("data", "")), validate=True).decode("ascii")
+        head, empty, sig = detached.split(".")
+    except (ValueError, UnicodeDecodeError):
+        raise SealError("the message signature is malformed") from None
+    if empty:
+        raise SealError("the JWS is not detached: refusing a signature that carries its own payload")
+    try:
+        header = orjson.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        raise SealError("the JWS header is malformed") from None
+    trusted = {str(k.kid): k for k in keys}
+    key = trusted.get(str(header.get("kid")))
+    if key is None:
+        raise SealError(f"the message is signed by an unknown key {header.get('kid')!r}")
+    unsigned = {k: v for k, v in bundle.items() if k != "signature"}
+    payload = base64.urlsafe_b64encode(canonical(unsigned)).rstrip(b"=").decode("ascii")
+    try:
+        jws.deserialize_compact(f"{head}.{payload}.{sig}", key, algorithms=["ES256"])
+    except JoseError:
+        raise SealError("the signature does not match the message: it was altered or signed by another key") from None
+    return str(key.kid)
