@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 from gateway.errors import GatewayError, IngestError, MappingError
 from gateway.mappings import Mappings, load_mappings
@@ -219,6 +220,31 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _receiver(args: argparse.Namespace) -> int:
+    import orjson
+    import uvicorn
+    from joserfc.jwk import ECKey
+
+    from gateway.receiver import create_receiver
+
+    keys = []
+    for path in args.trust or []:
+        try:
+            raw_key = _read_named(path)
+            keys.append(
+                ECKey.import_key(
+                    cast(dict[str, Any], orjson.loads(raw_key)) if raw_key.lstrip()[:1] == b"{" else raw_key
+                )
+            )
+        except (ValueError, TypeError) as exc:
+            raise IngestError(f"{path}: not a public EC key, JWK or PEM ({str(exc).splitlines()[0][:80]})") from None
+    if not keys:
+        _err("warning: no --trust key: message signatures are NOT checked")
+    endpoint = f"http://{args.host}:{args.port}/fhir"
+    uvicorn.run(create_receiver(args.db, keys, endpoint=endpoint), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -271,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8080)
     sv.set_defaults(handler=_serve)
+    rx = sub.add_parser("receiver", help="run a reference FHIR messaging recipient ($process-message)")
+    rx.add_argument("--host", default="127.0.0.1")
+    rx.add_argument("--port", type=int, default=8090)
+    rx.add_argument("--db", default="sqlite:///receiver.db", help="where received messages are kept")
+    rx.add_argument("--trust", action="append", metavar="KEY.jwk", help="public JWK of a trusted sender (repeatable)")
+    rx.set_defaults(handler=_receiver)
     dm = sub.add_parser("demo", help="translate the embedded sample letters and show the GP's change tables")
     dm.add_argument("--out", default="demo-out", help="directory for the output Bundles (default: demo-out)")
     dm.set_defaults(handler=_demo)

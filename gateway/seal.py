@@ -103,9 +103,9 @@ def verify(bundle: Mapping[str, Any], keys: Iterable[ECKey]) -> str:
     if key is None:
         raise SealError(f"the message is signed by an unknown key {header.get('kid')!r}")
     unsigned = {k: v for k, v in bundle.items() if k != "signature"}
-    payload = base64.urlsafe_b64encode(canonical(unsigned)).rstrip(b"=").decode("ascii")
     try:
-        jws.deserialize_compact(f"{head}.{payload}.{sig}", key, algorithms=["ES256"])
+        # the detached form (RFC 7515 appendix F): the payload is given beside the compact value
+        jws.deserialize_compact(f"{head}..{sig}", key, algorithms=["ES256"], payload=canonical(unsigned))
     except JoseError:
         raise SealError("the signature does not match the message: it was altered or signed by another key") from None
     return str(key.kid)

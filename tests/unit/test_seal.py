@@ -55,3 +55,10 @@ def test_the_same_content_signs_to_a_verifiable_seal_whatever_the_key_order(sign
     shuffled = {k: message[k] for k in reversed(list(message))}
     sealed = sign(message, signer, "2026-10-30T11:30:00+01:00")
     assert verify({**shuffled, "signature": sealed["signature"]}, [signer.key]) == signer.kid
+
+
+def test_large_messages_verify(signer: Signer) -> None:
+    """The GP's message carries the original letter (well over joserfc's compact-size limit)."""
+    message = copy.deepcopy(run("s1").messages["PractitionerRole-gp-roussel"])
+    sealed = sign(message, signer, "2026-10-30T11:30:00+01:00")
+    assert verify(sealed, [signer.key]) == signer.kid

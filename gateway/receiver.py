@@ -1,0 +1,120 @@
+"""``gateway receiver``: a reference FHIR messaging recipient (the far end for tests and the demo).
+
+``POST /$process-message`` takes a message Bundle, checks its seal against trusted keys, drops
+duplicates by ``MessageHeader.id`` (FHIR R4 reliable messaging: a resent message gets the *original*
+response, it is never processed twice), stores it, and answers a response message whose
+``MessageHeader.response`` says ``ok``.  A message it cannot accept gets a 4xx OperationOutcome
+(the sender must not resend it unchanged).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from joserfc.jwk import ECKey
+from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, create_engine, select
+from sqlalchemy.exc import IntegrityError
+
+from gateway.api.outcomes import FHIR_JSON, ApiError, install
+from gateway.package import EVENT
+from gateway.seal import SealError, verify
+
+__all__ = ["create_receiver"]
+
+Json = dict[str, Any]
+_metadata = MetaData()
+_received = Table(
+    "received_message",
+    _metadata,
+    Column("message_id", String(64), primary_key=True),
+    Column("bundle_id", String(64), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("response", Text, nullable=False),
+    Column("body", Text, nullable=False),
+)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON)
+
+
+def _response_message(request_header: Json, endpoint: str) -> Json:
+    header = {
+        "resourceType": "MessageHeader",
+        "id": str(uuid.uuid4()),
+        "eventCoding": request_header.get("eventCoding", EVENT),
+        "source": {"name": "reference-receiver", "endpoint": endpoint},
+        "response": {"identifier": request_header["id"], "code": "ok"},
+    }
+    return {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "type": "message",
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "entry": [{"fullUrl": f"urn:uuid:{header['id']}", "resource": header}],
+    }
+
+
+def create_receiver(
+    database_url: str, trusted_keys: Iterable[ECKey], *, endpoint: str = "http://127.0.0.1/fhir"
+) -> FastAPI:
+    """The receiver app; ``trusted_keys`` empty means signatures are not checked (tests of other parts only)."""
+    engine = create_engine(database_url, future=True)
+    _metadata.create_all(engine)
+    keys = list(trusted_keys)
+    app = FastAPI(title="Reference FHIR messaging receiver", version="0.1.0")
+    install(app)
+
+    @app.post("/$process-message")
+    async def process_message(request: Request) -> Response:
+        try:
+            bundle = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "structure", f"malformed JSON: {exc}") from None
+        entries = bundle.get("entry") if isinstance(bundle, dict) else None
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or bundle.get("type") != "message":
+            raise ApiError(400, "invalid", "the body must be a FHIR message Bundle (type message)")
+        header = entries[0].get("resource") if entries else None
+        if not isinstance(header, dict) or header.get("resourceType") != "MessageHeader" or not header.get("id"):
+            raise ApiError(400, "invalid", "a message Bundle starts with a MessageHeader that has an id")
+        if keys:
+            try:
+                verify(bundle, keys)
+            except SealError as exc:
+                raise ApiError(400, "security", exc.message) from None
+        with engine.begin() as conn:
+            seen = conn.execute(select(_received.c.response).where(_received.c.message_id == header["id"])).scalar()
+            if seen is not None:
+                return _json(orjson.loads(seen))  # a resend: the original answer, nothing processed again
+            response = _response_message(header, endpoint)
+            try:
+                conn.execute(
+                    _received.insert().values(
+                        message_id=header["id"],
+                        bundle_id=str(bundle.get("id", "")),
+                        received_at=datetime.now(UTC),
+                        response=orjson.dumps(response).decode(),
+                        body=orjson.dumps(bundle).decode(),
+                    )
+                )
+            except IntegrityError:  # a concurrent duplicate won the race: answer as it was answered
+                conn.rollback()
+                with engine.connect() as again:
+                    first = again.execute(select(_received.c.response).where(_received.c.message_id == header["id"]))
+                    return _json(orjson.loads(first.scalar_one()))
+        return _json(response)
+
+    @app.get("/messages")
+    def messages() -> Response:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(_received.c.message_id, _received.c.received_at).order_by(_received.c.received_at)
+            )
+            return _json([{"messageHeader": r.message_id, "received": r.received_at.isoformat()} for r in rows])
+
+    return app
