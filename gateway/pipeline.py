@@ -19,15 +19,15 @@ from gateway.consent import ConsentStore, Decision, decide
 from gateway.directory import Directory
 from gateway.errors import ProfileViolation, Where
 from gateway.mappings import Mappings
-from gateway.model import Issue
-from gateway.policy import policy_from
+from gateway.model import Ident, Issue
+from gateway.policy import Policy, policy_from
 from gateway.redact import View
-from gateway.route import Routing, route
+from gateway.route import Routed, Routing, route
 from gateway.settings import Settings
 from gateway.translate import Translation, translate
 from gateway.translate.ids import resource_id, urn
 
-__all__ = ["Dispatch", "Result", "dispatch_letter", "translate_letter"]
+__all__ = ["Cut", "Dispatch", "Prepared", "Result", "cut_for", "dispatch_letter", "prepare", "translate_letter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +104,90 @@ class Dispatch:
         return not self.routing.exceptions
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A translated, labelled letter ready to be cut for any recipient (shared, never mutated)."""
+
+    result: Result
+    resources: list[dict[str, Any]]
+    letter_key: str
+    patient_ids: frozenset[tuple[str, str]]
+    related: list[dict[str, Any]]
+    scanner: redact.MedicalScanner
+    rules: label.LabelRules
+    policy: Policy
+
+    @property
+    def patient(self) -> Ident:
+        return self.result.translation.letter.patient.ids[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """One recipient's decision, view and message (None: nothing may be sent), and its audit event."""
+
+    decision: Decision
+    view: View
+    message: dict[str, Any] | None
+    event: dict[str, Any]
+
+
+def prepare(
+    raw: bytes,
+    *,
+    name: str,
+    mappings: Mappings,
+    settings: Settings,
+    prior: Sequence[tuple[bytes, str]] = (),
+    now: datetime | None = None,
+) -> Prepared:
+    """ingest → translate → label → validate, plus what every recipient's cut needs."""
+    result = translate_letter(raw, name=name, mappings=mappings, settings=settings, prior=prior, now=now)
+    resources = [e["resource"] for e in result.bundle["entry"]]
+    letter = result.translation.letter
+    return Prepared(
+        result,
+        resources,
+        f"{letter.doc_id.system}|{letter.doc_id.value}",
+        frozenset((i.system, i.value) for i in letter.patient.ids),
+        [r for r in resources if r["resourceType"] == "RelatedPerson"],
+        redact.scanner_from(mappings).with_drugs(resources),
+        label.rules_from(mappings),
+        policy_from(mappings),
+    )
+
+
+def cut_for(
+    prepared: Prepared,
+    routed: Routed,
+    at: datetime,
+    consents: ConsentStore,
+    settings: Settings,
+    cutter: Callable[..., View] = redact.cut,
+) -> Cut:
+    """consent → redact → package for one recipient, at send time, with its audit event."""
+    recorded = at.isoformat(timespec="seconds")
+    decision = decide(prepared.patient_ids, routed.recipient, at, consents, prepared.policy, related=prepared.related)
+    view = cutter(prepared.resources, decision, routed, prepared.rules, prepared.scanner)
+    message = None
+    if decision.categories and view.communication is not None:
+        message = package.message(
+            view, prepared.letter_key, recorded, package.Sender(endpoint=settings.public_url), prepared.rules.system
+        )
+        validate.check(message["entry"][0]["resource"], fhir_json=True)
+        if settings.strict_validation:
+            broken = invariants.violations(message)
+            if broken:
+                raise ProfileViolation(f"message for {routed.recipient.id} breaks {broken[0]}")
+        for res in view.resources:
+            if res["id"] in view.changed and res["id"] not in view.checked:
+                validate.check(res, fhir_json=True)
+    event = audit.disclosure_event(
+        view, decision, prepared.patient, prepared.letter_key, recorded, message, routed.reasons
+    )
+    return Cut(decision, view, message, event)
+
+
 def dispatch_letter(
     raw: bytes,
     *,
@@ -122,44 +206,23 @@ def dispatch_letter(
     ``cutter`` is the redaction stage; tests inject a broken one to prove the leak checks can fail.
     """
     when = at or datetime.now(UTC)
-    result = translate_letter(raw, name=name, mappings=mappings, settings=settings, prior=prior, now=when)
-    resources = [e["resource"] for e in result.bundle["entry"]]
-    policy = policy_from(mappings)
-    rules = label.rules_from(mappings)
-    scanner = redact.scanner_from(mappings).with_drugs(resources)
-    letter = result.translation.letter
-    letter_key = f"{letter.doc_id.system}|{letter.doc_id.value}"
+    prepared = prepare(raw, name=name, mappings=mappings, settings=settings, prior=prior, now=when)
     recorded = when.isoformat(timespec="seconds")
-    patient_ids = {(i.system, i.value) for i in letter.patient.ids}
-    related = [r for r in resources if r["resourceType"] == "RelatedPerson"]
-    routing = route(resources, directory, policy, fallback)
+    routing = route(prepared.resources, directory, prepared.policy, fallback)
+    events = [
+        audit.route_event(event, prepared.patient, prepared.letter_key, recorded, index)
+        for index, event in enumerate(routing.events)
+    ]
     messages: dict[str, dict[str, Any]] = {}
     decisions: dict[str, Decision] = {}
     views: dict[str, View] = {}
-    events: list[dict[str, Any]] = []
-    for index, event in enumerate(routing.events):
-        events.append(audit.route_event(event, letter.patient.ids[0], letter_key, recorded, index))
     for routed in routing.routed:
-        decision = decide(patient_ids, routed.recipient, when, consents, policy, related=related)
-        view = cutter(resources, decision, routed, rules, scanner)
-        message = None
-        if decision.categories and view.communication is not None:
-            message = package.message(
-                view, letter_key, recorded, package.Sender(endpoint=settings.public_url), rules.system
-            )
-            header = message["entry"][0]["resource"]
-            validate.check(header, fhir_json=True)
-            if settings.strict_validation:
-                broken = invariants.violations(message)
-                if broken:
-                    raise ProfileViolation(f"message for {routed.recipient.id} breaks {broken[0]}")
-            for res in view.resources:
-                if res["id"] in view.changed and res["id"] not in view.checked:
-                    validate.check(res, fhir_json=True)
-            messages[routed.recipient.id] = message
-        decisions[routed.recipient.id] = decision
-        views[routed.recipient.id] = view
-        events.append(
-            audit.disclosure_event(view, decision, letter.patient.ids[0], letter_key, recorded, message, routed.reasons)
-        )
-    return Dispatch(messages, audit.audit_bundle(events, letter_key, recorded), routing, decisions, views, result)
+        cut = cut_for(prepared, routed, when, consents, settings, cutter)
+        if cut.message is not None:
+            messages[routed.recipient.id] = cut.message
+        decisions[routed.recipient.id] = cut.decision
+        views[routed.recipient.id] = cut.view
+        events.append(cut.event)
+    return Dispatch(
+        messages, audit.audit_bundle(events, prepared.letter_key, recorded), routing, decisions, views, prepared.result
+    )

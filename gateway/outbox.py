@@ -1,0 +1,293 @@
+"""The transactional outbox: letters, their per-recipient deliveries, and the audit, in one database.
+
+A letter is accepted only once this module has committed it together with one delivery row per
+routed recipient and the audit events of that decision — in a single transaction, so a crash at any
+point leaves either everything or nothing.  Workers then *claim* due deliveries (``FOR UPDATE SKIP
+LOCKED`` on PostgreSQL, so several gateway processes share the work without sending a message twice;
+SQLite serialises writers), build the message at send time with the consents valid then, and record
+each attempt.
+
+Delivery states: ``queued`` → ``sending`` (claimed) → ``acknowledged`` | ``failed-retrying`` (back to due
+later) | ``dead-lettered`` (retries exhausted or a permanent refusal; replayable) | ``withheld``
+(consent allows nothing at send time).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+
+__all__ = ["STATES", "Delivery", "Outbox"]
+
+STATES = ("queued", "sending", "acknowledged", "failed-retrying", "dead-lettered", "withheld")
+_metadata = MetaData()
+_letters = Table(
+    "letter",
+    _metadata,
+    Column("id", String(64), primary_key=True),
+    Column("document_key", String(512), nullable=False, unique=True),  # system|value of the letter's id
+    Column("set_key", String(512), nullable=True),
+    Column("version", Integer, nullable=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("client", String(128), nullable=False),
+    Column("media_type", String(64), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("replaces", String(64), nullable=True),  # an earlier letter id of the same set
+)
+_deliveries = Table(
+    "delivery",
+    _metadata,
+    Column("message_id", String(64), primary_key=True),  # MessageHeader.id, the same on every retry
+    Column("letter_id", String(64), ForeignKey("letter.id"), nullable=False, index=True),
+    Column("recipient_id", String(256), nullable=False),
+    Column("recipient_ref", String(512), nullable=False),
+    Column("endpoint", String(1024), nullable=False),
+    Column("status", String(32), nullable=False, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("due_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_at", DateTime(timezone=True), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("replaces", String(64), nullable=True),  # message id of the earlier version's delivery
+)
+_audit = Table(
+    "audit_event",
+    _metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False),
+    Column("recorded", DateTime(timezone=True), nullable=False),
+    Column("letter_id", String(64), nullable=True, index=True),
+    Column("body", Text, nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    message_id: str
+    letter_id: str
+    recipient_id: str
+    recipient_ref: str
+    endpoint: str
+    status: str
+    attempts: int
+    due_at: datetime
+    updated_at: datetime
+    last_error: str | None
+    replaces: str | None
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(
+        row.message_id,
+        row.letter_id,
+        row.recipient_id,
+        row.recipient_ref,
+        row.endpoint,
+        row.status,
+        row.attempts,
+        _aware(row.due_at),
+        _aware(row.updated_at),
+        row.last_error,
+        row.replaces,
+    )
+
+
+class Outbox:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        _metadata.create_all(engine)
+
+    # -- accepting --------------------------------------------------------------------------------
+    def find_letter(self, document_key: str) -> str | None:
+        with self.engine.connect() as conn:
+            found = conn.execute(select(_letters.c.id).where(_letters.c.document_key == document_key)).scalar()
+            return str(found) if found else None
+
+    def accept(
+        self,
+        *,
+        document_key: str,
+        set_key: str | None,
+        version: int | None,
+        client: str,
+        media_type: str,
+        body: bytes,
+        deliveries: Sequence[tuple[str, str, str, str]],  # (message id, recipient id, recipient ref, endpoint)
+        audit_events: Sequence[dict[str, Any]],
+        now: datetime,
+    ) -> tuple[str, bool]:
+        """Store a letter, its deliveries and its audit in one transaction; (letter id, created?)."""
+        with self.engine.begin() as conn:
+            existing = conn.execute(select(_letters.c.id).where(_letters.c.document_key == document_key)).scalar()
+            if existing:
+                return str(existing), False
+            earlier = None
+            if set_key is not None and version is not None:
+                earlier = conn.execute(
+                    select(_letters.c.id)
+                    .where(and_(_letters.c.set_key == set_key, _letters.c.version < version))
+                    .order_by(_letters.c.version.desc())
+                ).scalar()
+            letter_id = str(uuid.uuid4())
+            conn.execute(
+                _letters.insert().values(
+                    id=letter_id, document_key=document_key, set_key=set_key, version=version, received_at=now,
+                    client=client, media_type=media_type, body=body, replaces=earlier,
+                )
+            )
+            previous = self._previous_messages(conn, earlier) if earlier else {}
+            for message_id, recipient_id, recipient_ref, endpoint in deliveries:
+                conn.execute(
+                    _deliveries.insert().values(
+                        message_id=message_id, letter_id=letter_id, recipient_id=recipient_id,
+                        recipient_ref=recipient_ref, endpoint=endpoint, status="queued", attempts=0, due_at=now,
+                        updated_at=now, replaces=previous.get(recipient_id),
+                    )
+                )
+            self._append_audit(conn, audit_events, letter_id, now)
+        return letter_id, True
+
+    def _previous_messages(self, conn: Connection, letter_id: str) -> dict[str, str]:
+        rows = conn.execute(
+            select(_deliveries.c.recipient_id, _deliveries.c.message_id).where(_deliveries.c.letter_id == letter_id)
+        )
+        return {r.recipient_id: r.message_id for r in rows}
+
+    def _append_audit(self, conn: Connection, events: Sequence[dict[str, Any]], letter_id: str | None, now: datetime) -> None:
+        for event in events:
+            conn.execute(
+                _audit.insert().values(id=event["id"], recorded=now, letter_id=letter_id, body=orjson.dumps(event).decode())
+            )
+
+    def audit(self, events: Sequence[dict[str, Any]], letter_id: str | None = None, now: datetime | None = None) -> None:
+        with self.engine.begin() as conn:
+            self._append_audit(conn, events, letter_id, now or datetime.now(UTC))
+
+    def audit_events(self, letter_id: str | None = None) -> list[dict[str, Any]]:
+        stmt = select(_audit.c.body).order_by(_audit.c.seq)
+        if letter_id is not None:
+            stmt = stmt.where(_audit.c.letter_id == letter_id)
+        with self.engine.connect() as conn:
+            return [orjson.loads(r.body) for r in conn.execute(stmt)]
+
+    # -- reading ----------------------------------------------------------------------------------
+    def letter(self, letter_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_letters).where(_letters.c.id == letter_id)).first()
+            if row is None:
+                return None
+            deliveries = conn.execute(
+                select(_deliveries).where(_deliveries.c.letter_id == letter_id).order_by(_deliveries.c.recipient_id)
+            )
+            return {
+                "id": row.id,
+                "document": row.document_key,
+                "version": row.version,
+                "replaces": row.replaces,
+                "received": _aware(row.received_at).isoformat(),
+                "client": row.client,
+                "deliveries": [_delivery(d) for d in deliveries],
+            }
+
+    def letter_body(self, letter_id: str) -> tuple[bytes, str] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_letters.c.body, _letters.c.media_type).where(_letters.c.id == letter_id)).first()
+            return (bytes(row.body), str(row.media_type)) if row else None
+
+    # -- delivering -------------------------------------------------------------------------------
+    def claim(self, worker: str, now: datetime, limit: int = 10, lease: timedelta = timedelta(minutes=2)) -> list[Delivery]:
+        """Due deliveries, marked ``sending`` by this worker (a crashed worker's lease expires)."""
+        due = or_(
+            and_(_deliveries.c.status.in_(("queued", "failed-retrying")), _deliveries.c.due_at <= now),
+            and_(_deliveries.c.status == "sending", _deliveries.c.claimed_at < now - lease),
+        )
+        with self.engine.begin() as conn:
+            stmt = select(_deliveries.c.message_id).where(due).order_by(_deliveries.c.due_at).limit(limit)
+            if self.engine.dialect.name == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=True)
+            ids = [r.message_id for r in conn.execute(stmt)]
+            if not ids:
+                return []
+            conn.execute(
+                update(_deliveries)
+                .where(and_(_deliveries.c.message_id.in_(ids), due))
+                .values(status="sending", claimed_by=worker, claimed_at=now, updated_at=now)
+            )
+            rows = conn.execute(
+                select(_deliveries).where(and_(_deliveries.c.message_id.in_(ids), _deliveries.c.claimed_by == worker))
+            )
+            return [_delivery(r) for r in rows if r.status == "sending"]
+
+    def finish(
+        self,
+        message_id: str,
+        worker: str,
+        status: str,
+        now: datetime,
+        *,
+        error: str | None = None,
+        due_at: datetime | None = None,
+        audit_events: Sequence[dict[str, Any]] = (),
+    ) -> bool:
+        """Record an attempt's outcome (only by the worker holding the claim); False if it lost the claim."""
+        assert status in STATES
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(_deliveries)
+                .where(and_(_deliveries.c.message_id == message_id, _deliveries.c.claimed_by == worker,
+                            _deliveries.c.status == "sending"))
+                .values(
+                    status=status, attempts=_deliveries.c.attempts + 1, updated_at=now, last_error=error,
+                    due_at=due_at or now, claimed_by=None, claimed_at=None,
+                )
+            )
+            if result.rowcount != 1:
+                return False
+            letter_id = conn.execute(
+                select(_deliveries.c.letter_id).where(_deliveries.c.message_id == message_id)
+            ).scalar()
+            self._append_audit(conn, audit_events, letter_id, now)
+        return True
+
+    def replay(self, message_id: str, now: datetime) -> bool:
+        """Put a dead-lettered delivery back in the queue."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(_deliveries)
+                .where(and_(_deliveries.c.message_id == message_id, _deliveries.c.status == "dead-lettered"))
+                .values(status="queued", due_at=now, updated_at=now, attempts=0, last_error=None)
+            )
+            return result.rowcount == 1
+
+    def deliveries(self, status: str | None = None) -> list[Delivery]:
+        stmt = select(_deliveries).order_by(_deliveries.c.updated_at)
+        if status is not None:
+            stmt = stmt.where(_deliveries.c.status == status)
+        with self.engine.connect() as conn:
+            return [_delivery(r) for r in conn.execute(stmt)]
