@@ -202,3 +202,30 @@ def audit_bundle(events: Iterable[Json], letter_key: str, recorded: str) -> Json
         "timestamp": recorded,
         "entry": [{"fullUrl": urn(e["id"]), "resource": e} for e in items],
     }
+
+
+def refusal_event(issue_code: str, text: str, client: str, recorded: str) -> Json:
+    """A letter refused at the door (malformed, unsafe, unknown...): audited, with no content kept."""
+    return {
+        "resourceType": "AuditEvent",
+        "id": resource_id("AuditEvent", "refusal", client, recorded, text),
+        "meta": {"security": [{"system": CATEGORY_SYSTEM, "code": "logistics"}]},
+        "text": nv.generated(nv.para(f"Lettre refusée : {text}")),
+        "type": {"system": DCM, "code": "110107", "display": "Import"},
+        "subtype": [{"system": LIFECYCLE, "code": "receive", "display": "Receive"}],
+        "action": "C",
+        "recorded": recorded,
+        "outcome": "4",
+        "outcomeDesc": f"refused ({issue_code}): {text}",
+        "agent": [
+            {
+                "type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
+                "who": {"display": client},
+                "requestor": True,
+            },
+        ],
+        "source": {
+            "observer": OBSERVER,
+            "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+    }

@@ -157,17 +157,31 @@ class Outbox:
             letter_id = str(uuid.uuid4())
             conn.execute(
                 _letters.insert().values(
-                    id=letter_id, document_key=document_key, set_key=set_key, version=version, received_at=now,
-                    client=client, media_type=media_type, body=body, replaces=earlier,
+                    id=letter_id,
+                    document_key=document_key,
+                    set_key=set_key,
+                    version=version,
+                    received_at=now,
+                    client=client,
+                    media_type=media_type,
+                    body=body,
+                    replaces=earlier,
                 )
             )
             previous = self._previous_messages(conn, earlier) if earlier else {}
             for message_id, recipient_id, recipient_ref, endpoint in deliveries:
                 conn.execute(
                     _deliveries.insert().values(
-                        message_id=message_id, letter_id=letter_id, recipient_id=recipient_id,
-                        recipient_ref=recipient_ref, endpoint=endpoint, status="queued", attempts=0, due_at=now,
-                        updated_at=now, replaces=previous.get(recipient_id),
+                        message_id=message_id,
+                        letter_id=letter_id,
+                        recipient_id=recipient_id,
+                        recipient_ref=recipient_ref,
+                        endpoint=endpoint,
+                        status="queued",
+                        attempts=0,
+                        due_at=now,
+                        updated_at=now,
+                        replaces=previous.get(recipient_id),
                     )
                 )
             self._append_audit(conn, audit_events, letter_id, now)
@@ -179,13 +193,19 @@ class Outbox:
         )
         return {r.recipient_id: r.message_id for r in rows}
 
-    def _append_audit(self, conn: Connection, events: Sequence[dict[str, Any]], letter_id: str | None, now: datetime) -> None:
+    def _append_audit(
+        self, conn: Connection, events: Sequence[dict[str, Any]], letter_id: str | None, now: datetime
+    ) -> None:
         for event in events:
             conn.execute(
-                _audit.insert().values(id=event["id"], recorded=now, letter_id=letter_id, body=orjson.dumps(event).decode())
+                _audit.insert().values(
+                    id=event["id"], recorded=now, letter_id=letter_id, body=orjson.dumps(event).decode()
+                )
             )
 
-    def audit(self, events: Sequence[dict[str, Any]], letter_id: str | None = None, now: datetime | None = None) -> None:
+    def audit(
+        self, events: Sequence[dict[str, Any]], letter_id: str | None = None, now: datetime | None = None
+    ) -> None:
         with self.engine.begin() as conn:
             self._append_audit(conn, events, letter_id, now or datetime.now(UTC))
 
@@ -221,7 +241,9 @@ class Outbox:
             return (bytes(row.body), str(row.media_type)) if row else None
 
     # -- delivering -------------------------------------------------------------------------------
-    def claim(self, worker: str, now: datetime, limit: int = 10, lease: timedelta = timedelta(minutes=2)) -> list[Delivery]:
+    def claim(
+        self, worker: str, now: datetime, limit: int = 10, lease: timedelta = timedelta(minutes=2)
+    ) -> list[Delivery]:
         """Due deliveries, marked ``sending`` by this worker (a crashed worker's lease expires)."""
         due = or_(
             and_(_deliveries.c.status.in_(("queued", "failed-retrying")), _deliveries.c.due_at <= now),
@@ -260,11 +282,21 @@ class Outbox:
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(_deliveries)
-                .where(and_(_deliveries.c.message_id == message_id, _deliveries.c.claimed_by == worker,
-                            _deliveries.c.status == "sending"))
+                .where(
+                    and_(
+                        _deliveries.c.message_id == message_id,
+                        _deliveries.c.claimed_by == worker,
+                        _deliveries.c.status == "sending",
+                    )
+                )
                 .values(
-                    status=status, attempts=_deliveries.c.attempts + 1, updated_at=now, last_error=error,
-                    due_at=due_at or now, claimed_by=None, claimed_at=None,
+                    status=status,
+                    attempts=_deliveries.c.attempts + 1,
+                    updated_at=now,
+                    last_error=error,
+                    due_at=due_at or now,
+                    claimed_by=None,
+                    claimed_at=None,
                 )
             )
             if result.rowcount != 1:

@@ -71,6 +71,7 @@ def create_receiver(
     install(app)
 
     @app.post("/$process-message")
+    @app.post("/{mailbox:path}/$process-message")  # one receiver may serve several recipients' endpoints
     async def process_message(request: Request) -> Response:
         try:
             bundle = orjson.loads(await request.body())

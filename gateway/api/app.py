@@ -9,7 +9,9 @@ and ``$process-message``.  Callers authenticate with an API key (``Authorization
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
@@ -17,6 +19,8 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 
 from gateway import validate
 from gateway.api.outcomes import FHIR_JSON, ApiError, install
+from gateway.mappings import Mappings
+from gateway.outbox import Outbox
 from gateway.settings import Settings
 from gateway.store import STORED_TYPES, ResourceStore
 
@@ -29,7 +33,21 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON, headers=headers)
 
 
-def create_app(settings: Settings, store: ResourceStore) -> FastAPI:
+ACCEPTED = {
+    "application/hl7-cda+xml",
+    "application/xml",
+    "text/xml",
+    "application/fhir+json",
+    "application/json",
+}
+
+
+def create_app(
+    settings: Settings,
+    store: ResourceStore,
+    outbox: Outbox | None = None,
+    mappings: Mappings | None = None,
+) -> FastAPI:
     app = FastAPI(
         title="Discharge gateway",
         version="0.1.0",
@@ -59,6 +77,20 @@ def create_app(settings: Settings, store: ResourceStore) -> FastAPI:
 
     reader = Depends(role("admin", "auditor"))
     writer = Depends(role("admin"))
+    pusher = Depends(role("his", "admin"))
+    status_reader = Depends(role("his", "admin", "auditor"))
+
+    def client_of(
+        authorization: Annotated[str | None, Header()] = None,
+        x_api_key: Annotated[str | None, Header()] = None,
+    ) -> str:
+        key = x_api_key or (
+            authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else ""
+        )
+        return "client-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    if outbox is not None and mappings is not None:
+        _letters(app, settings, store, outbox, mappings, pusher, status_reader, client_of)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Json:
@@ -178,6 +210,112 @@ def create_app(settings: Settings, store: ResourceStore) -> FastAPI:
         )
 
     return app
+
+
+def _letters(
+    app: FastAPI,
+    settings: Settings,
+    store: ResourceStore,
+    outbox: Outbox,
+    mappings: Mappings,
+    pusher: Any,
+    status_reader: Any,
+    client_of: Callable[..., str],
+) -> None:
+    """POST /letters (accepted only once stored with its deliveries and audit) and GET /letters/{id}."""
+    from gateway import audit
+    from gateway.errors import GatewayError
+    from gateway.pipeline import prepare
+    from gateway.policy import policy_from
+    from gateway.route import route
+    from gateway.store import directory_from_store
+    from gateway.translate.ids import resource_id
+
+    @app.post("/letters", status_code=202)
+    async def push_letter(
+        request: Request, roles: frozenset[str] = pusher, client: str = Depends(client_of)
+    ) -> Response:
+        now = datetime.now(UTC)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if media_type not in ACCEPTED:
+                raise ApiError(
+                    415, "not-supported", f"content type {media_type or '(none)'!r}: send CDA XML or FHIR JSON"
+                )
+            raw = await request.body()
+            if len(raw) > settings.max_document_bytes:
+                raise ApiError(413, "too-long", f"letter over the {settings.max_document_bytes}-byte limit")
+            prepared = prepare(raw, name="letter", mappings=mappings, settings=settings, now=now)
+        except GatewayError as error:
+            outbox.audit(
+                [
+                    audit.refusal_event(
+                        error.issue_code if not isinstance(error, ApiError) else error.code,
+                        " ".join(error.message.split())[:300],
+                        client,
+                        now.isoformat(),
+                    )
+                ]
+            )
+            raise
+        policy = policy_from(mappings)
+        routing = route(prepared.resources, directory_from_store(store, policy), policy)
+        letter = prepared.result.translation.letter
+        recorded = now.isoformat(timespec="seconds")
+        events = [
+            audit.route_event(e, prepared.patient, prepared.letter_key, recorded, i)
+            for i, e in enumerate(routing.events)
+        ]
+        deliveries = [
+            (
+                resource_id("MessageHeader", prepared.letter_key, r.recipient.id),
+                r.recipient.id,
+                r.recipient.ref,
+                r.recipient.endpoint.address if r.recipient.endpoint else "",
+            )
+            for r in routing.routed
+        ]
+        set_key = f"{letter.set_id.system}|{letter.set_id.value}" if letter.set_id else None
+        letter_id, created = outbox.accept(
+            document_key=prepared.letter_key,
+            set_key=set_key,
+            version=letter.version,
+            client=client,
+            media_type=media_type,
+            body=raw,
+            deliveries=deliveries,
+            audit_events=events,
+            now=now,
+        )
+        body = {
+            "letterId": letter_id,
+            "status": f"/letters/{letter_id}",
+            "duplicate": not created,
+            "recipients": len(deliveries),
+            "routingExceptions": [e.text for e in routing.exceptions],
+        }
+        return _json(body, 202 if created else 200, {"Location": f"/letters/{letter_id}"})
+
+    @app.get("/letters/{letter_id}")
+    def letter_status(
+        letter_id: str, roles: frozenset[str] = status_reader, client: str = Depends(client_of)
+    ) -> Response:
+        found = outbox.letter(letter_id)
+        if found is None or (roles == frozenset({"his"}) and found["client"] != client):
+            raise ApiError(404, "not-found", f"letter {letter_id} not found")
+        found["deliveries"] = [
+            {
+                "recipient": d.recipient_id,
+                "messageHeader": d.message_id,
+                "status": d.status,
+                "attempts": d.attempts,
+                "updated": d.updated_at.isoformat(),
+                "lastError": d.last_error,
+                "replaces": d.replaces,
+            }
+            for d in found["deliveries"]
+        ]
+        return _json(found)
 
 
 def _matches(identifier: Any, system: str, value: str) -> bool:

@@ -1,0 +1,165 @@
+"""Stage — deliver: claim due deliveries from the outbox, cut each message at send time, seal, send.
+
+The consent decision is taken now, with the consents valid now (an objection recorded after the
+letter was accepted still applies).  Retries are bounded, spaced by exponential backoff with jitter
+(tenacity's wait strategy) or the receiver's ``Retry-After``; a permanent refusal or exhausted retries
+dead-letter the delivery (visible and replayable); one dead recipient never blocks the others.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import orjson
+from tenacity import wait_exponential_jitter
+
+from gateway import seal
+from gateway.directory import Directory
+from gateway.mappings import Mappings
+from gateway.outbox import Delivery, Outbox
+from gateway.pipeline import Prepared, cut_for, prepare
+from gateway.policy import policy_from
+from gateway.route import Routed, route
+from gateway.settings import Settings
+from gateway.store import ResourceStore, SqlConsentStore, directory_from_store
+from gateway.transports import Transport, transport_for
+
+__all__ = ["Deliverer", "RetryPolicy"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 8
+    initial: float = 2.0  # seconds
+    maximum: float = 600.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds before attempt ``attempt + 1`` (exponential with jitter, tenacity's strategy)."""
+        wait = wait_exponential_jitter(multiplier=self.initial, max=self.maximum, jitter=self.initial)
+        return float(wait(_Attempt(attempt)))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    attempt_number: int
+
+
+class Deliverer:
+    """One delivery worker (several may run, in one or many processes, on the same database)."""
+
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        store: ResourceStore,
+        mappings: Mappings,
+        settings: Settings,
+        signer: seal.Signer,
+        transports: Mapping[str, Transport],
+        retry: RetryPolicy = RetryPolicy(),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.outbox, self.store, self.mappings, self.settings = outbox, store, mappings, settings
+        self.signer, self.transports, self.retry, self.clock = signer, dict(transports), retry, clock
+        self.worker = f"worker-{uuid.uuid4()}"
+        self._prepared: OrderedDict[str, Prepared] = OrderedDict()
+        self._stop = threading.Event()
+
+    def _letter(self, letter_id: str) -> Prepared:
+        if letter_id not in self._prepared:
+            stored = self.outbox.letter_body(letter_id)
+            assert stored is not None, "a delivery always has its letter"
+            self._prepared[letter_id] = prepare(
+                stored[0], name=f"letter-{letter_id}", mappings=self.mappings, settings=self.settings
+            )
+            while len(self._prepared) > 64:
+                self._prepared.popitem(last=False)
+        return self._prepared[letter_id]
+
+    def run_once(self, limit: int = 10) -> int:
+        """Claim and attempt the due deliveries; how many were attempted."""
+        now = self.clock()
+        claimed = self.outbox.claim(self.worker, now, limit)
+        if not claimed:
+            return 0
+        directory = directory_from_store(self.store, policy_from(self.mappings))
+        consents = SqlConsentStore(self.store)
+        for delivery in claimed:
+            self._attempt(delivery, directory, consents)
+        return len(claimed)
+
+    def _attempt(self, delivery: Delivery, directory: Directory, consents: SqlConsentStore) -> None:
+        now = self.clock()
+        prepared = self._letter(delivery.letter_id)
+        recipient = directory.get(delivery.recipient_id)
+        if recipient is None or recipient.endpoint is None:
+            self.outbox.finish(
+                delivery.message_id,
+                self.worker,
+                "dead-lettered",
+                now,
+                error="recipient no longer in the directory, or without endpoint",
+            )
+            return
+        routed = next(
+            (r for r in route(prepared.resources, directory, prepared.policy).routed if r.recipient.id == recipient.id),
+            Routed(recipient, ("destinataire",)),
+        )
+        cut = cut_for(prepared, routed, now, consents, self.settings)
+        if cut.message is None:
+            self.outbox.finish(
+                delivery.message_id,
+                self.worker,
+                "withheld",
+                now,
+                error="consent allows nothing at send time",
+                audit_events=[cut.event],
+            )
+            return
+        if cut.message["entry"][0]["resource"]["id"] != delivery.message_id:
+            raise AssertionError("message identity must be stable across attempts")
+        sealed = seal.sign(cut.message, self.signer, now.isoformat(timespec="seconds"))
+        outcome = transport_for(recipient.endpoint.address, self.transports).send(
+            orjson.dumps(sealed), recipient.endpoint.address, delivery.message_id
+        )
+        event = {
+            **cut.event,
+            "outcomeDesc": f"{cut.event['outcomeDesc']}; attempt {delivery.attempts + 1}: {outcome.detail}",
+        }
+        if outcome.kind != "ok":
+            event["outcome"] = "4" if outcome.kind == "transient" else "8"
+        if outcome.kind == "ok":
+            self.outbox.finish(delivery.message_id, self.worker, "acknowledged", now, audit_events=[event])
+        elif outcome.kind == "transient" and delivery.attempts + 1 < self.retry.max_attempts:
+            wait = max(outcome.retry_after or 0.0, self.retry.delay(delivery.attempts + 1))
+            self.outbox.finish(
+                delivery.message_id,
+                self.worker,
+                "failed-retrying",
+                now,
+                error=outcome.detail,
+                due_at=now + timedelta(seconds=wait),
+                audit_events=[event],
+            )
+        else:
+            reason = outcome.detail if outcome.kind == "permanent" else f"retries exhausted: {outcome.detail}"
+            self.outbox.finish(
+                delivery.message_id, self.worker, "dead-lettered", now, error=reason, audit_events=[event]
+            )
+
+    def run_forever(self, idle: float = 0.2) -> None:
+        while not self._stop.is_set():
+            if self.run_once() == 0:
+                self._stop.wait(idle)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        for transport in self.transports.values():
+            transport.close()
