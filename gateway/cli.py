@@ -205,18 +205,41 @@ def _mappings_check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import threading
+
     import uvicorn
 
     from gateway.api.app import create_app
-    from gateway.store import ResourceStore
+    from gateway.deliver import Deliverer
+    from gateway.outbox import Outbox
+    from gateway.seal import Signer, generate_key, load_key
+    from gateway.store import ResourceStore, make_engine
+    from gateway.transports.http import HttpTransport
 
     settings = Settings.from_env()
-    _load(settings)  # refuse to start on a bad mapping
+    mappings = _load(settings)  # refuse to start on a bad mapping
     if not settings.api_keys:
         _err("warning: no API key configured (GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE): every call will get 401")
-    uvicorn.run(
-        create_app(settings, ResourceStore(settings.database_url)), host=args.host, port=args.port, log_level="info"
+    if settings.signing_key_file is not None:
+        key = load_key(_read_named(str(settings.signing_key_file)))
+    else:
+        _err("warning: no GATEWAY_SIGNING_KEY_FILE: messages are signed with a throw-away key")
+        key = generate_key()
+    engine = make_engine(settings.database_url)
+    store, outbox = ResourceStore(engine=engine), Outbox(engine)
+    worker = Deliverer(
+        outbox=outbox,
+        store=store,
+        mappings=mappings,
+        settings=settings,
+        signer=Signer(key),
+        transports={"http": HttpTransport(), "https": HttpTransport()},
     )
+    threading.Thread(target=worker.run_forever, name="delivery", daemon=True).start()
+    try:
+        uvicorn.run(create_app(settings, store, outbox, mappings), host=args.host, port=args.port, log_level="info")
+    finally:
+        worker.stop()
     return 0
 
 

@@ -24,7 +24,7 @@ from joserfc.jwk import ECKey
 
 from gateway.errors import GatewayError
 
-__all__ = ["SealError", "Signer", "canonical", "generate_key", "sign", "verify"]
+__all__ = ["SealError", "Signer", "canonical", "generate_key", "load_key", "sign", "verify"]
 
 Json = dict[str, Any]
 SIGNATURE_TYPE = {
@@ -49,6 +49,16 @@ def generate_key() -> ECKey:
     """A new P-256 signing key (its ``kid`` is its RFC 7638 thumbprint)."""
     key = ECKey.generate_key("P-256", auto_kid=True)
     return key
+
+
+def load_key(data: bytes) -> ECKey:
+    """A P-256 key from a JWK (JSON) or PEM file's bytes."""
+    try:
+        if data.lstrip()[:1] == b"{":
+            return ECKey.import_key(orjson.loads(data))
+        return ECKey.import_key(data)
+    except (ValueError, TypeError, JoseError, orjson.JSONDecodeError) as exc:
+        raise SealError(f"not an EC key (JWK or PEM): {str(exc).splitlines()[0][:80]}") from None
 
 
 @dataclass(frozen=True, slots=True)

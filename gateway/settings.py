@@ -34,6 +34,7 @@ class Settings:
     public_url: str = DEFAULT_PUBLIC_URL  # the gateway's own FHIR endpoint (MessageHeader.source.endpoint)
     database_url: str = "sqlite:///gateway.db"
     api_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)  # key -> roles
+    signing_key_file: Path | None = None  # the gateway's P-256 signing key (JWK or PEM)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -69,6 +70,7 @@ class Settings:
             public_url,
             env.get("GATEWAY_DATABASE_URL", "sqlite:///gateway.db"),
             parse_api_keys(keys_text),
+            Path(env["GATEWAY_SIGNING_KEY_FILE"]) if env.get("GATEWAY_SIGNING_KEY_FILE") else None,
         )
 
 

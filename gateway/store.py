@@ -34,7 +34,7 @@ from gateway.consent import ConsentVersion, _instant
 from gateway.directory import Directory
 from gateway.policy import Policy
 
-__all__ = ["DIRECTORY_TYPES", "ResourceStore", "SqlConsentStore", "directory_from_store"]
+__all__ = ["DIRECTORY_TYPES", "ResourceStore", "SqlConsentStore", "directory_from_store", "make_engine"]
 
 Json = dict[str, Any]
 DIRECTORY_TYPES = ("Organization", "Practitioner", "PractitionerRole", "Endpoint")
@@ -53,11 +53,18 @@ _versions = Table(
 )
 
 
+def make_engine(url: str) -> Engine:
+    """The database engine: SQLite waits for a busy writer instead of failing (API and worker share it)."""
+    if url.startswith("sqlite"):
+        return create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    return create_engine(url, pool_pre_ping=True)
+
+
 class ResourceStore:
     """Append-only versions of FHIR resources, by type and id."""
 
     def __init__(self, url: str = "sqlite:///gateway.db", *, engine: Engine | None = None) -> None:
-        self.engine = engine or create_engine(url, future=True)
+        self.engine = engine or make_engine(url)
         _metadata.create_all(self.engine)
 
     def _latest_version(self, conn: Any, resource_type: str, rid: str) -> int:
