@@ -674,6 +674,21 @@ def _odd_key(node: _Node, obj: dict[str, Any], key: Any, value: Any, strict: boo
     return None, f"unknown element {_show(key)}"
 
 
+def _primitive_items(field: _Field, key: str, value: list[Any], strict: bool, errors: _Errors | None) -> _Errors | None:
+    """Check each item of a list of primitives (shared by the fast path and the general path)."""
+    check = field.strict if strict else field.lax
+    for index, item in enumerate(value):
+        if item is None:
+            message = None if field.null_items else field.item_verdict(item)
+        else:
+            message = check(item)
+            if message is _DEFER:
+                message = field.item_verdict(item)
+        if message is not None:
+            errors = _add(errors, f"{key}[{index}]", message)
+    return errors
+
+
 def _walk(node: _Node, obj: dict[str, Any], strict: bool) -> _Errors | None:
     """The problems of one JSON object against its node (None when there are none).
 
@@ -735,16 +750,7 @@ def _walk(node: _Node, obj: dict[str, Any], strict: bool) -> _Errors | None:
                 if (field.strict if strict else field.lax)(value) is None:
                     continue
             elif op == _OP_PRIMITIVES and type(value) is list and value:
-                check = field.strict if strict else field.lax
-                for index, item in enumerate(value):
-                    if item is None:
-                        message = None if field.null_items else field.item_verdict(item)
-                    else:
-                        message = check(item)
-                        if message is _DEFER:
-                            message = field.item_verdict(item)
-                    if message is not None:
-                        errors = _add(errors, f"{key}[{index}]", message)
+                errors = _primitive_items(field, key, value, strict, errors)
                 continue
         errors, counts = _general(node, obj, key, value, field, strict, errors, counts)
     if node.post or strict:
@@ -803,16 +809,7 @@ def _general(
             if strict:
                 errors = _add(errors, key, "empty array")
         elif kind == _PRIMITIVE:
-            check = field.strict if strict else field.lax
-            for index, item in enumerate(value):
-                if item is None:
-                    message = None if field.null_items else field.item_verdict(item)
-                else:
-                    message = check(item)
-                    if message is _DEFER:
-                        message = field.item_verdict(item)
-                if message is not None:
-                    errors = _add(errors, f"{key}[{index}]", message)
+            errors = _primitive_items(field, key, value, strict, errors)
         else:
             child = field.node
             for index, item in enumerate(value):
