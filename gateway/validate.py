@@ -674,6 +674,21 @@ def _odd_key(node: _Node, obj: dict[str, Any], key: Any, value: Any, strict: boo
     return None, f"unknown element {_show(key)}"
 
 
+def _complex_items(field: _Field, key: str, value: list[Any], strict: bool, errors: _Errors | None) -> _Errors | None:
+    """Check each item of a list of complex elements (or, without a node, of contained resources)."""
+    child = field.node
+    for index, item in enumerate(value):
+        if type(item) is dict:
+            inner = _walk(child, item, strict) if child is not None else _walk_resource(item, strict)
+            if inner:
+                errors = _nest(errors, f"{key}[{index}]", inner)
+        else:
+            message = _odd_item(field, item, strict)
+            if message is not None:
+                errors = _add(errors, f"{key}[{index}]", message)
+    return errors
+
+
 def _primitive_items(field: _Field, key: str, value: list[Any], strict: bool, errors: _Errors | None) -> _Errors | None:
     """Check each item of a list of primitives (shared by the fast path and the general path)."""
     check = field.strict if strict else field.lax
@@ -736,15 +751,7 @@ def _walk(node: _Node, obj: dict[str, Any], strict: bool) -> _Errors | None:
             elif op == _OP_OBJECTS:
                 child = field.node
                 if type(value) is list and value and child is not None:
-                    for index, item in enumerate(value):
-                        if type(item) is dict:
-                            inner = _walk(child, item, strict)
-                            if inner:
-                                errors = _nest(errors, f"{key}[{index}]", inner)
-                        else:
-                            message = _odd_item(field, item, strict)
-                            if message is not None:
-                                errors = _add(errors, f"{key}[{index}]", message)
+                    errors = _complex_items(field, key, value, strict, errors)
                     continue
             elif op == _OP_PRIMITIVE:
                 if (field.strict if strict else field.lax)(value) is None:
@@ -811,16 +818,7 @@ def _general(
         elif kind == _PRIMITIVE:
             errors = _primitive_items(field, key, value, strict, errors)
         else:
-            child = field.node
-            for index, item in enumerate(value):
-                if type(item) is dict:
-                    inner = _walk(child, item, strict) if child is not None else _walk_resource(item, strict)
-                    if inner:
-                        errors = _nest(errors, f"{key}[{index}]", inner)
-                else:
-                    message = _odd_item(field, item, strict)
-                    if message is not None:
-                        errors = _add(errors, f"{key}[{index}]", message)
+            errors = _complex_items(field, key, value, strict, errors)
     elif kind == _PRIMITIVE:
         message = (field.strict if strict else field.lax)(value)
         if message is _DEFER:
