@@ -131,10 +131,11 @@ class Deliverer:
             **cut.event,
             "outcomeDesc": f"{cut.event['outcomeDesc']}; attempt {delivery.attempts + 1}: {outcome.detail}",
         }
-        if outcome.kind != "ok":
+        if outcome.kind in ("transient", "permanent"):
             event["outcome"] = "4" if outcome.kind == "transient" else "8"
-        if outcome.kind == "ok":
-            self.outbox.finish(delivery.message_id, self.worker, "acknowledged", now, audit_events=[event])
+        if outcome.kind in ("ok", "sent"):
+            status = "acknowledged" if outcome.kind == "ok" else "sent"
+            self.outbox.finish(delivery.message_id, self.worker, status, now, audit_events=[event])
         elif outcome.kind == "transient" and delivery.attempts + 1 < self.retry.max_attempts:
             wait = max(outcome.retry_after or 0.0, self.retry.delay(delivery.attempts + 1))
             self.outbox.finish(

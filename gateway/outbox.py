@@ -7,9 +7,10 @@ LOCKED`` on PostgreSQL, so several gateway processes share the work without send
 SQLite serialises writers), build the message at send time with the consents valid then, and record
 each attempt.
 
-Delivery states: ``queued`` → ``sending`` (claimed) → ``acknowledged`` | ``failed-retrying`` (back to due
-later) | ``dead-lettered`` (retries exhausted or a permanent refusal; replayable) | ``withheld``
-(consent allows nothing at send time).
+Delivery states: ``queued`` → ``sending`` (claimed) → ``acknowledged`` | ``sent`` (handed to a store-and-forward
+transport such as MSSanté SMTP; the acknowledgement — an MDN — arrives later and moves it to
+``acknowledged`` or ``dead-lettered``) | ``failed-retrying`` (back to due later) | ``dead-lettered``
+(retries exhausted or a permanent refusal; replayable) | ``withheld`` (consent allows nothing at send time).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from sqlalchemy.engine import Connection, Engine
 
 __all__ = ["STATES", "Delivery", "Outbox"]
 
-STATES = ("queued", "sending", "acknowledged", "failed-retrying", "dead-lettered", "withheld")
+STATES = ("queued", "sending", "sent", "acknowledged", "failed-retrying", "dead-lettered", "withheld")
 _metadata = MetaData()
 _letters = Table(
     "letter",
@@ -71,6 +72,9 @@ _deliveries = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("last_error", Text, nullable=True),
     Column("replaces", String(64), nullable=True),  # message id of the earlier version's delivery
+    Column("queued_at", DateTime(timezone=True), nullable=True),
+    Column("sent_at", DateTime(timezone=True), nullable=True),  # last hand-over to the transport
+    Column("acknowledged_at", DateTime(timezone=True), nullable=True),
 )
 _audit = Table(
     "audit_event",
@@ -96,10 +100,17 @@ class Delivery:
     updated_at: datetime
     last_error: str | None
     replaces: str | None
+    queued_at: datetime | None = None
+    sent_at: datetime | None = None
+    acknowledged_at: datetime | None = None
 
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _maybe(value: datetime | None) -> datetime | None:
+    return _aware(value) if value is not None else None
 
 
 def _delivery(row: Any) -> Delivery:
@@ -115,6 +126,9 @@ def _delivery(row: Any) -> Delivery:
         _aware(row.updated_at),
         row.last_error,
         row.replaces,
+        _maybe(row.queued_at),
+        _maybe(row.sent_at),
+        _maybe(row.acknowledged_at),
     )
 
 
@@ -181,6 +195,7 @@ class Outbox:
                         attempts=0,
                         due_at=now,
                         updated_at=now,
+                        queued_at=now,
                         replaces=previous.get(recipient_id),
                     )
                 )
@@ -279,6 +294,11 @@ class Outbox:
     ) -> bool:
         """Record an attempt's outcome (only by the worker holding the claim); False if it lost the claim."""
         assert status in STATES
+        stamps: dict[str, datetime] = {}
+        if status in ("sent", "acknowledged"):
+            stamps["sent_at"] = now
+        if status == "acknowledged":
+            stamps["acknowledged_at"] = now
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(_deliveries)
@@ -297,6 +317,43 @@ class Outbox:
                     due_at=due_at or now,
                     claimed_by=None,
                     claimed_at=None,
+                    **stamps,
+                )
+            )
+            if result.rowcount != 1:
+                return False
+            letter_id = conn.execute(
+                select(_deliveries.c.letter_id).where(_deliveries.c.message_id == message_id)
+            ).scalar()
+            self._append_audit(conn, audit_events, letter_id, now)
+        return True
+
+    def acknowledge(
+        self,
+        message_id: str,
+        ok: bool,
+        now: datetime,
+        *,
+        detail: str | None = None,
+        audit_events: Sequence[dict[str, Any]] = (),
+    ) -> bool:
+        """An acknowledgement that arrives after the hand-over (an MDN, an asynchronous response message).
+
+        ``ok`` moves a ``sent`` delivery to ``acknowledged``; a negative acknowledgement dead-letters it
+        (the recipient refused it: resending unchanged would not help; replay after fixing).  Only a
+        delivery that was handed over can be acknowledged; a repeated acknowledgement changes nothing
+        (returns False) so duplicated MDNs are harmless.
+        """
+        status = "acknowledged" if ok else "dead-lettered"
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(_deliveries)
+                .where(and_(_deliveries.c.message_id == message_id, _deliveries.c.status == "sent"))
+                .values(
+                    status=status,
+                    updated_at=now,
+                    last_error=None if ok else detail,
+                    **({"acknowledged_at": now} if ok else {}),
                 )
             )
             if result.rowcount != 1:
@@ -313,7 +370,7 @@ class Outbox:
             result = conn.execute(
                 update(_deliveries)
                 .where(and_(_deliveries.c.message_id == message_id, _deliveries.c.status == "dead-lettered"))
-                .values(status="queued", due_at=now, updated_at=now, attempts=0, last_error=None)
+                .values(status="queued", due_at=now, updated_at=now, queued_at=now, attempts=0, last_error=None)
             )
             return result.rowcount == 1
 

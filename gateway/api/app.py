@@ -310,12 +310,20 @@ def _letters(
                 "status": d.status,
                 "attempts": d.attempts,
                 "updated": d.updated_at.isoformat(),
+                "queued": _iso(d.queued_at),
+                "sent": _iso(d.sent_at),
+                "acknowledged": _iso(d.acknowledged_at),
+                "nextAttempt": d.due_at.isoformat() if d.status == "failed-retrying" else None,
                 "lastError": d.last_error,
                 "replaces": d.replaces,
             }
             for d in found["deliveries"]
         ]
         return _json(found)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 def _matches(identifier: Any, system: str, value: str) -> bool:

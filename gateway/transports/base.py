@@ -10,9 +10,10 @@ __all__ = ["Outcome", "Transport", "UnsupportedTransport", "transport_for"]
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """``ok``: acknowledged; ``transient``: try again later; ``permanent``: resending unchanged is useless."""
+    """``ok``: acknowledged; ``sent``: handed to a store-and-forward relay, the acknowledgement comes later
+    (an MDN); ``transient``: try again later; ``permanent``: resending unchanged is useless."""
 
-    kind: Literal["ok", "transient", "permanent"]
+    kind: Literal["ok", "sent", "transient", "permanent"]
     detail: str
     retry_after: float | None = None  # seconds the receiver asked us to wait
 
