@@ -110,7 +110,7 @@ class Deliverer:
             (r for r in route(prepared.resources, directory, prepared.policy).routed if r.recipient.id == recipient.id),
             Routed(recipient, ("destinataire",)),
         )
-        cut = cut_for(prepared, routed, now, consents, self.settings)
+        cut = cut_for(prepared, routed, now, consents, self.settings, replaces=delivery.replaces)
         if cut.message is None:
             self.outbox.finish(
                 delivery.message_id,

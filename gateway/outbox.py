@@ -161,11 +161,16 @@ class Outbox:
             existing = conn.execute(select(_letters.c.id).where(_letters.c.document_key == document_key)).scalar()
             if existing:
                 return str(existing), False
-            earlier = None
+            earlier = later = None
             if set_key is not None and version is not None:
                 earlier = conn.execute(
                     select(_letters.c.id)
                     .where(and_(_letters.c.set_key == set_key, _letters.c.version < version))
+                    .order_by(_letters.c.version.desc())
+                ).scalar()
+                later = conn.execute(
+                    select(_letters.c.version)
+                    .where(and_(_letters.c.set_key == set_key, _letters.c.version > version))
                     .order_by(_letters.c.version.desc())
                 ).scalar()
             letter_id = str(uuid.uuid4())
@@ -182,8 +187,9 @@ class Outbox:
                     replaces=earlier,
                 )
             )
-            previous = self._previous_messages(conn, earlier) if earlier else {}
+            replaced = self._supersede(conn, earlier, version, now) if earlier else {}
             for message_id, recipient_id, recipient_ref, endpoint in deliveries:
+                stale = f"superseded: version {later} of this letter was received first" if later else None
                 conn.execute(
                     _deliveries.insert().values(
                         message_id=message_id,
@@ -191,22 +197,37 @@ class Outbox:
                         recipient_id=recipient_id,
                         recipient_ref=recipient_ref,
                         endpoint=endpoint,
-                        status="queued",
+                        status="withheld" if stale else "queued",
                         attempts=0,
                         due_at=now,
                         updated_at=now,
                         queued_at=now,
-                        replaces=previous.get(recipient_id),
+                        last_error=stale,
+                        replaces=replaced.get(recipient_id),
                     )
                 )
             self._append_audit(conn, audit_events, letter_id, now)
         return letter_id, True
 
-    def _previous_messages(self, conn: Connection, letter_id: str) -> dict[str, str]:
+    def _supersede(self, conn: Connection, letter_id: str, version: int | None, now: datetime) -> dict[str, str]:
+        """A new version arrived: cancel what of the earlier one has not left yet; what left is replaced.
+
+        Returns, per recipient, the message id the new message must reference (only messages that were
+        handed over or may be in flight — a message never sent needs no replacement, it is withheld).
+        """
         rows = conn.execute(
-            select(_deliveries.c.recipient_id, _deliveries.c.message_id).where(_deliveries.c.letter_id == letter_id)
-        )
-        return {r.recipient_id: r.message_id for r in rows}
+            select(_deliveries.c.recipient_id, _deliveries.c.message_id, _deliveries.c.status).where(
+                _deliveries.c.letter_id == letter_id
+            )
+        ).all()
+        pending = [r.message_id for r in rows if r.status in ("queued", "failed-retrying", "dead-lettered")]
+        if pending:
+            conn.execute(
+                update(_deliveries)
+                .where(and_(_deliveries.c.message_id.in_(pending), _deliveries.c.status != "sending"))
+                .values(status="withheld", updated_at=now, last_error=f"superseded by version {version} before it left")
+            )
+        return {r.recipient_id: r.message_id for r in rows if r.status in ("sending", "sent", "acknowledged")}
 
     def _append_audit(
         self, conn: Connection, events: Sequence[dict[str, Any]], letter_id: str | None, now: datetime

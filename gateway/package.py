@@ -19,7 +19,9 @@ from gateway.translate import narrative as nv
 from gateway.translate.build import PROJECT
 from gateway.translate.ids import resource_id, urn
 
-__all__ = ["EVENT", "Sender", "message"]
+__all__ = ["EVENT", "EXT_REPLACES", "Sender", "message"]
+
+EXT_REPLACES = f"{PROJECT}/StructureDefinition/replaces-message"
 
 Json = dict[str, Any]
 EVENT = {
@@ -37,8 +39,14 @@ class Sender:
     endpoint: str = "https://gateway.invalid/fhir"
 
 
-def message(view: View, letter_key: str, timestamp: str, sender: Sender, category_system: str) -> Json:
-    """The message Bundle for one recipient (its MessageHeader and every resource of its view)."""
+def message(
+    view: View, letter_key: str, timestamp: str, sender: Sender, category_system: str, replaces: str | None = None
+) -> Json:
+    """The message Bundle for one recipient (its MessageHeader and every resource of its view).
+
+    ``replaces`` is the MessageHeader id of the message this one supersedes (a new version of the letter,
+    same setId): the receiver must replace, not add, what it got before.
+    """
     recipient = view.recipient
     assert recipient.endpoint is not None, "route only passes reachable recipients"
     assert view.communication is not None, "every view has its own Communication"
@@ -61,6 +69,7 @@ def message(view: View, letter_key: str, timestamp: str, sender: Sender, categor
                     ("Message", EVENT["display"]),
                     ("Destinataire", recipient.display),
                     ("Adresse", recipient.endpoint.address),
+                    *([("Remplace", f"le message {replaces} (version précédente de la lettre)")] if replaces else []),
                 ]
             )
         ),
@@ -82,6 +91,8 @@ def message(view: View, letter_key: str, timestamp: str, sender: Sender, categor
     }
     if author:
         header["sender"] = {"reference": author}
+    if replaces:
+        header["extension"] = [{"url": EXT_REPLACES, "valueId": replaces}]
     entries = [header, *view.resources]
     labels: dict[tuple[str, str], Json] = {}
     for res in entries:

@@ -164,15 +164,24 @@ def cut_for(
     consents: ConsentStore,
     settings: Settings,
     cutter: Callable[..., View] = redact.cut,
+    replaces: str | None = None,
 ) -> Cut:
-    """consent → redact → package for one recipient, at send time, with its audit event."""
+    """consent → redact → package for one recipient, at send time, with its audit event.
+
+    ``replaces``: the earlier message (same recipient, earlier version of the letter) this one supersedes.
+    """
     recorded = at.isoformat(timespec="seconds")
     decision = decide(prepared.patient_ids, routed.recipient, at, consents, prepared.policy, related=prepared.related)
     view = cutter(prepared.resources, decision, routed, prepared.rules, prepared.scanner)
     message = None
     if decision.categories and view.communication is not None:
         message = package.message(
-            view, prepared.letter_key, recorded, package.Sender(endpoint=settings.public_url), prepared.rules.system
+            view,
+            prepared.letter_key,
+            recorded,
+            package.Sender(endpoint=settings.public_url),
+            prepared.rules.system,
+            replaces,
         )
         validate.check(message["entry"][0]["resource"], fhir_json=True)
         if settings.strict_validation:
