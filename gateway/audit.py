@@ -229,3 +229,34 @@ def refusal_event(issue_code: str, text: str, client: str, recorded: str) -> Jso
             "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
         },
     }
+
+
+def operation_event(
+    what: str, text: str, who: str, recorded: str, *, outcome: str = "0", subtype: str = "transmit"
+) -> Json:
+    """An operation on a delivery outside the worker's attempts: a replay by an operator, an
+    asynchronous acknowledgement.  ``what`` names the message (``MessageHeader/<id>``); no content."""
+    return {
+        "resourceType": "AuditEvent",
+        "id": resource_id("AuditEvent", "operation", what, who, recorded, text),
+        "meta": {"security": [{"system": CATEGORY_SYSTEM, "code": "logistics"}]},
+        "text": nv.generated(nv.para(text)),
+        "type": {"system": DCM, "code": "110106", "display": "Export"},
+        "subtype": [{"system": LIFECYCLE, "code": subtype, "display": subtype.capitalize()}],
+        "action": "E",
+        "recorded": recorded,
+        "outcome": outcome,
+        "outcomeDesc": text,
+        "agent": [
+            {
+                "type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
+                "who": {"display": who},
+                "requestor": True,
+            },
+        ],
+        "source": {
+            "observer": OBSERVER,
+            "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+        "entity": [{"what": {"reference": what}, "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"}}],
+    }

@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 from gateway import validate
 from gateway.api.outcomes import FHIR_JSON, ApiError, install
 from gateway.mappings import Mappings
-from gateway.outbox import Outbox
+from gateway.outbox import STATES, Delivery, Outbox
 from gateway.settings import Settings
 from gateway.store import STORED_TYPES, ResourceStore
 
@@ -90,7 +90,7 @@ def create_app(
         return "client-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
     if outbox is not None and mappings is not None:
-        _letters(app, settings, store, outbox, mappings, pusher, status_reader, client_of)
+        _letters(app, settings, store, outbox, mappings, pusher, status_reader, client_of, role)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Json:
@@ -221,43 +221,29 @@ def _letters(
     pusher: Any,
     status_reader: Any,
     client_of: Callable[..., str],
+    role: Callable[..., Callable[..., frozenset[str]]],
 ) -> None:
-    """POST /letters (accepted only once stored with its deliveries and audit) and GET /letters/{id}."""
+    """Letters in (``POST /letters``, ``POST /$process-message``), their status, and the operators'
+    view of deliveries (dead letters, replay).  A letter is accepted only once stored with its
+    deliveries and audit."""
     from gateway import audit
     from gateway.errors import GatewayError
+    from gateway.ingest.json import parse_json
     from gateway.pipeline import prepare
     from gateway.policy import policy_from
     from gateway.route import route
     from gateway.store import directory_from_store
     from gateway.translate.ids import resource_id
 
-    @app.post("/letters", status_code=202)
-    async def push_letter(
-        request: Request, roles: frozenset[str] = pusher, client: str = Depends(client_of)
-    ) -> Response:
-        now = datetime.now(UTC)
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        try:
-            if media_type not in ACCEPTED:
-                raise ApiError(
-                    415, "not-supported", f"content type {media_type or '(none)'!r}: send CDA XML or FHIR JSON"
-                )
-            raw = await request.body()
-            if len(raw) > settings.max_document_bytes:
-                raise ApiError(413, "too-long", f"letter over the {settings.max_document_bytes}-byte limit")
-            prepared = prepare(raw, name="letter", mappings=mappings, settings=settings, now=now)
-        except GatewayError as error:
-            outbox.audit(
-                [
-                    audit.refusal_event(
-                        error.issue_code if not isinstance(error, ApiError) else error.code,
-                        " ".join(error.message.split())[:300],
-                        client,
-                        now.isoformat(),
-                    )
-                ]
-            )
-            raise
+    def refuse(error: GatewayError, client: str, now: datetime) -> None:
+        code = error.code if isinstance(error, ApiError) else error.issue_code
+        outbox.audit([audit.refusal_event(code, " ".join(error.message.split())[:300], client, now.isoformat())])
+
+    def accept(raw: bytes, media_type: str, client: str, now: datetime) -> Response:
+        """Translate, route and store in one transaction; 202 (new) or 200 (the same letter again)."""
+        if len(raw) > settings.max_document_bytes:
+            raise ApiError(413, "too-long", f"letter over the {settings.max_document_bytes}-byte limit")
+        prepared = prepare(raw, name="letter", mappings=mappings, settings=settings, now=now)
         policy = policy_from(mappings)
         routing = route(prepared.resources, directory_from_store(store, policy), policy)
         letter = prepared.result.translation.letter
@@ -296,6 +282,102 @@ def _letters(
         }
         return _json(body, 202 if created else 200, {"Location": f"/letters/{letter_id}"})
 
+    @app.post("/letters", status_code=202)
+    async def push_letter(
+        request: Request, roles: frozenset[str] = pusher, client: str = Depends(client_of)
+    ) -> Response:
+        now = datetime.now(UTC)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if media_type not in ACCEPTED:
+                raise ApiError(
+                    415, "not-supported", f"content type {media_type or '(none)'!r}: send CDA XML or FHIR JSON"
+                )
+            return accept(await request.body(), media_type, client, now)
+        except GatewayError as error:
+            refuse(error, client, now)
+            raise
+
+    @app.post("/$process-message")
+    async def process_message(
+        request: Request, roles: frozenset[str] = status_reader, client: str = Depends(client_of)
+    ) -> Response:
+        """FHIR messaging in: a response message acknowledging one of ours (asynchronous receivers), or a
+        message whose focus is a FHIR document Bundle (a letter, handled exactly like ``POST /letters``)."""
+        now = datetime.now(UTC)
+        try:
+            raw = await request.body()
+            if len(raw) > settings.max_document_bytes:
+                raise ApiError(413, "too-long", f"message over the {settings.max_document_bytes}-byte limit")
+            message = parse_json(raw, "message")
+            header = _message_header(message)
+            response = header.get("response")
+            if isinstance(response, dict):
+                return acknowledge(header, response, client, now)
+            if not roles & {"his", "admin"}:
+                raise ApiError(403, "forbidden", "pushing a letter needs the role his or admin")
+            document = _focused_document(message, header)
+            return accept(orjson.dumps(document), "application/fhir+json", client, now)
+        except GatewayError as error:
+            refuse(error, client, now)
+            raise
+
+    def acknowledge(header: Json, response: Json, client: str, now: datetime) -> Response:
+        answered = response.get("identifier")
+        code = response.get("code")
+        if not isinstance(answered, str) or code not in ("ok", "transient-error", "fatal-error"):
+            raise ApiError(
+                422, "invalid", "MessageHeader.response needs an identifier and a code ok|transient-error|fatal-error"
+            )
+        if code == "transient-error":
+            return _json(
+                _outcome(
+                    "information", "informational", f"{answered}: transient error noted; the receiver will answer again"
+                )
+            )
+        ok = code == "ok"
+        text = f"acknowledgement from {client} for MessageHeader/{answered}: {code}"
+        event = audit.operation_event(
+            f"MessageHeader/{answered}",
+            text,
+            client,
+            now.isoformat(timespec="seconds"),
+            outcome="0" if ok else "8",
+            subtype="receive",
+        )
+        if not outbox.acknowledge(answered, ok, now, detail=f"receiver answered {code}", audit_events=[event]):
+            raise ApiError(409, "conflict", f"no message {answered} awaiting an acknowledgement")
+        return _json(
+            _outcome("information", "informational", f"{answered}: {'acknowledged' if ok else 'dead-lettered'}")
+        )
+
+    @app.get("/deliveries")
+    def deliveries(status: str | None = None, roles: frozenset[str] = Depends(role("admin", "auditor"))) -> Response:
+        """Deliveries by state, e.g. ``?status=dead-lettered`` (what operators must look at)."""
+        if status is not None and status not in STATES:
+            raise ApiError(400, "value", f"status must be one of {', '.join(STATES)}")
+        return _json([_delivery_json(d) for d in outbox.deliveries(status)])
+
+    @app.post("/deliveries/{message_id}/$replay")
+    def replay(
+        message_id: str, roles: frozenset[str] = Depends(role("admin")), client: str = Depends(client_of)
+    ) -> Response:
+        """Put a dead-lettered delivery back in the queue (after the cause was fixed); audited."""
+        now = datetime.now(UTC)
+        if not outbox.replay(message_id, now):
+            raise ApiError(409, "conflict", f"no dead-lettered delivery {message_id}")
+        outbox.audit(
+            [
+                audit.operation_event(
+                    f"MessageHeader/{message_id}",
+                    f"replay requested by {client}",
+                    client,
+                    now.isoformat(timespec="seconds"),
+                )
+            ]
+        )
+        return _json({"messageHeader": message_id, "status": "queued"})
+
     @app.get("/letters/{letter_id}")
     def letter_status(
         letter_id: str, roles: frozenset[str] = status_reader, client: str = Depends(client_of)
@@ -303,23 +385,63 @@ def _letters(
         found = outbox.letter(letter_id)
         if found is None or (roles == frozenset({"his"}) and found["client"] != client):
             raise ApiError(404, "not-found", f"letter {letter_id} not found")
-        found["deliveries"] = [
-            {
-                "recipient": d.recipient_id,
-                "messageHeader": d.message_id,
-                "status": d.status,
-                "attempts": d.attempts,
-                "updated": d.updated_at.isoformat(),
-                "queued": _iso(d.queued_at),
-                "sent": _iso(d.sent_at),
-                "acknowledged": _iso(d.acknowledged_at),
-                "nextAttempt": d.due_at.isoformat() if d.status == "failed-retrying" else None,
-                "lastError": d.last_error,
-                "replaces": d.replaces,
-            }
-            for d in found["deliveries"]
-        ]
+        found["deliveries"] = [_delivery_json(d) for d in found["deliveries"]]
         return _json(found)
+
+
+def _delivery_json(d: Delivery) -> Json:
+    return {
+        "recipient": d.recipient_id,
+        "messageHeader": d.message_id,
+        "letter": d.letter_id,
+        "endpoint": d.endpoint,
+        "status": d.status,
+        "attempts": d.attempts,
+        "updated": d.updated_at.isoformat(),
+        "queued": _iso(d.queued_at),
+        "sent": _iso(d.sent_at),
+        "acknowledged": _iso(d.acknowledged_at),
+        "nextAttempt": d.due_at.isoformat() if d.status == "failed-retrying" else None,
+        "lastError": d.last_error,
+        "replaces": d.replaces,
+    }
+
+
+def _outcome(severity: str, code: str, text: str) -> Json:
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": severity, "code": code, "diagnostics": text}]}
+
+
+def _message_header(message: Any) -> Json:
+    entries = message.get("entry") if isinstance(message, dict) else None
+    if not isinstance(message, dict) or message.get("resourceType") != "Bundle" or message.get("type") != "message":
+        raise ApiError(400, "invalid", "the body must be a FHIR message Bundle (type message)")
+    header = (
+        entries[0].get("resource") if isinstance(entries, list) and entries and isinstance(entries[0], dict) else None
+    )
+    if not isinstance(header, dict) or header.get("resourceType") != "MessageHeader":
+        raise ApiError(400, "invalid", "a message Bundle starts with its MessageHeader")
+    return header
+
+
+def _focused_document(message: Json, header: Json) -> Json:
+    """The FHIR document Bundle the message is about (its focus, or the only document inside)."""
+    focus = {f.get("reference") for f in header.get("focus", []) if isinstance(f, dict)}
+    documents = [
+        e["resource"]
+        for e in message["entry"][1:]
+        if isinstance(e, dict)
+        and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") == "Bundle"
+        and e["resource"].get("type") == "document"
+        and (not focus or e.get("fullUrl") in focus or f"Bundle/{e['resource'].get('id')}" in focus)
+    ]
+    if len(documents) != 1:
+        raise ApiError(
+            422,
+            "not-supported",
+            "the message must carry exactly one FHIR document Bundle (its focus), or be a response message",
+        )
+    return dict(documents[0])
 
 
 def _iso(value: datetime | None) -> str | None:
