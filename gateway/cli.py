@@ -9,6 +9,7 @@ directory or without endpoint: every such case is also in the audit).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -210,7 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.api.app import create_app
-    from gateway.deliver import Deliverer
+    from gateway.deliver import Deliverer, RetryPolicy
     from gateway.outbox import Outbox
     from gateway.seal import Signer, generate_key, load_key
     from gateway.store import ResourceStore, make_engine
@@ -234,6 +235,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings=settings,
         signer=Signer(key),
         transports={"http": HttpTransport(), "https": HttpTransport()},
+        retry=RetryPolicy.from_settings(settings),
     )
     threading.Thread(target=worker.run_forever, name="delivery", daemon=True).start()
     try:
@@ -266,6 +268,46 @@ def _receiver(args: argparse.Namespace) -> int:
     endpoint = f"http://{args.host}:{args.port}/fhir"
     uvicorn.run(create_receiver(args.db, keys, endpoint=endpoint), host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    """Operators: what could not be delivered, and putting it back in the queue once the cause is fixed."""
+    from datetime import UTC, datetime
+
+    from gateway import audit
+    from gateway.outbox import Outbox
+    from gateway.store import make_engine
+
+    outbox = Outbox(make_engine(Settings.from_env().database_url))
+    dead = outbox.deliveries("dead-lettered")
+    if args.action == "list":
+        for d in dead:
+            sys.stdout.write(
+                f"{d.message_id}  letter {d.letter_id}  {d.recipient_id}  {d.attempts} attempts  {d.last_error or ''}\n"
+            )
+        _err(f"{len(dead)} dead-lettered deliveries")
+        return 0
+    wanted = {d.message_id for d in dead} if args.all else set(args.message_ids)
+    if not wanted:
+        _err("nothing to replay: give message ids or --all")
+        return 2
+    now = datetime.now(UTC)
+    replayed = [m for m in sorted(wanted) if outbox.replay(m, now)]
+    if replayed:
+        who = f"cli:{os.environ.get('USER', 'operator')}"
+        outbox.audit(
+            [
+                audit.operation_event(
+                    f"MessageHeader/{m}", f"replay requested by {who}", who, now.isoformat(timespec="seconds")
+                )
+                for m in replayed
+            ]
+        )
+    missing = sorted(wanted - set(replayed))
+    for m in missing:
+        _err(f"not dead-lettered (or unknown): {m}")
+    _err(f"{len(replayed)} replayed, {len(missing)} not found")
+    return 0 if not missing else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -326,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--db", default="sqlite:///receiver.db", help="where received messages are kept")
     rx.add_argument("--trust", action="append", metavar="KEY.jwk", help="public JWK of a trusted sender (repeatable)")
     rx.set_defaults(handler=_receiver)
+    dl = sub.add_parser("dead-letters", help="list dead-lettered deliveries, or put them back in the queue")
+    dl.add_argument("action", choices=("list", "replay"))
+    dl.add_argument("message_ids", nargs="*", metavar="MESSAGE_ID", help="MessageHeader ids to replay")
+    dl.add_argument("--all", action="store_true", help="replay every dead-lettered delivery")
+    dl.set_defaults(handler=_dead_letters)
     dm = sub.add_parser("demo", help="translate the embedded sample letters and show the GP's change tables")
     dm.add_argument("--out", default="demo-out", help="directory for the output Bundles (default: demo-out)")
     dm.set_defaults(handler=_demo)

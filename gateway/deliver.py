@@ -38,6 +38,10 @@ class RetryPolicy:
     initial: float = 2.0  # seconds
     maximum: float = 600.0
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(settings.retry_max_attempts, settings.retry_initial_seconds, settings.retry_max_seconds)
+
     def delay(self, attempt: int) -> float:
         """Seconds before attempt ``attempt + 1`` (exponential with jitter, tenacity's strategy)."""
         wait = wait_exponential_jitter(multiplier=self.initial, max=self.maximum, jitter=self.initial)
@@ -84,7 +88,7 @@ class Deliverer:
     def run_once(self, limit: int = 10) -> int:
         """Claim and attempt the due deliveries; how many were attempted."""
         now = self.clock()
-        claimed = self.outbox.claim(self.worker, now, limit)
+        claimed = self.outbox.claim(self.worker, now, limit, lease=timedelta(seconds=self.settings.claim_lease_seconds))
         if not claimed:
             return 0
         directory = directory_from_store(self.store, policy_from(self.mappings))

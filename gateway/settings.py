@@ -35,6 +35,10 @@ class Settings:
     database_url: str = "sqlite:///gateway.db"
     api_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)  # key -> roles
     signing_key_file: Path | None = None  # the gateway's P-256 signing key (JWK or PEM)
+    retry_max_attempts: int = 8  # attempts per delivery before it is dead-lettered
+    retry_initial_seconds: float = 2.0  # first backoff; doubles each attempt (with jitter) up to retry_max_seconds
+    retry_max_seconds: float = 600.0
+    claim_lease_seconds: float = 120.0  # a claim older than this (a crashed worker) is taken back
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -71,7 +75,21 @@ class Settings:
             env.get("GATEWAY_DATABASE_URL", "sqlite:///gateway.db"),
             parse_api_keys(keys_text),
             Path(env["GATEWAY_SIGNING_KEY_FILE"]) if env.get("GATEWAY_SIGNING_KEY_FILE") else None,
+            retry_max_attempts=int(_positive(env, "GATEWAY_RETRY_MAX_ATTEMPTS", 8)),
+            retry_initial_seconds=_positive(env, "GATEWAY_RETRY_INITIAL_SECONDS", 2.0),
+            retry_max_seconds=_positive(env, "GATEWAY_RETRY_MAX_SECONDS", 600.0),
+            claim_lease_seconds=_positive(env, "GATEWAY_CLAIM_LEASE_SECONDS", 120.0),
         )
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env.get(name, default))
+    except ValueError:
+        raise SettingsError(f"{name} must be a number") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive")
+    return value
 
 
 def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
