@@ -260,3 +260,34 @@ def operation_event(
         },
         "entity": [{"what": {"reference": what}, "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"}}],
     }
+
+
+def acknowledgement_event(message_id: str, ok: bool, detail: str, recipient: str, recorded: str) -> Json:
+    """An acknowledgement that came after the hand-over (an MSSanté MDN): the disclosure's real outcome."""
+    return {
+        "resourceType": "AuditEvent",
+        "id": resource_id("AuditEvent", message_id, "acknowledgement", recorded, detail),
+        "meta": {"security": [{"system": CATEGORY_SYSTEM, "code": "logistics"}]},
+        "text": nv.generated(nv.para(f"Accusé de {recipient} : {'traité' if ok else 'en erreur'} — {detail}")),
+        "type": {"system": DCM, "code": "110106", "display": "Export"},
+        "subtype": [
+            {"system": LIFECYCLE, "code": "disclose", "display": "Disclose"},
+            {"system": f"{PROJECT}/CodeSystem/delivery-event", "code": "acknowledged" if ok else "refused"},
+        ],
+        "action": "R",
+        "recorded": recorded,
+        "outcome": "0" if ok else "8",
+        "outcomeDesc": f"acknowledgement from {recipient}: {detail}",
+        "agent": _agents(None, recipient, None),
+        "source": {
+            "observer": OBSERVER,
+            "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+        "entity": [
+            {
+                "what": {"identifier": {"system": "urn:ietf:rfc:3986", "value": urn(message_id)}},
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "description": f"message {message_id} (MessageHeader.id)",
+            }
+        ],
+    }

@@ -1,0 +1,272 @@
+"""MDN acknowledgements (RFC 8098) for MSSanté deliveries: read them, apply them to the outbox.
+
+An MSSanté delivery is ``sent`` once the relay accepted the mail; the recipient's software answers
+later with a Message Disposition Notification (``multipart/report;
+report-type=disposition-notification``) whose machine part names our mail (``Original-Message-ID:
+<{MessageHeader.id}@{our domain}>``), the mailbox that handled it (``Final-Recipient``) and what
+happened (``Disposition``).  ``processed`` / ``displayed`` / ``dispatched`` acknowledge the delivery;
+an ``/error`` modifier (ANS: ``processed/Error: code^libellé``), ``deleted`` or ``failed``
+dead-letter it with the error text.  The MDN must come from the mailbox the message was sent to.
+
+Mail is outside input: nothing here raises on a malformed, hostile or unrelated mail — every mail
+gets an :class:`MdnResult` (``refused`` with the reason, or ``ignored`` for mail that is not an MDN,
+or an MDN for no delivery awaiting one: duplicates change nothing).  :class:`MdnInbox` is an
+aiosmtpd handler for the application mailbox (the operator relays it to the gateway) and
+:func:`start_inbox` runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy
+from email.message import Message
+from email.parser import BytesParser, HeaderParser
+from typing import Literal
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from gateway.audit import acknowledgement_event
+from gateway.outbox import Outbox
+from gateway.transports.mssante import mailbox_of
+
+__all__ = ["Mdn", "MdnInbox", "MdnResult", "NotAnMdn", "apply_mdn", "parse_mdn", "start_inbox"]
+
+log = logging.getLogger("gateway.mdn")
+
+MAX_BYTES = 64 * 1024 * 1024  # an MDN may return the original mail (the XDM archive) in its third part
+POSITIVE = frozenset({"processed", "displayed", "dispatched"})
+NEGATIVE = frozenset({"deleted", "failed"})
+_MSG_ID = re.compile(r"^\s*<([^<>@\s]+)@([^<>@\s]+)>\s*$")
+_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+
+class NotAnMdn(Exception):
+    """A mail that is no disposition notification at all (ignored) — as opposed to a malformed one."""
+
+
+class MalformedMdn(Exception):
+    """A disposition notification that cannot be trusted or understood (refused, with the reason)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mdn:
+    message_id: str  # our MessageHeader.id, from Original-Message-ID
+    domain: str  # the Message-ID's domain (ours)
+    recipients: tuple[str, ...]  # Final-Recipient, then Original-Recipient (mailboxes)
+    disposition: str  # the Disposition field as received
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class MdnResult:
+    """What one incoming mail did: ``acknowledged`` / ``dead-lettered`` (applied), ``ignored``, ``refused``."""
+
+    status: Literal["acknowledged", "dead-lettered", "ignored", "refused"]
+    detail: str
+    message_id: str | None = None
+
+
+def _clean(text: str, limit: int = 300) -> str:
+    return _PRINTABLE.sub(" ", " ".join(text.split()))[:limit]
+
+
+def _fields(part: Message) -> Message:
+    """The header-style fields of a ``message/*`` part (the email package parses them as a sub-message)."""
+    payload = part.get_payload()
+    if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+        return payload[0]
+    if isinstance(payload, str):
+        return HeaderParser(policy=policy.compat32).parsestr(payload)
+    raise MalformedMdn(f"unreadable {part.get_content_type()} part")
+
+
+def _address(value: str | None) -> str | None:
+    """``rfc822; someone@domain`` → ``someone@domain`` (None when absent or not a mailbox)."""
+    if not value:
+        return None
+    _, _, address = str(value).rpartition(";")
+    try:
+        return mailbox_of(address.strip()).lower()
+    except ValueError:
+        return None
+
+
+def _original_id(machine: Message, parts: Iterable[Message]) -> str:
+    value = machine.get("Original-Message-ID")
+    if value:
+        return str(value)
+    for part in parts:  # RFC 8098 makes it a SHOULD: fall back on the returned original's headers
+        if part.get_content_type() in ("message/rfc822", "text/rfc822-headers"):
+            original = _fields(part)
+            if original.get("Message-ID"):
+                return str(original["Message-ID"])
+    raise MalformedMdn("no Original-Message-ID (and no returned original Message-ID)")
+
+
+def _disposition(value: str, machine: Message) -> tuple[bool, str]:
+    """(positive?, detail) from ``action-mode/sending-mode; type[/modifier]`` and any ``Error:`` fields."""
+    _, semicolon, rest = value.partition(";")
+    if not semicolon or not rest.strip():
+        raise MalformedMdn(f"Disposition without a disposition type: {_clean(value, 80)!r}")
+    kind, _, modifier = rest.strip().partition("/")
+    kind = kind.strip().lower()
+    errors = [_clean(str(v)) for v in machine.get_all("Error", []) + machine.get_all("Failure", [])]
+    if modifier.strip().lower().startswith("error"):
+        _, _, text = modifier.partition(":")
+        errors.insert(0, _clean(text) or "error")
+    if kind in POSITIVE and not errors:
+        return True, kind
+    if kind in POSITIVE or kind in NEGATIVE:
+        return False, f"{kind}: {'; '.join(e for e in errors if e) or 'no error text'}"
+    raise MalformedMdn(f"unknown disposition type {kind[:40]!r}")
+
+
+def parse_mdn(raw: bytes) -> Mdn:
+    """The MDN in ``raw``; :class:`NotAnMdn` for other mail, :class:`MalformedMdn` for a broken MDN."""
+    if len(raw) > MAX_BYTES:
+        raise MalformedMdn(f"mail over {MAX_BYTES} bytes")
+    try:
+        mail = BytesParser(policy=policy.compat32).parsebytes(raw)
+    except Exception as exc:  # the email package's errors are not a closed set; outside input must not crash us
+        raise MalformedMdn(f"unparseable mail: {type(exc).__name__}") from None
+    if mail.get_content_type() != "multipart/report":
+        raise NotAnMdn(f"a {mail.get_content_type()} mail, not a report")
+    report_type = str(mail.get_param("report-type", "") or "").lower()
+    if report_type != "disposition-notification":
+        raise NotAnMdn(f"a {report_type or 'untyped'} report, not a disposition notification")
+    payload = mail.get_payload()
+    parts = [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else []
+    if not parts:
+        raise MalformedMdn("multipart/report without parts")
+    machine_part = next((p for p in parts if p.get_content_type() == "message/disposition-notification"), None)
+    if machine_part is None:
+        raise MalformedMdn("no message/disposition-notification part")
+    machine = _fields(machine_part)
+    original = _original_id(machine, parts)
+    match = _MSG_ID.match(original)
+    if match is None:
+        raise MalformedMdn(f"Original-Message-ID is not <id@domain>: {_clean(original, 80)!r}")
+    disposition = machine.get("Disposition")
+    if not disposition:
+        raise MalformedMdn("no Disposition field")
+    recipients = tuple(
+        a for a in (_address(machine.get("Final-Recipient")), _address(machine.get("Original-Recipient"))) if a
+    )
+    if not recipients:
+        raise MalformedMdn("no Final-Recipient mailbox")
+    ok, detail = _disposition(str(disposition), machine)
+    return Mdn(match.group(1), match.group(2).lower(), recipients, _clean(str(disposition)), ok, detail)
+
+
+def apply_mdn(outbox: Outbox, raw: bytes, now: datetime, *, domain: str | None = None) -> MdnResult:
+    """Parse one incoming mail and acknowledge (or dead-letter) the delivery it answers, with an audit event.
+
+    ``domain`` (the gateway's mailbox domain) makes MDNs for other senders' Message-IDs ``ignored``.
+    """
+    try:
+        mdn = parse_mdn(raw)
+    except NotAnMdn as exc:
+        return MdnResult("ignored", f"not an MDN: {exc}")
+    except MalformedMdn as exc:
+        return MdnResult("refused", f"malformed MDN: {exc}")
+    if domain is not None and mdn.domain != domain.lower():
+        return MdnResult("ignored", f"MDN for a message of another domain ({mdn.domain})", mdn.message_id)
+    delivery = next((d for d in outbox.deliveries("sent") if d.message_id == mdn.message_id), None)
+    if delivery is None:
+        return MdnResult("ignored", "no delivery awaits an acknowledgement for this message", mdn.message_id)
+    try:
+        sent_to = mailbox_of(delivery.endpoint).lower()
+    except ValueError:
+        sent_to = delivery.endpoint.lower()
+    if sent_to not in mdn.recipients:
+        return MdnResult(
+            "refused", f"MDN from {', '.join(mdn.recipients)} for a message sent to {sent_to}", mdn.message_id
+        )
+    event = acknowledgement_event(
+        mdn.message_id, mdn.ok, f"MDN {mdn.disposition}", delivery.recipient_ref, now.isoformat(timespec="seconds")
+    )
+    if not outbox.acknowledge(mdn.message_id, mdn.ok, now, detail=f"MDN: {mdn.detail}", audit_events=[event]):
+        return MdnResult("ignored", "already acknowledged", mdn.message_id)
+    return MdnResult("acknowledged" if mdn.ok else "dead-lettered", mdn.detail, mdn.message_id)
+
+
+class MdnInbox:
+    """aiosmtpd handler for the gateway's application mailbox: every mail goes through :func:`apply_mdn`.
+
+    Malformed MDNs are refused at the SMTP level (``550 5.6.0`` with the reason, so the far end's
+    operator sees it); other mail is accepted and ignored.  ``mailboxes`` limits the accepted
+    recipients (the application mailbox); the last results are kept for operators and tests.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        domain: str | None = None,
+        mailboxes: Iterable[str] = (),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        keep: int = 1000,
+    ) -> None:
+        self.outbox, self.domain, self.clock = outbox, domain, clock
+        self.mailboxes = frozenset(m.lower() for m in mailboxes)
+        self.results: deque[MdnResult] = deque(maxlen=keep)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if self.mailboxes and address.lower() not in self.mailboxes:
+            return "550 5.1.1 mailbox unknown: this server only takes acknowledgements for the gateway"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or envelope.content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        now = self.clock()
+        try:
+            result = await asyncio.to_thread(apply_mdn, self.outbox, raw, now, domain=self.domain)
+        except Exception as exc:  # e.g. the database is down: the sender's relay must keep the MDN and retry
+            log.exception("MDN not applied")
+            return f"451 4.3.0 acknowledgement not recorded, try again later ({type(exc).__name__})"
+        self.results.append(result)
+        log.info("MDN %s: %s (%s)", result.status, result.detail, result.message_id)
+        if result.status == "refused":
+            return f"550 5.6.0 {_clean(result.detail, 400)}"
+        return f"250 2.0.0 {result.status}: {_clean(result.detail, 400)}"
+
+
+def start_inbox(
+    outbox: Outbox,
+    host: str,
+    port: int,
+    tls_context: ssl.SSLContext | None = None,
+    *,
+    domain: str | None = None,
+    mailboxes: Iterable[str] = (),
+) -> Controller:
+    """Run an :class:`MdnInbox` SMTP server in a background thread (``controller.stop()`` ends it).
+
+    With a TLS context the server offers STARTTLS and requires it before any mail (make the context
+    ``verify_mode = CERT_REQUIRED`` with the operator's CA for mutual TLS).
+    """
+    handler = MdnInbox(outbox, domain=domain, mailboxes=mailboxes)
+    controller = Controller(
+        handler,
+        hostname=host,
+        port=port,
+        tls_context=tls_context,
+        require_starttls=tls_context is not None,
+        data_size_limit=MAX_BYTES,
+    )
+    controller.start()
+    return controller
