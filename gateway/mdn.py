@@ -120,10 +120,10 @@ def _disposition(value: str, machine: Message) -> tuple[bool, str]:
     kind, _, modifier = rest.strip().partition("/")
     kind = kind.strip().lower()
     errors = [_clean(str(v)) for v in machine.get_all("Error", []) + machine.get_all("Failure", [])]
-    if modifier.strip().lower().startswith("error"):
-        _, _, text = modifier.partition(":")
-        errors.insert(0, _clean(text) or "error")
-    if kind in POSITIVE and not errors:
+    flagged = modifier.strip().lower().startswith("error")
+    if flagged and _clean(modifier.partition(":")[2]):
+        errors.insert(0, _clean(modifier.partition(":")[2]))
+    if kind in POSITIVE and not flagged and not errors:
         return True, kind
     if kind in POSITIVE or kind in NEGATIVE:
         return False, f"{kind}: {'; '.join(e for e in errors if e) or 'no error text'}"
