@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import ssl
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
@@ -35,9 +36,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.audit import acknowledgement_event
 from gateway.outbox import Outbox
+from gateway.settings import SettingsError
 from gateway.transports.mssante import mailbox_of
 
-__all__ = ["Mdn", "MdnInbox", "MdnResult", "NotAnMdn", "apply_mdn", "parse_mdn", "start_inbox"]
+__all__ = ["Mdn", "MdnInbox", "MdnResult", "NotAnMdn", "apply_mdn", "inbox_from_env", "parse_mdn", "start_inbox"]
 
 log = logging.getLogger("gateway.mdn")
 
@@ -270,3 +272,38 @@ def start_inbox(
     )
     controller.start()
     return controller
+
+
+def inbox_from_env(outbox: Outbox, sender: str, environ: Mapping[str, str] | None = None) -> Controller | None:
+    """The inbox ``gateway serve`` runs when ``GATEWAY_MDN_LISTEN=host:port`` is set (None otherwise).
+
+    ``sender`` is the application mailbox (``GATEWAY_SMTP_SENDER``): the only accepted recipient, and
+    its domain the only Message-ID domain acknowledged.  STARTTLS with ``GATEWAY_MDN_TLS_CERT_FILE`` /
+    ``GATEWAY_MDN_TLS_KEY_FILE`` is required unless the inbox listens on loopback only;
+    ``GATEWAY_MDN_CLIENT_CA_FILE`` also requires the relay's client certificate (mutual TLS).
+    """
+    env = os.environ if environ is None else environ
+    listen = env.get("GATEWAY_MDN_LISTEN")
+    if not listen:
+        return None
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit():
+        raise SettingsError("GATEWAY_MDN_LISTEN must be host:port")
+    cert, key, client_ca = (env.get(f"GATEWAY_MDN_{n}") for n in ("TLS_CERT_FILE", "TLS_KEY_FILE", "CLIENT_CA_FILE"))
+    context = None
+    if cert and key:
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(cert, key)
+            if client_ca:
+                context.load_verify_locations(client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(f"GATEWAY_MDN_TLS_*: {exc}") from None
+    elif host not in ("127.0.0.1", "::1", "localhost"):
+        raise SettingsError(
+            "GATEWAY_MDN_LISTEN off loopback needs GATEWAY_MDN_TLS_CERT_FILE and GATEWAY_MDN_TLS_KEY_FILE"
+        )
+    mailbox = mailbox_of(sender)
+    return start_inbox(outbox, host, int(port_text), context, domain=mailbox.rsplit("@", 1)[1], mailboxes=[mailbox])

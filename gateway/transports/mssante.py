@@ -13,7 +13,8 @@ The Subject names the document type, never the patient.  An optional S/MIME sign
 Outcomes: the relay accepting the mail is ``sent`` (the acknowledgement is the MDN, see
 :mod:`gateway.mdn`); SMTP 4xx, refused connections, timeouts and broken TLS sessions are
 ``transient``; SMTP 5xx, an untrusted server certificate, a server that does not offer STARTTLS
-(when required) and unusable endpoints or payloads are ``permanent``.
+(when required) and unusable endpoints or payloads are ``permanent``.  A connection lost after DATA
+is ambiguous (the relay may have queued the mail): it is retried, with the same Message-ID.
 """
 
 from __future__ import annotations

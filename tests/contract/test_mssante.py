@@ -47,7 +47,7 @@ from sqlalchemy import create_engine
 from gateway import seal, validate
 from gateway.api.app import create_app
 from gateway.deliver import Deliverer
-from gateway.mdn import apply_mdn, parse_mdn, start_inbox
+from gateway.mdn import apply_mdn, inbox_from_env, parse_mdn, start_inbox
 from gateway.outbox import Outbox
 from gateway.settings import Settings, SettingsError
 from gateway.store import ResourceStore
@@ -696,6 +696,32 @@ def test_mdns_acknowledge_or_dead_letter_deliveries_once(world: dict[str, Any], 
         smtp.mail(GP)
         assert smtp.rcpt("someone-else@chu-glaciere.mssante.fr")[0] == 550
     assert worker.run_once() == 0
+
+
+def test_inbox_from_the_environment(tmp_path: Path, pki: Pki) -> None:
+    outbox = Outbox(create_engine(f"sqlite:///{tmp_path / 'o.db'}"))
+    assert inbox_from_env(outbox, GATEWAY, {}) is None
+    for bad in ("0.0.0.0:2525", "nonsense", "127.0.0.1:port"):
+        with pytest.raises(SettingsError):
+            inbox_from_env(outbox, GATEWAY, {"GATEWAY_MDN_LISTEN": bad})
+    port = _free_port()
+    tls = {"TLS_CERT_FILE": pki.server_cert, "TLS_KEY_FILE": pki.server_key, "CLIENT_CA_FILE": pki.ca}
+    env = {"GATEWAY_MDN_LISTEN": f"127.0.0.1:{port}", **{f"GATEWAY_MDN_{k}": str(v) for k, v in tls.items()}}
+    inbox = inbox_from_env(outbox, GATEWAY, env)
+    assert inbox is not None
+    try:
+        context = pki.client_context()
+        context.load_cert_chain(pki.client_cert, pki.client_key)  # the operator's relay, mutual TLS
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as smtp:
+            smtp.starttls(context=context)
+            smtp.ehlo()
+            smtp.mail(GP)
+            assert smtp.rcpt("other@chu-glaciere.mssante.fr")[0] == 550, "only the application mailbox"
+            assert smtp.rcpt(GATEWAY)[0] == 250
+            code, text = smtp.data(_raw_mdn("processed"))
+            assert code == 250 and b"no delivery awaits" in text
+    finally:
+        inbox.stop()
 
 
 # -- MDN parsing, alone ------------------------------------------------------------------------------------
