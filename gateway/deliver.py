@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 import orjson
 from tenacity import wait_exponential_jitter
 
-from gateway import seal
-from gateway.directory import Directory
+from gateway import crypt, seal
+from gateway.directory import Directory, Endpoint
 from gateway.mappings import Mappings
 from gateway.outbox import Delivery, Outbox
 from gateway.pipeline import Prepared, cut_for, prepare
@@ -27,7 +27,8 @@ from gateway.policy import policy_from
 from gateway.route import Routed, route
 from gateway.settings import Settings
 from gateway.store import ResourceStore, SqlConsentStore, directory_from_store
-from gateway.transports import Transport, transport_for
+from gateway.transports import Outcome, Transport, transport_for
+from gateway.transports.base import carries
 
 __all__ = ["Deliverer", "RetryPolicy"]
 
@@ -51,6 +52,28 @@ class RetryPolicy:
 @dataclass(frozen=True, slots=True)
 class _Attempt:
     attempt_number: int
+
+
+def _send_sealed(
+    transport: Transport, sealed: bytes, endpoint: Endpoint, message_id: str, now: datetime
+) -> tuple[Outcome, str]:
+    """Send the sealed message — encrypted for the recipient when its endpoint publishes a certificate —
+    and say how it went (for the audit).  A certificate that cannot be used at ``now``, or a transport
+    that cannot carry a JWE, fails the delivery permanently: the message is never sent in clear instead."""
+    if endpoint.certificate is None:
+        return transport.send(sealed, endpoint.address, message_id), "signed, not encrypted (no recipient certificate)"
+    try:
+        if not carries(transport, crypt.JOSE):
+            scheme = endpoint.address.split(":", 1)[0]
+            raise crypt.CryptError(
+                f"the endpoint publishes an encryption certificate but the {scheme} transport cannot carry a JWE"
+            )
+        key = crypt.recipient_key(endpoint.certificate, now)
+        token = crypt.encrypt(sealed, key)
+    except crypt.CryptError as exc:
+        return Outcome("permanent", f"not sent: {exc.message}"), "not sent in clear: the recipient requires encryption"
+    outcome = transport.send(token, endpoint.address, message_id, content_type=crypt.JOSE)
+    return outcome, f"signed and encrypted ({key.describe()})"
 
 
 class Deliverer:
@@ -128,12 +151,16 @@ class Deliverer:
         if cut.message["entry"][0]["resource"]["id"] != delivery.message_id:
             raise AssertionError("message identity must be stable across attempts")
         sealed = seal.sign(cut.message, self.signer, now.isoformat(timespec="seconds"))
-        outcome = transport_for(recipient.endpoint.address, self.transports).send(
-            orjson.dumps(sealed), recipient.endpoint.address, delivery.message_id
+        outcome, protection = _send_sealed(
+            transport_for(recipient.endpoint.address, self.transports),
+            orjson.dumps(sealed),
+            recipient.endpoint,
+            delivery.message_id,
+            now,
         )
         event = {
             **cut.event,
-            "outcomeDesc": f"{cut.event['outcomeDesc']}; attempt {delivery.attempts + 1}: {outcome.detail}",
+            "outcomeDesc": f"{cut.event['outcomeDesc']}; attempt {delivery.attempts + 1}: {outcome.detail}; {protection}",
         }
         if outcome.kind in ("transient", "permanent"):
             event["outcome"] = "4" if outcome.kind == "transient" else "8"

@@ -8,6 +8,7 @@ same DAC are two recipients of different kinds.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,13 +16,15 @@ from typing import Any
 from gateway.errors import IngestError, Where
 from gateway.policy import Policy
 
-__all__ = ["Directory", "Endpoint", "Recipient", "load_directory"]
+__all__ = ["ENDPOINT_CERTIFICATE", "Directory", "Endpoint", "Recipient", "load_directory"]
 
 Json = dict[str, Any]
 RPPS = "https://rpps.esante.gouv.fr"
 IDNPS = "urn:oid:1.2.250.1.71.4.2.1"
 FINESS = "https://finess.esante.gouv.fr"
 IDNST = "urn:oid:1.2.250.1.71.4.2.2"
+# the certificate an Endpoint publishes for encryption (DER in valueBase64Binary; see gateway.crypt)
+ENDPOINT_CERTIFICATE = "https://fhir.discharge-gateway.fr/StructureDefinition/endpoint-certificate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,20 @@ class Endpoint:
     address: str
     connection: str  # endpoint-connection-type code: hl7-fhir-msg, direct-project...
     resource: Json = field(repr=False, compare=False, hash=False)
+    certificate: bytes | None = field(default=None, repr=False)  # DER, from ENDPOINT_CERTIFICATE
+
+
+def _certificate(endpoint: Mapping[str, Any]) -> bytes | None:
+    """The certificate the Endpoint publishes, if any.  A value that is not base64 is kept as it is: it
+    then fails as a certificate when used (a permanent, explained error), it is never silently dropped."""
+    for ext in endpoint.get("extension") or []:
+        if isinstance(ext, Mapping) and ext.get("url") == ENDPOINT_CERTIFICATE:
+            value = "".join(str(ext.get("valueBase64Binary", "")).split())
+            try:
+                return base64.b64decode(value, validate=True)
+            except ValueError:
+                return value.encode("utf-8", "replace")
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +141,7 @@ class Directory:
             res = self.resolve(ref)
             if res and res.get("status", "active") == "active" and res.get("address"):
                 code = (res.get("connectionType") or {}).get("code", "")
-                return Endpoint(str(ref.get("reference")), str(res["address"]), str(code), res)
+                return Endpoint(str(ref.get("reference")), str(res["address"]), str(code), res, _certificate(res))
         return None
 
     def _role(self, role: Json, policy: Policy) -> Recipient:

@@ -5,10 +5,17 @@ duplicates by ``MessageHeader.id`` (FHIR R4 reliable messaging: a resent message
 response, it is never processed twice), stores it, and answers a response message whose
 ``MessageHeader.response`` says ``ok``.  A message it cannot accept gets a 4xx OperationOutcome
 (the sender must not resend it unchanged).
+
+A receiver that publishes a certificate is given the matching private key(s) (``decryption_keys``): it
+then accepts ``application/jose`` (JWE compact) and ``application/jose+json`` bodies, decrypts them and
+checks the seal of what is inside as for any message; a JWE it cannot decrypt (altered, or for another
+recipient) is refused with 400 ``security``.  ``require_encryption`` refuses messages sent in clear.
+Served over HTTPS with client certificates required (mutual TLS), see :func:`tls_server_options`.
 """
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -17,14 +24,17 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 from joserfc.jwk import ECKey
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, create_engine, select
+from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, select
 from sqlalchemy.exc import IntegrityError
 
+from gateway.api.auth import StrPath, uvicorn_tls_options
 from gateway.api.outcomes import FHIR_JSON, ApiError, install
+from gateway.crypt import JOSE, JOSE_JSON, CryptError, PrivateKey, decrypt
 from gateway.package import EVENT
 from gateway.seal import SealError, verify
+from gateway.store import make_engine
 
-__all__ = ["create_receiver"]
+__all__ = ["create_receiver", "tls_server_options"]
 
 Json = dict[str, Any]
 _metadata = MetaData()
@@ -60,21 +70,44 @@ def _response_message(request_header: Json, endpoint: str) -> Json:
     }
 
 
+def tls_server_options(cert_file: StrPath, key_file: StrPath | None, ca_file: StrPath) -> dict[str, Any]:
+    """``uvicorn.run(create_receiver(...), host=..., port=..., **tls_server_options(cert, key, ca))``: HTTPS,
+    and a client certificate signed by ``ca_file`` is required to connect (mutual TLS)."""
+    return uvicorn_tls_options(cert_file, key_file, ca_file, ssl.CERT_REQUIRED)
+
+
 def create_receiver(
-    database_url: str, trusted_keys: Iterable[ECKey], *, endpoint: str = "http://127.0.0.1/fhir"
+    database_url: str,
+    trusted_keys: Iterable[ECKey],
+    *,
+    endpoint: str = "http://127.0.0.1/fhir",
+    decryption_keys: Iterable[PrivateKey] = (),
+    require_encryption: bool = False,
 ) -> FastAPI:
     """The receiver app; ``trusted_keys`` empty means signatures are not checked (tests of other parts only)."""
-    engine = create_engine(database_url, future=True)
+    engine = make_engine(database_url)  # WAL on SQLite: one fsync per message
     _metadata.create_all(engine)
     keys = list(trusted_keys)
+    private = list(decryption_keys)
     app = FastAPI(title="Reference FHIR messaging receiver", version="0.1.0")
     install(app)
 
     @app.post("/$process-message")
     @app.post("/{mailbox:path}/$process-message")  # one receiver may serve several recipients' endpoints
     async def process_message(request: Request) -> Response:
+        body = await request.body()
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type in (JOSE, JOSE_JSON):
+            if not private:
+                raise ApiError(400, "security", "this receiver publishes no certificate: it cannot decrypt a JWE")
+            try:
+                body = decrypt(body, private, media_type)
+            except CryptError as exc:
+                raise ApiError(400, "security", exc.message) from None
+        elif require_encryption:
+            raise ApiError(400, "security", f"this receiver accepts only encrypted messages ({JOSE})")
         try:
-            bundle = orjson.loads(await request.body())
+            bundle = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise ApiError(400, "structure", f"malformed JSON: {exc}") from None
         entries = bundle.get("entry") if isinstance(bundle, dict) else None

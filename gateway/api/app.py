@@ -18,6 +18,7 @@ import orjson
 from fastapi import Depends, FastAPI, Header, Request, Response
 
 from gateway import validate
+from gateway.api import auth
 from gateway.api.outcomes import FHIR_JSON, ApiError, install
 from gateway.mappings import Mappings
 from gateway.outbox import STATES, Delivery, Outbox
@@ -57,15 +58,15 @@ def create_app(
     keys = settings.api_keys
 
     def caller(
+        request: Request,
         authorization: Annotated[str | None, Header()] = None,
         x_api_key: Annotated[str | None, Header()] = None,
     ) -> frozenset[str]:
         key = x_api_key
         if authorization and authorization.lower().startswith("bearer "):
             key = authorization[7:].strip()
-        if not key or key not in keys:
-            raise ApiError(401, "login", "authentication required: a valid API key")
-        return keys[key]
+        # an API key and/or a client certificate (mutual TLS), as auth.install(app, ClientAuth(...)) says
+        return auth.authenticate(request, key, keys)
 
     def role(*allowed: str) -> Callable[..., frozenset[str]]:
         def check(roles: frozenset[str] = Depends(caller)) -> frozenset[str]:

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeGuard
 
-__all__ = ["Outcome", "Transport", "UnsupportedTransport", "transport_for"]
+__all__ = [
+    "FHIR_JSON",
+    "MediaTypeTransport",
+    "Outcome",
+    "Transport",
+    "UnsupportedTransport",
+    "carries",
+    "transport_for",
+]
+
+FHIR_JSON = "application/fhir+json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +32,20 @@ class Transport(Protocol):
     def send(self, payload: bytes, endpoint: str, message_id: str) -> Outcome: ...
 
     def close(self) -> None: ...
+
+
+class MediaTypeTransport(Transport, Protocol):
+    """A transport that can carry payloads other than FHIR JSON (e.g. a JWE, ``application/jose``) and
+    says which in ``media_types``; a plain :class:`Transport` carries FHIR JSON only."""
+
+    media_types: frozenset[str]
+
+    def send(self, payload: bytes, endpoint: str, message_id: str, content_type: str = FHIR_JSON) -> Outcome: ...
+
+
+def carries(transport: Transport, media_type: str) -> TypeGuard[MediaTypeTransport]:
+    """Whether ``transport`` declares it can send a payload of ``media_type``."""
+    return media_type in getattr(transport, "media_types", frozenset())
 
 
 class UnsupportedTransport:
