@@ -39,6 +39,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 
+from gateway import migrate
+
 __all__ = ["STATES", "Delivery", "Outbox"]
 
 STATES = ("queued", "sending", "sent", "acknowledged", "failed-retrying", "dead-lettered", "withheld")
@@ -135,7 +137,7 @@ def _delivery(row: Any) -> Delivery:
 class Outbox:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        _metadata.create_all(engine)
+        migrate.upgrade(engine)
 
     # -- accepting --------------------------------------------------------------------------------
     def find_letter(self, document_key: str) -> str | None:

@@ -25,11 +25,13 @@ from sqlalchemy import (
     Text,
     and_,
     create_engine,
+    event,
     func,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 
+from gateway import migrate
 from gateway.consent import ConsentVersion, _instant
 from gateway.directory import Directory
 from gateway.policy import Policy
@@ -54,10 +56,32 @@ _versions = Table(
 
 
 def make_engine(url: str) -> Engine:
-    """The database engine: SQLite waits for a busy writer instead of failing (API and worker share it)."""
+    """The database engine: SQLite waits for a busy writer instead of failing (API and worker share it).
+
+    A plain ``postgresql://`` (or ``postgres://``) URL gets the psycopg 3 driver, the one installed.
+    """
     if url.startswith("sqlite"):
-        return create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-    return create_engine(url, pool_pre_ping=True)
+        # one connection per process: threads queue on the pool (fair, no sleeping) instead of meeting
+        # in SQLite's busy handler, whose back-off sleeps up to 100 ms per collision
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=1, max_overflow=0, pool_timeout=60
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return create_engine(parsed, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL with synchronous=FULL: every commit is on disk (one fsync of the log, ~0.6 ms here, against
+    ~3 ms for the rollback journal), and readers never block the writer."""
+    cursor = dbapi_connection.cursor()
+    if str(dbapi_connection.execute("PRAGMA database_list").fetchone()[2]) != "":  # a file, not :memory:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
 
 
 class ResourceStore:
@@ -65,7 +89,7 @@ class ResourceStore:
 
     def __init__(self, url: str = "sqlite:///gateway.db", *, engine: Engine | None = None) -> None:
         self.engine = engine or make_engine(url)
-        _metadata.create_all(self.engine)
+        migrate.upgrade(self.engine)
 
     def _latest_version(self, conn: Any, resource_type: str, rid: str) -> int:
         stmt = select(func.max(_versions.c.version)).where(

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import getpass
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
 
 from gateway.mappings import Mappings, load_mappings
 from gateway.pipeline import Result, translate_letter
@@ -81,3 +89,77 @@ def resources(result: Result) -> list[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def mapping_set() -> Mappings:
     return mappings()
+
+
+# -- databases: every storage-backed test runs on SQLite and on PostgreSQL ------------------------------
+# GATEWAY_TEST_POSTGRES_URL names a server database the tests may connect to and create databases from
+# (default: the local server, as postgres then as the OS user); set it to "off" to skip PostgreSQL.
+_PG_CANDIDATES = (
+    [os.environ["GATEWAY_TEST_POSTGRES_URL"]]
+    if "GATEWAY_TEST_POSTGRES_URL" in os.environ
+    else [f"postgresql://{user}@127.0.0.1:5432/test" for user in ("postgres", getpass.getuser())]
+)
+_PG: dict[str, str] = {}  # "url" once a candidate answered, else "skip": why not (probed once per session)
+
+
+def _postgres_admin_url() -> str:
+    """The server URL the tests use, or a clean skip saying why PostgreSQL cannot be used."""
+    if not _PG:
+        errors = []
+        for url in _PG_CANDIDATES:
+            if url.lower() in ("", "off", "no", "0"):
+                errors.append("disabled by GATEWAY_TEST_POSTGRES_URL")
+                continue
+            try:
+                with psycopg.connect(url, connect_timeout=3, autocommit=True):
+                    _PG["url"] = url
+                    break
+            except psycopg.Error as exc:
+                errors.append(f"{url}: {str(exc).strip().splitlines()[0]}")
+        else:
+            _PG["skip"] = "PostgreSQL unreachable (set GATEWAY_TEST_POSTGRES_URL) — " + "; ".join(errors)
+    if "skip" in _PG:
+        pytest.skip(_PG["skip"])
+    return _PG["url"]
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, uniquely named PostgreSQL database, dropped afterwards (even with connections left open).
+
+    Where the role may not CREATE DATABASE, a fresh schema in the server database instead (selected
+    with ``search_path``), dropped with CASCADE.
+    """
+    admin_url = _postgres_admin_url()
+    name = f"gw_test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        try:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            url = make_url(admin_url).set(database=name)
+        except psycopg.errors.InsufficientPrivilege:
+            admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+            drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))
+            url = make_url(admin_url).update_query_dict({"options": f"-csearch_path={name}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(drop)
+
+
+@pytest.fixture
+def postgresql_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for a test that needs PostgreSQL itself (skipped if unreachable)."""
+    with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty gateway database: a SQLite file, then a PostgreSQL database (the same tests on both)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    with postgres_database() as url:
+        yield url

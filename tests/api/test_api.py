@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,8 +26,10 @@ S6 = FIXTURES / "dispatch"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ResourceStore:
-    return ResourceStore(f"sqlite:///{tmp_path / 'gateway.db'}")
+def store(database_url: str) -> Iterator[ResourceStore]:
+    store = ResourceStore(database_url)
+    yield store
+    store.engine.dispose()
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ class Gateway:
 
 
 @pytest.fixture
-def crash_world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def crash_world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
     key = generate_key()
     (tmp_path / "gateway.jwk").write_bytes(orjson.dumps(key.as_dict(private=True)))
     (tmp_path / "public.jwk").write_bytes(orjson.dumps(key.as_dict(private=False)))
@@ -122,7 +122,7 @@ def crash_world(tmp_path: Path) -> Iterator[dict[str, Any]]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"sqlite:///{tmp_path / 'gw.db'}"
+    url = database_url
     engine = make_engine(url)
     store = ResourceStore(engine=engine)
     for entry in orjson.loads((DISPATCH / "directory.json").read_bytes())["entry"]:

@@ -20,7 +20,6 @@ import orjson
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine
 
 from gateway.api.app import create_app
 from gateway.deliver import Deliverer, RetryPolicy
@@ -28,7 +27,7 @@ from gateway.outbox import Outbox
 from gateway.receiver import create_receiver
 from gateway.seal import Signer, generate_key
 from gateway.settings import Settings
-from gateway.store import ResourceStore
+from gateway.store import ResourceStore, make_engine
 from gateway.transports.http import HttpTransport
 from tests.conftest import FIXTURES, mappings
 
@@ -72,11 +71,11 @@ class Receiver:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
     signer = Signer(generate_key())
     receiver = Receiver(tmp_path / "rx.db", signer)
     receiver.start()
-    engine = create_engine(f"sqlite:///{tmp_path / 'gw.db'}")
+    engine = make_engine(database_url)
     store = ResourceStore(engine=engine)
     outbox = Outbox(engine)
     directory = orjson.loads((DISPATCH / "directory.json").read_bytes())
