@@ -69,7 +69,8 @@ EC_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 MIN_RSA_BITS = 2048
 MAX_PLAINTEXT = 32 * 1024 * 1024  # a message Bundle is far smaller; joserfc's own default (64 KiB) is too small
 
-PrivateKey = ECKey | RSAKey
+JoseKey = ECKey | RSAKey  # joserfc's asymmetric keys (a private key also holds its public part)
+PrivateKey = JoseKey
 
 
 class CryptError(GatewayError):
@@ -82,7 +83,7 @@ class CryptError(GatewayError):
 class RecipientKey:
     """A recipient's public key, taken from a certificate that was valid when it was checked."""
 
-    key: PrivateKey  # public part only
+    key: JoseKey  # public only
     alg: str  # key management algorithm for this key type
     kid: str  # RFC 7638 thumbprint of the public key
     x5t_s256: str  # base64url SHA-256 of the certificate's DER
@@ -127,7 +128,7 @@ def recipient_key(der: bytes, at: datetime) -> RecipientKey:
         usage: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         usage = None
-    key: PrivateKey
+    key: JoseKey
     if isinstance(public, ec.EllipticCurvePublicKey):
         if public.curve.name not in EC_CURVES:
             raise CryptError(f"the recipient certificate has an EC key on {public.curve.name}: not supported")

@@ -37,6 +37,7 @@ __all__ = [
     "ClientAuth",
     "TlsScopeH11Protocol",
     "authenticate",
+    "client_id",
     "fingerprint",
     "install",
     "parse_client_certificates",
@@ -154,12 +155,27 @@ def install(app: FastAPI, client_auth: ClientAuth) -> None:
     app.state.client_auth = client_auth
 
 
+def _client_auth(request: Request) -> ClientAuth:
+    client_auth = getattr(request.app.state, "client_auth", None)
+    return client_auth if isinstance(client_auth, ClientAuth) else ClientAuth()
+
+
 def authenticate(request: Request, api_key: str | None, api_keys: Mapping[str, frozenset[str]]) -> frozenset[str]:
     """The ``caller`` dependency's decision, with the app's :class:`ClientAuth` (see :func:`install`)."""
-    client_auth = getattr(request.app.state, "client_auth", None)
-    if not isinstance(client_auth, ClientAuth):
-        client_auth = ClientAuth()
-    return client_auth.roles(request.scope, api_key, api_keys)
+    return _client_auth(request).roles(request.scope, api_key, api_keys)
+
+
+def client_id(request: Request, api_key: str | None) -> str:
+    """A stable, non-secret name for the client that :func:`authenticate` let in (whose letters are whose):
+    ``client-`` + the API key's hash when a key decides (as before), ``cert-`` + the certificate's
+    fingerprint when the certificate does."""
+    mode = _client_auth(request).mode
+    if mode != "client-cert" and api_key:
+        return "client-" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+    der = peer_certificate(request.scope) if mode != "api-key" else None
+    if der is not None:
+        return "cert-" + fingerprint(der)[:16]
+    return "client-" + hashlib.sha256(b"").hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=8)

@@ -87,3 +87,20 @@ def test_configuration_errors_are_settings_errors(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="cannot load"):
         tls_context(None, key, cert)  # certificate and key swapped
     assert tls_context(None, cert, key).minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_each_client_has_its_own_stable_name() -> None:
+    from fastapi import FastAPI
+    from starlette.requests import Request
+
+    app = FastAPI()
+    auth.install(app, auth.ClientAuth("both", CERTS))
+
+    def request(der: bytes | None) -> Request:
+        return Request({**_scope(der), "app": app, "headers": []})
+
+    key = "admin-key-0123456789abcdef"
+    assert auth.client_id(request(None), key) == auth.client_id(request(HIS.der), key)  # the key decides
+    assert auth.client_id(request(None), key).startswith("client-")
+    assert auth.client_id(request(HIS.der), None) == "cert-" + auth.fingerprint(HIS.der)[:16]
+    assert auth.client_id(request(HIS.der), None) != auth.client_id(request(OTHER.der), None)
