@@ -258,7 +258,9 @@ def operation_event(
             "observer": OBSERVER,
             "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
         },
-        "entity": [{"what": {"reference": what}, "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"}}],
+        "entity": [
+            {"what": {"reference": what}, "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"}}
+        ],
     }
 
 

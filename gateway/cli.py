@@ -212,13 +212,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.api.app import create_app
     from gateway.deliver import Deliverer, RetryPolicy
+    from gateway.mdn import inbox_from_env
     from gateway.outbox import Outbox
     from gateway.seal import Signer, generate_key, load_key
     from gateway.store import ResourceStore, make_engine
+    from gateway.transports import Transport
     from gateway.transports.http import HttpTransport
+    from gateway.transports.mssante import SmtpSettings, SmtpTransport
 
     settings = Settings.from_env()
     mappings = _load(settings)  # refuse to start on a bad mapping
+    smtp = SmtpSettings.from_env()  # None unless GATEWAY_SMTP_HOST: MSSanté endpoints are then refused, explained
     if not settings.api_keys:
         _err("warning: no API key configured (GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE): every call will get 401")
     if settings.signing_key_file is not None:
@@ -228,20 +232,30 @@ def _serve(args: argparse.Namespace) -> int:
         key = generate_key()
     engine = make_engine(settings.database_url)
     store, outbox = ResourceStore(engine=engine), Outbox(engine)
+    transports: dict[str, Transport] = {"http": HttpTransport(), "https": HttpTransport()}
+    inbox = None
+    if smtp is not None:
+        transports["mailto"] = SmtpTransport(smtp)
+        inbox = inbox_from_env(outbox, smtp.sender)  # None unless GATEWAY_MDN_LISTEN
     worker = Deliverer(
         outbox=outbox,
         store=store,
         mappings=mappings,
         settings=settings,
         signer=Signer(key),
-        transports={"http": HttpTransport(), "https": HttpTransport()},
+        transports=transports,
         retry=RetryPolicy.from_settings(settings),
     )
-    threading.Thread(target=worker.run_forever, name="delivery", daemon=True).start()
+    threading.Thread(
+        target=worker.run_forever, kwargs={"threads": settings.delivery_threads}, name="delivery", daemon=True
+    ).start()
     try:
-        uvicorn.run(create_app(settings, store, outbox, mappings), host=args.host, port=args.port, log_level="info")
+        app = create_app(settings, store, outbox, mappings, on_accepted=worker.remember)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     finally:
         worker.stop()
+        if inbox is not None:
+            inbox.stop()
     return 0
 
 
@@ -361,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the HTTP API (consents, directory; OpenAPI at /docs)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--quiet", action="store_true", help="no access log (benchmarks)")
     sv.set_defaults(handler=_serve)
     rx = sub.add_parser("receiver", help="run a reference FHIR messaging recipient ($process-message)")
     rx.add_argument("--host", default="127.0.0.1")

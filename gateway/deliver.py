@@ -95,39 +95,58 @@ class Deliverer:
         self.signer, self.transports, self.retry, self.clock = signer, dict(transports), retry, clock
         self.worker = f"worker-{uuid.uuid4()}"
         self._prepared: OrderedDict[str, Prepared] = OrderedDict()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._work = threading.Event()
+
+    def remember(self, letter_id: str, prepared: Prepared) -> None:
+        """The API just accepted this letter in this process: keep its translation (it would be the same
+        again) and wake the worker, so a letter is on its way within milliseconds, not a polling period."""
+        with self._lock:
+            self._prepared[letter_id] = prepared
+            self._prepared.move_to_end(letter_id)
+            while len(self._prepared) > 256:
+                self._prepared.popitem(last=False)
+        self.wake()
+
+    def wake(self) -> None:
+        self._work.set()
 
     def _letter(self, letter_id: str) -> Prepared:
-        if letter_id not in self._prepared:
-            stored = self.outbox.letter_body(letter_id)
-            assert stored is not None, "a delivery always has its letter"
-            self._prepared[letter_id] = prepare(
-                stored[0], name=f"letter-{letter_id}", mappings=self.mappings, settings=self.settings
-            )
-            while len(self._prepared) > 64:
+        with self._lock:
+            known = self._prepared.get(letter_id)
+        if known is not None:
+            return known
+        stored = self.outbox.letter_body(letter_id)
+        assert stored is not None, "a delivery always has its letter"
+        prepared = prepare(stored[0], name=f"letter-{letter_id}", mappings=self.mappings, settings=self.settings)
+        with self._lock:
+            self._prepared[letter_id] = prepared
+            while len(self._prepared) > 256:
                 self._prepared.popitem(last=False)
-        return self._prepared[letter_id]
+        return prepared
 
-    def run_once(self, limit: int = 10) -> int:
+    def run_once(self, limit: int = 10, worker: str | None = None) -> int:
         """Claim and attempt the due deliveries; how many were attempted."""
         now = self.clock()
-        claimed = self.outbox.claim(self.worker, now, limit, lease=timedelta(seconds=self.settings.claim_lease_seconds))
+        worker = worker or self.worker
+        claimed = self.outbox.claim(worker, now, limit, lease=timedelta(seconds=self.settings.claim_lease_seconds))
         if not claimed:
             return 0
         directory = directory_from_store(self.store, policy_from(self.mappings))
         consents = SqlConsentStore(self.store)
         for delivery in claimed:
-            self._attempt(delivery, directory, consents)
+            self._attempt(delivery, directory, consents, worker)
         return len(claimed)
 
-    def _attempt(self, delivery: Delivery, directory: Directory, consents: SqlConsentStore) -> None:
+    def _attempt(self, delivery: Delivery, directory: Directory, consents: SqlConsentStore, worker: str) -> None:
         now = self.clock()
         prepared = self._letter(delivery.letter_id)
         recipient = directory.get(delivery.recipient_id)
         if recipient is None or recipient.endpoint is None:
             self.outbox.finish(
                 delivery.message_id,
-                self.worker,
+                worker,
                 "dead-lettered",
                 now,
                 error="recipient no longer in the directory, or without endpoint",
@@ -141,7 +160,7 @@ class Deliverer:
         if cut.message is None:
             self.outbox.finish(
                 delivery.message_id,
-                self.worker,
+                worker,
                 "withheld",
                 now,
                 error="consent allows nothing at send time",
@@ -166,12 +185,12 @@ class Deliverer:
             event["outcome"] = "4" if outcome.kind == "transient" else "8"
         if outcome.kind in ("ok", "sent"):
             status = "acknowledged" if outcome.kind == "ok" else "sent"
-            self.outbox.finish(delivery.message_id, self.worker, status, now, audit_events=[event])
+            self.outbox.finish(delivery.message_id, worker, status, now, audit_events=[event])
         elif outcome.kind == "transient" and delivery.attempts + 1 < self.retry.max_attempts:
             wait = max(outcome.retry_after or 0.0, self.retry.delay(delivery.attempts + 1))
             self.outbox.finish(
                 delivery.message_id,
-                self.worker,
+                worker,
                 "failed-retrying",
                 now,
                 error=outcome.detail,
@@ -180,17 +199,33 @@ class Deliverer:
             )
         else:
             reason = outcome.detail if outcome.kind == "permanent" else f"retries exhausted: {outcome.detail}"
-            self.outbox.finish(
-                delivery.message_id, self.worker, "dead-lettered", now, error=reason, audit_events=[event]
-            )
+            self.outbox.finish(delivery.message_id, worker, "dead-lettered", now, error=reason, audit_events=[event])
 
-    def run_forever(self, idle: float = 0.2) -> None:
+    def run_forever(self, idle: float = 0.5, threads: int = 1) -> None:
+        """Work until stopped, in ``threads`` threads (each claims its own batches: while one waits on the
+        network or the disk, another prepares).  When nothing is due, sleep until woken (a new letter)
+        or ``idle`` seconds (retries that fall due, letters accepted by another process)."""
+        if threads > 1:
+            pool = [
+                threading.Thread(target=self._loop, args=(idle, f"{self.worker}-{i}"), daemon=True)
+                for i in range(threads)
+            ]
+            for thread in pool:
+                thread.start()
+            for thread in pool:
+                thread.join()
+            return
+        self._loop(idle, self.worker)
+
+    def _loop(self, idle: float, worker: str) -> None:
         while not self._stop.is_set():
-            if self.run_once() == 0:
-                self._stop.wait(idle)
+            if self.run_once(worker=worker) == 0:
+                self._work.wait(idle)
+                self._work.clear()
 
     def stop(self) -> None:
         self._stop.set()
+        self._work.set()
 
     def close(self) -> None:
         for transport in self.transports.values():

@@ -1,8 +1,10 @@
 """``gateway demo``: run the pipeline on the embedded sample letters and show what each recipient gets.
 
-Each sample letter is translated (its Bundle written, its change table printed), then two scenarios are
-dispatched to show who receives what and what is withheld (the delivery issue extends the demo to the
-network).
+Each sample letter is translated (its Bundle written, its change table printed); two scenarios are
+dispatched offline to show who receives what and what is withheld; then the same two letters go over
+the network: a gateway (API + delivery worker) and a reference receiver run on loopback, the letters
+are pushed with ``POST /letters``, delivered signed over FHIR ``$process-message``, acknowledged, and
+each recipient's status, what it received and the audit trail are shown.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def run_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> int:
             _out(f"   ! {issue.severity}: {issue.text}")
         _out()
     _dispatch_demo(mappings, settings, out_dir)
+    _network_demo(mappings, settings, out_dir / "network")
     _out(f"Bundles written to {out_dir}/ — try `gateway translate LETTER [--prior PRIOR]` or `gateway dispatch` next.")
     return 0
 
@@ -130,3 +133,165 @@ def _dispatch_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> Non
             _out(f"   ! {event.kind}: {event.text}")
         _out(f"   → {target}/ (un message par destinataire + audit.json)")
         _out()
+
+
+def _serve_in_thread(app: object, port: int) -> object:
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(200):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5)
+            return server
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"demo server on port {port} did not start")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _network_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> None:
+    """Gateway + reference receiver on loopback: push, deliver, acknowledge, show statuses and audit."""
+    import copy
+    import secrets
+    import shutil
+    import threading
+    import time
+    from datetime import datetime
+
+    import httpx
+    import orjson
+    from sqlalchemy import text
+
+    from gateway.api.app import create_app
+    from gateway.deliver import Deliverer, RetryPolicy
+    from gateway.outbox import Outbox
+    from gateway.receiver import create_receiver
+    from gateway.seal import Signer, generate_key
+    from gateway.store import ResourceStore, make_engine
+    from gateway.transports.http import HttpTransport
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    (out_dir / "received").mkdir(parents=True)
+    base = samples_dir()
+    signer = Signer(generate_key())
+    rx_port, gw_port = _free_port(), _free_port()
+    receiver = _serve_in_thread(
+        create_receiver(
+            f"sqlite:///{out_dir / 'receiver.db'}", [signer.key], endpoint=f"http://127.0.0.1:{rx_port}/fhir"
+        ),
+        rx_port,
+    )
+    engine = make_engine(f"sqlite:///{out_dir / 'gateway.db'}")
+    store, outbox = ResourceStore(engine=engine), Outbox(engine)
+    for entry in orjson.loads((base / "dispatch" / "directory.json").read_bytes())["entry"]:
+        res = copy.deepcopy(entry["resource"])
+        if res["resourceType"] == "Endpoint":  # every recipient's endpoint → the loopback receiver
+            res["address"] = f"http://127.0.0.1:{rx_port}/fhir/{res['id']}"
+            res["connectionType"]["code"] = "hl7-fhir-msg"
+        store.put(res["resourceType"], res["id"], res)
+    for consents in ("consents-s1.json", "consents-s6.json"):
+        for entry in orjson.loads((base / "dispatch" / consents).read_bytes())["entry"]:
+            res = entry["resource"]
+            store.put("Consent", res["id"], res, at=datetime.fromisoformat(res["meta"]["lastUpdated"]))
+    key = secrets.token_urlsafe(24)
+    demo_settings = Settings(
+        max_document_bytes=settings.max_document_bytes,
+        default_timezone=settings.default_timezone,
+        public_url=f"http://127.0.0.1:{gw_port}",
+        api_keys={key: frozenset({"his", "auditor"})},
+    )
+    worker = Deliverer(
+        outbox=outbox,
+        store=store,
+        mappings=mappings,
+        settings=demo_settings,
+        signer=signer,
+        transports={"http": HttpTransport(timeout=5.0)},
+        retry=RetryPolicy(max_attempts=3, initial=0.5, maximum=2.0),
+    )
+    threading.Thread(target=worker.run_forever, kwargs={"idle": 0.1}, daemon=True).start()
+    gateway = _serve_in_thread(create_app(demo_settings, store, outbox, mappings, on_accepted=worker.remember), gw_port)
+    auth = {"Authorization": f"Bearer {key}"}
+    _out(
+        "== Sur le réseau, aujourd'hui : le consentement en vigueur à l'envoi décide (S6 : la version 2 du 15/11 "
+        "autorise le SAAD pour la logistique, le CLIC reste exclu)"
+    )
+    _out(
+        f"   passerelle http://127.0.0.1:{gw_port} (API, OpenAPI sur /docs) → destinataire de référence http://127.0.0.1:{rx_port}"
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{gw_port}", headers=auth, timeout=30) as client:
+            for letter in ("dispatch/ldl-ses-s1-pharmacy.xml", "dispatch/ldl-ses-s6-objection.xml"):
+                started = time.perf_counter()
+                answer = client.post(
+                    "/letters",
+                    content=(base / letter).read_bytes(),
+                    headers={"Content-Type": "application/hl7-cda+xml"},
+                )
+                body = answer.json()
+                _out(f"   POST /letters {Path(letter).name} → {answer.status_code} {body.get('status', body)}")
+                status: dict[str, object] = {}
+                for _ in range(300):
+                    status = client.get(str(body["status"])).json()
+                    if all(d["status"] not in ("queued", "sending") for d in status["deliveries"]):  # type: ignore[attr-defined]
+                        break
+                    time.sleep(0.05)
+                elapsed = (time.perf_counter() - started) * 1000
+                events = outbox.audit_events(str(body["letterId"]))
+                for d in status["deliveries"]:  # type: ignore[attr-defined]
+                    ref = d["recipient"].replace("-", "/", 1)  # Organization-x → Organization/x
+                    mine = [
+                        e
+                        for e in events
+                        if any(a.get("who", {}).get("reference", "").endswith(ref) for a in e["agent"])
+                    ]
+                    held = sum(
+                        1
+                        for e in mine
+                        for ent in e.get("entity", [])
+                        if ent.get("description", "").startswith("withheld")
+                    )
+                    basis = sorted(
+                        {
+                            ent["what"]["reference"]
+                            for e in mine
+                            for ent in e.get("entity", [])
+                            if ent.get("what", {}).get("reference", "").startswith("Consent/")
+                        }
+                    )
+                    when = str(d["acknowledged"] or d["updated"])[11:23]
+                    why = ", ".join(basis) or d["lastError"] or "équipe de soins"
+                    _out(f"   {d['recipient'][:34]:34} {d['status']:13} {when}  retenus : {held:3}  ({why})")
+                _out(f"   audit : {len(events)} AuditEvent(s) ; poussé → tout acquitté ou retenu en {elapsed:.0f} ms")
+                (out_dir / f"audit-{Path(letter).stem}.json").write_bytes(
+                    orjson.dumps(events, option=orjson.OPT_INDENT_2)
+                )
+        rx = make_engine(f"sqlite:///{out_dir / 'receiver.db'}")
+        with rx.connect() as conn:
+            for row in conn.execute(text("SELECT message_id, body FROM received_message")):
+                message = orjson.loads(row.body)
+                name = message["entry"][0]["resource"]["destination"][0]["receiver"]["reference"].rsplit("/", 1)[-1]
+                (out_dir / "received" / f"{name}-{row.message_id[:8]}.json").write_bytes(
+                    orjson.dumps(message, option=orjson.OPT_INDENT_2)
+                )
+        rx.dispose()
+        _out(f"   → {out_dir}/received/ (ce que chaque destinataire a reçu, signé) et {out_dir}/audit-*.json")
+        _out()
+    finally:
+        worker.stop()
+        for server in (gateway, receiver):
+            server.should_exit = True  # type: ignore[attr-defined]
+        worker.close()
+        engine.dispose()

@@ -39,6 +39,7 @@ class Settings:
     retry_initial_seconds: float = 2.0  # first backoff; doubles each attempt (with jitter) up to retry_max_seconds
     retry_max_seconds: float = 600.0
     claim_lease_seconds: float = 120.0  # a claim older than this (a crashed worker) is taken back
+    delivery_threads: int = 4  # delivery worker threads per gateway process
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -79,6 +80,7 @@ class Settings:
             retry_initial_seconds=_positive(env, "GATEWAY_RETRY_INITIAL_SECONDS", 2.0),
             retry_max_seconds=_positive(env, "GATEWAY_RETRY_MAX_SECONDS", 600.0),
             claim_lease_seconds=_positive(env, "GATEWAY_CLAIM_LEASE_SECONDS", 120.0),
+            delivery_threads=int(_positive(env, "GATEWAY_DELIVERY_THREADS", 4)),
         )
 
 

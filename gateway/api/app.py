@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from gateway import validate
 from gateway.api import auth
@@ -48,7 +49,10 @@ def create_app(
     store: ResourceStore,
     outbox: Outbox | None = None,
     mappings: Mappings | None = None,
+    on_accepted: Callable[[str, Any], None] | None = None,
 ) -> FastAPI:
+    """The gateway's HTTP API; ``on_accepted(letter_id, prepared)`` tells an in-process delivery worker
+    about a new letter (it reuses the translation and starts at once)."""
     app = FastAPI(
         title="Discharge gateway",
         version="0.1.0",
@@ -91,7 +95,7 @@ def create_app(
         return "client-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
     if outbox is not None and mappings is not None:
-        _letters(app, settings, store, outbox, mappings, pusher, status_reader, client_of, role)
+        _letters(app, settings, store, outbox, mappings, pusher, status_reader, client_of, role, on_accepted)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Json:
@@ -223,6 +227,7 @@ def _letters(
     status_reader: Any,
     client_of: Callable[..., str],
     role: Callable[..., Callable[..., frozenset[str]]],
+    on_accepted: Callable[[str, Any], None] | None,
 ) -> None:
     """Letters in (``POST /letters``, ``POST /$process-message``), their status, and the operators'
     view of deliveries (dead letters, replay).  A letter is accepted only once stored with its
@@ -274,6 +279,8 @@ def _letters(
             audit_events=events,
             now=now,
         )
+        if created and on_accepted is not None:
+            on_accepted(letter_id, prepared)
         body = {
             "letterId": letter_id,
             "status": f"/letters/{letter_id}",
@@ -294,7 +301,9 @@ def _letters(
                 raise ApiError(
                     415, "not-supported", f"content type {media_type or '(none)'!r}: send CDA XML or FHIR JSON"
                 )
-            return accept(await request.body(), media_type, client, now)
+            raw = await request.body()
+            # translation and the durable commit run off the event loop: other requests proceed meanwhile
+            return await run_in_threadpool(accept, raw, media_type, client, now)
         except GatewayError as error:
             refuse(error, client, now)
             raise
@@ -318,7 +327,7 @@ def _letters(
             if not roles & {"his", "admin"}:
                 raise ApiError(403, "forbidden", "pushing a letter needs the role his or admin")
             document = _focused_document(message, header)
-            return accept(orjson.dumps(document), "application/fhir+json", client, now)
+            return await run_in_threadpool(accept, orjson.dumps(document), "application/fhir+json", client, now)
         except GatewayError as error:
             refuse(error, client, now)
             raise

@@ -1,0 +1,283 @@
+"""Load benchmark: letters accepted and acknowledged end to end, on this machine, over loopback.
+
+    python bench/bench_load.py [--db sqlite|postgresql] [--letters 400] [--rate 50] [--gateways 1]
+
+Real processes: ``gateway serve`` (API + delivery worker; ``--gateways 2`` runs two on one database)
+and ``gateway receiver`` (verifies each seal, de-duplicates, stores, acknowledges).  The letter is the
+S6 discharge letter routed to 3 recipients (GP, CLIC, SAAD — the social ones with the patient's
+consent to logistics and social data), each one a distinct document.
+
+Two runs:
+- **throughput**: push every letter as fast as the API takes them (16 concurrent clients), then wait
+  for every message to be acknowledged: letters/s = letters ÷ (first push → last acknowledgement);
+- **latency**: push at a steady ``--rate`` letters/s; accept-to-ack = the gateway's own timestamps
+  (letter received → its last recipient's acknowledgement), p50 / p99.
+Goal (issue 4): ≥ 200 letters/s, p99 < 250 ms at 50 letters/s.  Everything shares the 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from sqlalchemy import create_engine, text
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.seal import generate_key  # noqa: E402
+from gateway.store import ResourceStore, make_engine  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures" / "dispatch"
+GATEWAY = str(Path(sys.executable).with_name("gateway"))
+HIS = "his-key-bench-0123456789abcdef"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(url: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not come up")
+
+
+def _consent() -> dict[str, Any]:
+    return {
+        "resourceType": "Consent",
+        "id": "bench-permit",
+        "status": "active",
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.10", "value": "248057511410235"}},
+        "dateTime": "2026-10-28T15:00:00+01:00",
+        "provision": {
+            "type": "permit",
+            "actor": [
+                {
+                    "role": {
+                        "coding": [
+                            {"system": "https://fhir.discharge-gateway.fr/CodeSystem/actor-kind", "code": "outside-care-team"}
+                        ]
+                    },
+                    "reference": {"display": "hors équipe de soins"},
+                }
+            ],
+            "securityLabel": [
+                {"system": "https://fhir.discharge-gateway.fr/CodeSystem/data-category", "code": "logistics"},
+                {"system": "https://fhir.discharge-gateway.fr/CodeSystem/data-category", "code": "social"},
+            ],
+            "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "COC"}],
+        },
+    }
+
+
+class Rig:
+    """Receiver + gateway processes on one fresh database."""
+
+    def __init__(self, db: str, gateways: int, tmp: Path) -> None:
+        self.tmp, self.procs = tmp, []  # type: ignore[var-annotated]
+        key = generate_key()
+        (tmp / "gw.jwk").write_bytes(orjson.dumps(key.as_dict(private=True)))
+        (tmp / "pub.jwk").write_bytes(orjson.dumps(key.as_dict(private=False)))
+        if db == "postgresql":
+            name = f"bench_{uuid.uuid4().hex[:8]}"
+            admin = create_engine(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            admin.dispose()
+            self.url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+            self.drop = name
+        else:
+            self.url, self.drop = f"sqlite:///{tmp / 'gw.db'}", ""
+        rx_port = _port()
+        self.procs.append(
+            subprocess.Popen(
+                [GATEWAY, "receiver", "--port", str(rx_port), "--db", f"sqlite:///{tmp / 'rx.db'}", "--trust", str(tmp / "pub.jwk")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        self.engine = make_engine(self.url)
+        store = ResourceStore(engine=self.engine)
+        for entry in orjson.loads((FIXTURES / "directory.json").read_bytes())["entry"]:
+            res = copy.deepcopy(entry["resource"])
+            if res["resourceType"] == "Endpoint":
+                res["address"] = f"http://127.0.0.1:{rx_port}/fhir/{res['id']}"
+                res["connectionType"]["code"] = "hl7-fhir-msg"
+            store.put(res["resourceType"], res["id"], res)
+        store.put("Consent", "bench-permit", _consent(), at=datetime.fromisoformat("2026-10-28T15:00:00+01:00"))
+        env = {
+            **os.environ,
+            "GATEWAY_DATABASE_URL": self.url,
+            "GATEWAY_API_KEYS": f"{HIS}:his",
+            "GATEWAY_SIGNING_KEY_FILE": str(tmp / "gw.jwk"),
+        }
+        self.urls = []
+        for _ in range(gateways):
+            port = _port()
+            self.procs.append(
+                subprocess.Popen(
+                    [GATEWAY, "serve", "--quiet", "--port", str(port)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(tmp / f"gw-{port}.log", "wb"),  # noqa: SIM115
+                )
+            )
+            self.urls.append(f"http://127.0.0.1:{port}")
+        _wait(f"http://127.0.0.1:{rx_port}/messages")
+        for url in self.urls:
+            _wait(f"{url}/healthz")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.engine.dispose()
+        if self.drop:
+            admin = create_engine(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.drop}" WITH (FORCE)'))
+            admin.dispose()
+
+    def pending(self, letters: set[str]) -> int:
+        with self.engine.connect() as conn:
+            rows = conn.execute(text("SELECT letter_id, status FROM delivery")).all()
+        return sum(1 for r in rows if r.letter_id in letters and r.status != "acknowledged")
+
+    def latencies(self, letters: set[str]) -> list[float]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT l.id, l.received_at, d.acknowledged_at FROM letter l JOIN delivery d ON d.letter_id = l.id")
+            ).all()
+        done: dict[str, tuple[Any, Any]] = {}
+        for r in rows:
+            if r.id in letters and r.acknowledged_at is not None:
+                start, end = done.get(r.id, (_dt(r.received_at), _dt(r.acknowledged_at)))
+                done[r.id] = (start, max(end, _dt(r.acknowledged_at)))
+        return [(_dt(end) - _dt(start)).total_seconds() * 1000 for start, end in done.values()]
+
+
+def _dt(value: Any) -> datetime:
+    found = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return found.replace(tzinfo=None)
+
+
+BASE = (FIXTURES / "ldl-ses-s6-objection.xml").read_bytes()
+
+
+def _letter(tag: str) -> bytes:
+    start = BASE.index(b"<id ", BASE.index(b"<ClinicalDocument"))
+    end = BASE.index(b"/>", start) + 2
+    return BASE[:start] + f'<id root="1.2.250.1.213.1.1.9.1.3" extension="BENCH-{tag}"/>'.encode() + BASE[end:]
+
+
+async def _push(urls: list[str], count: int, rate: float, tag: str) -> tuple[set[str], float]:
+    """Push ``count`` letters (round-robin over the gateways), at ``rate``/s or as fast as possible."""
+    ids: set[str] = set()
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        sem = asyncio.Semaphore(16)
+
+        async def one(n: int) -> None:
+            async with sem:
+                answer = await client.post(
+                    f"{urls[n % len(urls)]}/letters",
+                    content=_letter(f"{tag}-{n}"),
+                    headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
+                )
+                if answer.status_code != 202:
+                    raise SystemExit(f"push refused: {answer.status_code} {answer.text[:300]}")
+                ids.add(answer.json()["letterId"])
+
+        started = time.perf_counter()
+        tasks = []
+        for n in range(count):
+            if rate > 0:
+                await asyncio.sleep(max(0.0, started + n / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(n)))
+        await asyncio.gather(*tasks)
+    return ids, started
+
+
+def _drain(rig: Rig, ids: set[str], seconds: float = 600) -> float:
+    deadline = time.monotonic() + seconds
+    while rig.pending(ids):
+        if time.monotonic() > deadline:
+            raise SystemExit("deliveries did not complete")
+        time.sleep(0.05)
+    return time.perf_counter()
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--letters", type=int, default=400)
+    parser.add_argument("--rate", type=float, default=50.0, help="letters/s for the latency run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
+    parser.add_argument("--gateways", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rig = Rig(args.db, args.gateways, Path(tmp))
+        try:
+            asyncio.run(_push(rig.urls, 20, 0, "warm"))
+            _drain(rig, set())
+            time.sleep(1)
+            ids, started = asyncio.run(_push(rig.urls, args.letters, 0, "burst"))
+            accepted = time.perf_counter()
+            finished = _drain(rig, ids)
+            print(
+                f"[{args.db}, {args.gateways} gateway process(es), 3 recipients/letter] throughput: {args.letters} letters "
+                f"accepted in {accepted - started:.2f} s ({args.letters / (accepted - started):.0f}/s), all acknowledged "
+                f"after {finished - started:.2f} s → {args.letters / (finished - started):.0f} letters/s end to end "
+                f"({3 * args.letters / (finished - started):.0f} messages/s)"
+            )
+            count = int(args.rate * args.seconds)
+            ids, started = asyncio.run(_push(rig.urls, count, args.rate, "paced"))
+            _drain(rig, ids)
+            lat = rig.latencies(ids)
+            print(
+                f"[{args.db}] latency at {args.rate:.0f} letters/s for {args.seconds:.0f} s ({len(lat)} letters): "
+                f"accept→last ack p50 {statistics.median(lat):.0f} ms, p99 {_pct(lat, 0.99):.0f} ms, max {max(lat):.0f} ms"
+            )
+        finally:
+            rig.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
