@@ -210,14 +210,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from gateway.api import auth
     from gateway.api.app import create_app
     from gateway.deliver import Deliverer, RetryPolicy
     from gateway.mdn import inbox_from_env
     from gateway.outbox import Outbox
     from gateway.seal import Signer, generate_key, load_key
+    from gateway.settings import SettingsError
     from gateway.store import ResourceStore, make_engine
     from gateway.transports import Transport
-    from gateway.transports.http import HttpTransport
+    from gateway.transports.http import HttpTransport, tls_context
     from gateway.transports.mssante import SmtpSettings, SmtpTransport
 
     settings = Settings.from_env()
@@ -232,7 +234,20 @@ def _serve(args: argparse.Namespace) -> int:
         key = generate_key()
     engine = make_engine(settings.database_url)
     store, outbox = ResourceStore(engine=engine), Outbox(engine)
-    transports: dict[str, Transport] = {"http": HttpTransport(), "https": HttpTransport()}
+    client_auth = auth.ClientAuth(settings.auth_mode, settings.client_certs)  # type: ignore[arg-type]
+    server_tls: dict[str, Any] = {}
+    if settings.tls_cert_file is not None:
+        server_tls = auth.uvicorn_tls_options(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file, client_auth.cert_reqs
+        )
+    elif client_auth.mode != "api-key":
+        raise SettingsError("GATEWAY_AUTH=client-cert|both needs HTTPS: set GATEWAY_TLS_CERT_FILE")
+    out_tls = (
+        tls_context(settings.out_tls_ca_file, settings.out_tls_cert_file, settings.out_tls_key_file)
+        if settings.out_tls_cert_file or settings.out_tls_ca_file
+        else None
+    )
+    transports: dict[str, Transport] = {"http": HttpTransport(), "https": HttpTransport(tls=out_tls)}
     inbox = None
     if smtp is not None:
         transports["mailto"] = SmtpTransport(smtp)
@@ -251,7 +266,8 @@ def _serve(args: argparse.Namespace) -> int:
     ).start()
     try:
         app = create_app(settings, store, outbox, mappings, on_accepted=worker.remember)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+        auth.install(app, client_auth)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", **server_tls)
     finally:
         worker.stop()
         if inbox is not None:
@@ -279,8 +295,14 @@ def _receiver(args: argparse.Namespace) -> int:
             raise IngestError(f"{path}: not a public EC key, JWK or PEM ({str(exc).splitlines()[0][:80]})") from None
     if not keys:
         _err("warning: no --trust key: message signatures are NOT checked")
-    endpoint = f"http://{args.host}:{args.port}/fhir"
-    uvicorn.run(create_receiver(args.db, keys, endpoint=endpoint), host=args.host, port=args.port, log_level="info")
+    from gateway import crypt
+    from gateway.receiver import tls_server_options
+
+    decryption = [crypt.load_private_key(_read_named(p)) for p in args.decrypt_key or []]
+    tls = tls_server_options(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else {}
+    endpoint = f"{'https' if tls else 'http'}://{args.host}:{args.port}/fhir"
+    app = create_receiver(args.db, keys, endpoint=endpoint, decryption_keys=decryption)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls)
     return 0
 
 
@@ -382,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--port", type=int, default=8090)
     rx.add_argument("--db", default="sqlite:///receiver.db", help="where received messages are kept")
     rx.add_argument("--trust", action="append", metavar="KEY.jwk", help="public JWK of a trusted sender (repeatable)")
+    rx.add_argument(
+        "--decrypt-key", action="append", metavar="KEY", help="private key (PEM/JWK) to decrypt JWE messages"
+    )
+    rx.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (needs --tls-key, --tls-ca)")
+    rx.add_argument("--tls-key", metavar="PEM")
+    rx.add_argument("--tls-ca", metavar="PEM", help="CAs whose client certificates may connect (mutual TLS)")
     rx.set_defaults(handler=_receiver)
     dl = sub.add_parser("dead-letters", help="list dead-lettered deliveries, or put them back in the queue")
     dl.add_argument("action", choices=("list", "replay"))

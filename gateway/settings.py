@@ -40,6 +40,16 @@ class Settings:
     retry_max_seconds: float = 600.0
     claim_lease_seconds: float = 120.0  # a claim older than this (a crashed worker) is taken back
     delivery_threads: int = 4  # delivery worker threads per gateway process
+    # the API over HTTPS, and how HIS clients authenticate (api-key | client-cert | both)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # CAs that sign HIS client certificates
+    auth_mode: str = "api-key"
+    client_certs: Mapping[str, frozenset[str]] = field(default_factory=dict)  # SHA-256 fingerprint -> roles
+    # our client certificate towards recipients' $process-message endpoints (mutual TLS)
+    out_tls_cert_file: Path | None = None
+    out_tls_key_file: Path | None = None
+    out_tls_ca_file: Path | None = None  # CAs for recipients' servers (unset: the system store)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -81,7 +91,31 @@ class Settings:
             retry_max_seconds=_positive(env, "GATEWAY_RETRY_MAX_SECONDS", 600.0),
             claim_lease_seconds=_positive(env, "GATEWAY_CLAIM_LEASE_SECONDS", 120.0),
             delivery_threads=int(_positive(env, "GATEWAY_DELIVERY_THREADS", 4)),
+            tls_cert_file=_path(env, "GATEWAY_TLS_CERT_FILE"),
+            tls_key_file=_path(env, "GATEWAY_TLS_KEY_FILE"),
+            tls_ca_file=_path(env, "GATEWAY_TLS_CA_FILE"),
+            auth_mode=env.get("GATEWAY_AUTH", "api-key"),
+            client_certs=_client_certs(env),
+            out_tls_cert_file=_path(env, "GATEWAY_OUT_TLS_CERT_FILE"),
+            out_tls_key_file=_path(env, "GATEWAY_OUT_TLS_KEY_FILE"),
+            out_tls_ca_file=_path(env, "GATEWAY_OUT_TLS_CA_FILE"),
         )
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    return Path(env[name]) if env.get(name) else None
+
+
+def _client_certs(env: Mapping[str, str]) -> dict[str, frozenset[str]]:
+    from gateway.api.auth import parse_client_certificates  # auth imports this module
+
+    text = env.get("GATEWAY_CLIENT_CERTS", "")
+    if env.get("GATEWAY_CLIENT_CERTS_FILE"):
+        try:
+            text = Path(env["GATEWAY_CLIENT_CERTS_FILE"]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingsError(f"GATEWAY_CLIENT_CERTS_FILE: {exc.strerror}") from None
+    return parse_client_certificates(text)
 
 
 def _positive(env: Mapping[str, str], name: str, default: float) -> float:

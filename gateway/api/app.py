@@ -9,7 +9,6 @@ and ``$process-message``.  Callers authenticate with an API key (``Authorization
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -86,13 +85,15 @@ def create_app(
     status_reader = Depends(role("his", "admin", "auditor"))
 
     def client_of(
+        request: Request,
         authorization: Annotated[str | None, Header()] = None,
         x_api_key: Annotated[str | None, Header()] = None,
     ) -> str:
+        """Who owns a letter: the API key's hash, or the client certificate's fingerprint."""
         key = x_api_key or (
             authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else ""
         )
-        return "client-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        return auth.client_id(request, key or None)
 
     if outbox is not None and mappings is not None:
         _letters(app, settings, store, outbox, mappings, pusher, status_reader, client_of, role, on_accepted)
