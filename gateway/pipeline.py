@@ -2,7 +2,8 @@
 
 ``gateway translate``: ingest → translate → label → validate.
 ``gateway dispatch``: the same, then for each routed recipient consent → redact → package (and the
-audit of every decision).  Sealing and delivery join here with the delivery issue.
+audit of every decision).  The service (:mod:`gateway.deliver`) calls :func:`cut_for` per delivery at
+send time, then seals and sends.
 """
 
 from __future__ import annotations

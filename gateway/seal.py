@@ -7,7 +7,7 @@ Canonical JSON here is RFC 8785 (JCS) as far as this gateway's content needs: ke
 whitespace, UTF-8, integers and short decimals as JSON numbers; it is what ``orjson`` writes with
 sorted keys.  Keys are handled by joserfc (a maintained JOSE library), never by hand.
 
-(Encryption for recipients that publish a certificate comes with the delivery issue.)
+Encryption for recipients that publish a certificate is :mod:`gateway.crypt` (JWE over the sealed bytes).
 """
 
 from __future__ import annotations

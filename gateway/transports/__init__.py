@@ -1,8 +1,7 @@
 """Transports: how a sealed message reaches a recipient's endpoint.
 
 A transport is one call — ``send(payload, endpoint) -> Outcome`` — and the scheme of the endpoint
-address picks it (``https:``/``http:`` → FHIR ``$process-message``; ``mailto:`` → MSSanté, with the
-delivery issue).  Outcomes are classified here, retries are decided by :mod:`gateway.deliver`.
+address picks it (``https:``/``http:`` → FHIR ``$process-message``; ``mailto:`` → MSSanté SMTP).  Outcomes are classified here, retries are decided by :mod:`gateway.deliver`.
 """
 
 from __future__ import annotations
