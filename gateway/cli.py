@@ -353,6 +353,28 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(_load(settings), settings, Path(args.out))
 
 
+def _db(args: argparse.Namespace) -> int:
+    """Migrate or inspect the schema by hand (``gateway serve`` also upgrades on start)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway import migrate
+    from gateway.store import make_engine
+
+    engine = make_engine(args.url or Settings.from_env().database_url)
+    try:
+        if args.action == "upgrade":
+            migrate.upgrade(engine)
+        revision = migrate.current(engine)
+    except SQLAlchemyError as exc:  # unreachable server, bad credentials, a revision this version does not know
+        cause = getattr(exc, "orig", None) or exc
+        _err(f"configuration error: database: {str(cause).strip().splitlines()[0]}")
+        return EXIT_CONFIG
+    finally:
+        engine.dispose()
+    sys.stdout.write(f"{revision or 'none'} (head {migrate.head()})\n")
+    return 0 if revision == migrate.head() else EXIT_CONFIG
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="FHIR messaging gateway for hospital discharge letters"
@@ -411,6 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--tls-key", metavar="PEM")
     rx.add_argument("--tls-ca", metavar="PEM", help="CAs whose client certificates may connect (mutual TLS)")
     rx.set_defaults(handler=_receiver)
+    db = sub.add_parser("db", help="the database schema: upgrade it to this version, or show its revision")
+    db.add_argument(
+        "action",
+        choices=("upgrade", "current"),
+        help="upgrade: migrate to the latest revision (idempotent, safe from several processes); "
+        "current: print the revision (exit 3 if not the latest)",
+    )
+    db.add_argument("--url", metavar="URL", help="database URL (default: GATEWAY_DATABASE_URL)")
+    db.set_defaults(handler=_db)
     dl = sub.add_parser("dead-letters", help="list dead-lettered deliveries, or put them back in the queue")
     dl.add_argument("action", choices=("list", "replay"))
     dl.add_argument("message_ids", nargs="*", metavar="MESSAGE_ID", help="MessageHeader ids to replay")

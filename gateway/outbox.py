@@ -345,10 +345,7 @@ class Outbox:
             )
             if result.rowcount != 1:
                 return False
-            letter_id = conn.execute(
-                select(_deliveries.c.letter_id).where(_deliveries.c.message_id == message_id)
-            ).scalar()
-            self._append_audit(conn, audit_events, letter_id, now)
+            self._audit_delivery(conn, message_id, audit_events, now)
         return True
 
     def acknowledge(
@@ -381,11 +378,15 @@ class Outbox:
             )
             if result.rowcount != 1:
                 return False
-            letter_id = conn.execute(
-                select(_deliveries.c.letter_id).where(_deliveries.c.message_id == message_id)
-            ).scalar()
-            self._append_audit(conn, audit_events, letter_id, now)
+            self._audit_delivery(conn, message_id, audit_events, now)
         return True
+
+    def _audit_delivery(
+        self, conn: Connection, message_id: str, events: Sequence[dict[str, Any]], now: datetime
+    ) -> None:
+        """Audit a delivery's change in the same transaction as the change (filed under its letter)."""
+        letter_id = conn.execute(select(_deliveries.c.letter_id).where(_deliveries.c.message_id == message_id)).scalar()
+        self._append_audit(conn, events, letter_id, now)
 
     def replay(self, message_id: str, now: datetime) -> bool:
         """Put a dead-lettered delivery back in the queue."""
