@@ -190,8 +190,8 @@ class Outbox:
                 )
             )
             replaced = self._supersede(conn, earlier, version, now) if earlier else {}
+            stale = f"superseded: version {later} of this letter was received first" if later else None
             for message_id, recipient_id, recipient_ref, endpoint in deliveries:
-                stale = f"superseded: version {later} of this letter was received first" if later else None
                 conn.execute(
                     _deliveries.insert().values(
                         message_id=message_id,

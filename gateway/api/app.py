@@ -347,14 +347,9 @@ def _letters(
                 )
             )
         ok = code == "ok"
-        text = f"acknowledgement from {client} for MessageHeader/{answered}: {code}"
-        event = audit.operation_event(
-            f"MessageHeader/{answered}",
-            text,
-            client,
-            now.isoformat(timespec="seconds"),
-            outcome="0" if ok else "8",
-            subtype="receive",
+        # audited like an MSSanté MDN: one kind of record for every acknowledgement after the hand-over
+        event = audit.acknowledgement_event(
+            answered, ok, f"receiver answered {code}", client, now.isoformat(timespec="seconds")
         )
         if not outbox.acknowledge(answered, ok, now, detail=f"receiver answered {code}", audit_events=[event]):
             raise ApiError(409, "conflict", f"no message {answered} awaiting an acknowledgement")

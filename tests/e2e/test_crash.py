@@ -12,7 +12,6 @@ import copy
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,17 +30,12 @@ from gateway.outbox import Outbox
 from gateway.seal import generate_key
 from gateway.store import ResourceStore, make_engine
 from tests.conftest import FIXTURES
+from tests.e2e.test_service import _free_port
 
 DISPATCH = FIXTURES / "dispatch"
 HIS = "his-key-crash-0123456789abcdef"
 GATEWAY = str(Path(sys.executable).with_name("gateway"))
 LETTERS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], seconds: float = 30.0) -> None:

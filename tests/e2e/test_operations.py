@@ -132,9 +132,9 @@ def test_an_asynchronous_acknowledgement_completes_a_sent_delivery(world: dict[s
     assert states[first].status == "acknowledged" and states[first].acknowledged_at is not None
     assert states[second].status == "dead-lettered" and states[second].last_error == "receiver answered fatal-error"
     receipts = [e for e in outbox.audit_events() if e["outcomeDesc"].startswith("acknowledgement from")]
-    assert [(e["entity"][0]["what"]["reference"], e["outcome"]) for e in receipts] == [
-        (f"MessageHeader/{first}", "0"),
-        (f"MessageHeader/{second}", "8"),
+    assert [(e["entity"][0]["what"]["identifier"]["value"], e["outcome"]) for e in receipts] == [
+        (f"urn:uuid:{first}", "0"),
+        (f"urn:uuid:{second}", "8"),
     ]
 
 
