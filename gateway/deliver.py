@@ -8,6 +8,7 @@ dead-letter the delivery (visible and replayable); one dead recipient never bloc
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections import OrderedDict
@@ -19,18 +20,22 @@ import orjson
 from tenacity import wait_exponential_jitter
 
 from gateway import crypt, seal
+from gateway.consent import ConsentStore
 from gateway.directory import Directory, Endpoint
+from gateway.errors import GatewayError
 from gateway.mappings import Mappings
-from gateway.outbox import Delivery, Outbox
+from gateway.outbox import Delivery, Finish, Outbox
 from gateway.pipeline import Prepared, cut_for, prepare
 from gateway.policy import policy_from
-from gateway.route import Routed, route
+from gateway.route import Routed, Routing, route
 from gateway.settings import Settings
-from gateway.store import ResourceStore, SqlConsentStore, directory_from_store
+from gateway.store import ResourceStore, StoreSnapshot
 from gateway.transports import Outcome, Transport, transport_for
 from gateway.transports.base import carries
 
 __all__ = ["Deliverer", "RetryPolicy"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,7 @@ class Deliverer:
         self.outbox, self.store, self.mappings, self.settings = outbox, store, mappings, settings
         self.signer, self.transports, self.retry, self.clock = signer, dict(transports), retry, clock
         self.worker = f"worker-{uuid.uuid4()}"
+        self.snapshot = StoreSnapshot(store, policy_from(mappings))
         self._prepared: OrderedDict[str, Prepared] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,46 +133,83 @@ class Deliverer:
         return prepared
 
     def run_once(self, limit: int = 10, worker: str | None = None) -> int:
-        """Claim and attempt the due deliveries; how many were attempted."""
+        """Claim and attempt the due deliveries, record their outcomes in one commit; how many were attempted.
+
+        The directory and the consents are read once per batch, as stored when the batch starts (a
+        consent recorded after the letter was accepted still applies)."""
         now = self.clock()
         worker = worker or self.worker
         claimed = self.outbox.claim(worker, now, limit, lease=timedelta(seconds=self.settings.claim_lease_seconds))
         if not claimed:
             return 0
-        directory = directory_from_store(self.store, policy_from(self.mappings))
-        consents = SqlConsentStore(self.store)
-        for delivery in claimed:
-            self._attempt(delivery, directory, consents, worker)
+        directory, consents = self.snapshot.current()
+        routings: dict[str, Routing] = {}
+        outcomes = [self._guarded(delivery, directory, consents, routings) for delivery in claimed]
+        self.outbox.finish_many(outcomes, worker, self.clock())
         return len(claimed)
 
-    def _attempt(self, delivery: Delivery, directory: Directory, consents: SqlConsentStore, worker: str) -> None:
+    def _guarded(
+        self, delivery: Delivery, directory: Directory, consents: ConsentStore, routings: dict[str, Routing]
+    ) -> Finish:
+        """One attempt that cannot take the batch down: a letter the pipeline now refuses (mappings
+        changed since it was accepted) is dead-lettered with the reason; an unexpected error is retried
+        later like a transient failure, and logged with the message id only."""
+        try:
+            return self._attempt(delivery, directory, consents, routings)
+        except GatewayError as error:
+            return Finish(
+                delivery.message_id,
+                delivery.letter_id,
+                "dead-lettered",
+                error=f"cannot be prepared now: {error.message}",
+            )
+        except Exception as error:  # a bug must not stop delivery to everyone else
+            _log.exception("delivery %s failed unexpectedly", delivery.message_id)
+            wait = self.retry.delay(delivery.attempts + 1)
+            if delivery.attempts + 1 >= self.retry.max_attempts:
+                return Finish(
+                    delivery.message_id,
+                    delivery.letter_id,
+                    "dead-lettered",
+                    error=f"internal error: {type(error).__name__}",
+                )
+            return Finish(
+                delivery.message_id,
+                delivery.letter_id,
+                "failed-retrying",
+                error=f"internal error: {type(error).__name__}",
+                due_at=self.clock() + timedelta(seconds=wait),
+            )
+
+    def _attempt(
+        self, delivery: Delivery, directory: Directory, consents: ConsentStore, routings: dict[str, Routing]
+    ) -> Finish:
         now = self.clock()
         prepared = self._letter(delivery.letter_id)
         recipient = directory.get(delivery.recipient_id)
         if recipient is None or recipient.endpoint is None:
-            self.outbox.finish(
+            return Finish(
                 delivery.message_id,
-                worker,
+                delivery.letter_id,
                 "dead-lettered",
-                now,
                 error="recipient no longer in the directory, or without endpoint",
             )
-            return
+        routing = routings.get(delivery.letter_id)
+        if routing is None:
+            routing = routings[delivery.letter_id] = route(prepared.resources, directory, prepared.policy)
         routed = next(
-            (r for r in route(prepared.resources, directory, prepared.policy).routed if r.recipient.id == recipient.id),
+            (r for r in routing.routed if r.recipient.id == recipient.id),
             Routed(recipient, ("destinataire",)),
         )
         cut = cut_for(prepared, routed, now, consents, self.settings, replaces=delivery.replaces)
         if cut.message is None:
-            self.outbox.finish(
+            return Finish(
                 delivery.message_id,
-                worker,
+                delivery.letter_id,
                 "withheld",
-                now,
                 error="consent allows nothing at send time",
                 audit_events=[cut.event],
             )
-            return
         if cut.message["entry"][0]["resource"]["id"] != delivery.message_id:
             raise AssertionError("message identity must be stable across attempts")
         sealed = seal.sign(cut.message, self.signer, now.isoformat(timespec="seconds"))
@@ -184,22 +227,24 @@ class Deliverer:
         if outcome.kind in ("transient", "permanent"):
             event["outcome"] = "4" if outcome.kind == "transient" else "8"
         if outcome.kind in ("ok", "sent"):
-            status = "acknowledged" if outcome.kind == "ok" else "sent"
-            self.outbox.finish(delivery.message_id, worker, status, now, audit_events=[event])
-        elif outcome.kind == "transient" and delivery.attempts + 1 < self.retry.max_attempts:
-            wait = max(outcome.retry_after or 0.0, self.retry.delay(delivery.attempts + 1))
-            self.outbox.finish(
+            return Finish(
                 delivery.message_id,
-                worker,
+                delivery.letter_id,
+                "acknowledged" if outcome.kind == "ok" else "sent",
+                audit_events=[event],
+            )
+        if outcome.kind == "transient" and delivery.attempts + 1 < self.retry.max_attempts:
+            wait = max(outcome.retry_after or 0.0, self.retry.delay(delivery.attempts + 1))
+            return Finish(
+                delivery.message_id,
+                delivery.letter_id,
                 "failed-retrying",
-                now,
                 error=outcome.detail,
                 due_at=now + timedelta(seconds=wait),
                 audit_events=[event],
             )
-        else:
-            reason = outcome.detail if outcome.kind == "permanent" else f"retries exhausted: {outcome.detail}"
-            self.outbox.finish(delivery.message_id, worker, "dead-lettered", now, error=reason, audit_events=[event])
+        reason = outcome.detail if outcome.kind == "permanent" else f"retries exhausted: {outcome.detail}"
+        return Finish(delivery.message_id, delivery.letter_id, "dead-lettered", error=reason, audit_events=[event])
 
     def run_forever(self, idle: float = 0.5, threads: int = 1) -> None:
         """Work until stopped, in ``threads`` threads (each claims its own batches: while one waits on the
@@ -219,7 +264,12 @@ class Deliverer:
 
     def _loop(self, idle: float, worker: str) -> None:
         while not self._stop.is_set():
-            if self.run_once(worker=worker) == 0:
+            try:
+                attempted = self.run_once(worker=worker)
+            except Exception:  # the database away for a moment: the claims' leases cover it
+                _log.exception("delivery batch failed; retrying in %s s", idle)
+                attempted = 0
+            if attempted == 0:
                 self._work.wait(idle)
                 self._work.clear()
 

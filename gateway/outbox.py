@@ -40,8 +40,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from gateway import migrate
+from gateway.store import reader_for
 
-__all__ = ["STATES", "Delivery", "Outbox"]
+__all__ = ["STATES", "Delivery", "Finish", "Outbox"]
 
 STATES = ("queued", "sending", "sent", "acknowledged", "failed-retrying", "dead-lettered", "withheld")
 _metadata = MetaData()
@@ -107,6 +108,18 @@ class Delivery:
     acknowledged_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """One attempt's outcome, to record (see :meth:`Outbox.finish_many`)."""
+
+    message_id: str
+    letter_id: str
+    status: str
+    error: str | None = None
+    due_at: datetime | None = None
+    audit_events: Sequence[dict[str, Any]] = ()
+
+
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
@@ -138,10 +151,11 @@ class Outbox:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         migrate.upgrade(engine)
+        self.reader = reader_for(engine)  # status and audit reads never queue behind a commit
 
     # -- accepting --------------------------------------------------------------------------------
     def find_letter(self, document_key: str) -> str | None:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             found = conn.execute(select(_letters.c.id).where(_letters.c.document_key == document_key)).scalar()
             return str(found) if found else None
 
@@ -191,22 +205,30 @@ class Outbox:
             )
             replaced = self._supersede(conn, earlier, version, now) if earlier else {}
             stale = f"superseded: version {later} of this letter was received first" if later else None
-            for message_id, recipient_id, recipient_ref, endpoint in deliveries:
+            if deliveries:
                 conn.execute(
-                    _deliveries.insert().values(
-                        message_id=message_id,
-                        letter_id=letter_id,
-                        recipient_id=recipient_id,
-                        recipient_ref=recipient_ref,
-                        endpoint=endpoint,
-                        status="withheld" if stale else "queued",
-                        attempts=0,
-                        due_at=now,
-                        updated_at=now,
-                        queued_at=now,
-                        last_error=stale,
-                        replaces=replaced.get(recipient_id),
-                    )
+                    _deliveries.insert(),
+                    [
+                        {
+                            "message_id": message_id,
+                            "letter_id": letter_id,
+                            "recipient_id": recipient_id,
+                            "recipient_ref": recipient_ref,
+                            "endpoint": endpoint,
+                            "status": "withheld" if stale else "queued",
+                            "attempts": 0,
+                            "due_at": now,
+                            "updated_at": now,
+                            "queued_at": now,
+                            "last_error": stale,
+                            "replaces": replaced.get(recipient_id),
+                            "claimed_by": None,
+                            "claimed_at": None,
+                            "sent_at": None,
+                            "acknowledged_at": None,
+                        }
+                        for message_id, recipient_id, recipient_ref, endpoint in deliveries
+                    ],
                 )
             self._append_audit(conn, audit_events, letter_id, now)
         return letter_id, True
@@ -234,11 +256,13 @@ class Outbox:
     def _append_audit(
         self, conn: Connection, events: Sequence[dict[str, Any]], letter_id: str | None, now: datetime
     ) -> None:
-        for event in events:
+        if events:
             conn.execute(
-                _audit.insert().values(
-                    id=event["id"], recorded=now, letter_id=letter_id, body=orjson.dumps(event).decode()
-                )
+                _audit.insert(),
+                [
+                    {"id": e["id"], "recorded": now, "letter_id": letter_id, "body": orjson.dumps(e).decode()}
+                    for e in events
+                ],
             )
 
     def audit(
@@ -251,12 +275,12 @@ class Outbox:
         stmt = select(_audit.c.body).order_by(_audit.c.seq)
         if letter_id is not None:
             stmt = stmt.where(_audit.c.letter_id == letter_id)
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return [orjson.loads(r.body) for r in conn.execute(stmt)]
 
     # -- reading ----------------------------------------------------------------------------------
     def letter(self, letter_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(select(_letters).where(_letters.c.id == letter_id)).first()
             if row is None:
                 return None
@@ -274,7 +298,7 @@ class Outbox:
             }
 
     def letter_body(self, letter_id: str) -> tuple[bytes, str] | None:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(select(_letters.c.body, _letters.c.media_type).where(_letters.c.id == letter_id)).first()
             return (bytes(row.body), str(row.media_type)) if row else None
 
@@ -316,37 +340,62 @@ class Outbox:
         audit_events: Sequence[dict[str, Any]] = (),
     ) -> bool:
         """Record an attempt's outcome (only by the worker holding the claim); False if it lost the claim."""
-        assert status in STATES
-        stamps: dict[str, datetime] = {}
-        if status in ("sent", "acknowledged"):
-            stamps["sent_at"] = now
-        if status == "acknowledged":
-            stamps["acknowledged_at"] = now
+        with self.reader.connect() as conn:
+            letter_id = conn.execute(select(_deliveries.c.letter_id).where(_deliveries.c.message_id == message_id))
+            found = letter_id.scalar()
+        finish = Finish(message_id, str(found or ""), status, error, due_at, audit_events)
+        return self.finish_many([finish], worker, now)[0]
+
+    def finish_many(self, outcomes: Sequence[Finish], worker: str, now: datetime) -> list[bool]:
+        """Record a batch of attempts in one transaction (one commit, one fsync, for a worker's batch).
+
+        Each is recorded only if this worker still holds its claim (False otherwise: its lease expired
+        and another worker took it over).  A crash before this commit loses only the record, never the
+        message: the lease expires, the message is sent again under the same ``MessageHeader.id``, and
+        the receiver's de-duplication answers as the first time.
+        """
+        done: list[bool] = []
+        audited: list[tuple[dict[str, Any], str]] = []
         with self.engine.begin() as conn:
-            result = conn.execute(
-                update(_deliveries)
-                .where(
-                    and_(
-                        _deliveries.c.message_id == message_id,
-                        _deliveries.c.claimed_by == worker,
-                        _deliveries.c.status == "sending",
+            for outcome in outcomes:
+                assert outcome.status in STATES
+                stamps: dict[str, datetime] = {}
+                if outcome.status in ("sent", "acknowledged"):
+                    stamps["sent_at"] = now
+                if outcome.status == "acknowledged":
+                    stamps["acknowledged_at"] = now
+                result = conn.execute(
+                    update(_deliveries)
+                    .where(
+                        and_(
+                            _deliveries.c.message_id == outcome.message_id,
+                            _deliveries.c.claimed_by == worker,
+                            _deliveries.c.status == "sending",
+                        )
+                    )
+                    .values(
+                        status=outcome.status,
+                        attempts=_deliveries.c.attempts + 1,
+                        updated_at=now,
+                        last_error=outcome.error,
+                        due_at=outcome.due_at or now,
+                        claimed_by=None,
+                        claimed_at=None,
+                        **stamps,
                     )
                 )
-                .values(
-                    status=status,
-                    attempts=_deliveries.c.attempts + 1,
-                    updated_at=now,
-                    last_error=error,
-                    due_at=due_at or now,
-                    claimed_by=None,
-                    claimed_at=None,
-                    **stamps,
+                done.append(result.rowcount == 1)
+                if result.rowcount == 1:
+                    audited.extend((event, outcome.letter_id) for event in outcome.audit_events)
+            if audited:
+                conn.execute(
+                    _audit.insert(),
+                    [
+                        {"id": e["id"], "recorded": now, "letter_id": lid, "body": orjson.dumps(e).decode()}
+                        for e, lid in audited
+                    ],
                 )
-            )
-            if result.rowcount != 1:
-                return False
-            self._audit_delivery(conn, message_id, audit_events, now)
-        return True
+        return done
 
     def acknowledge(
         self,
@@ -402,5 +451,5 @@ class Outbox:
         stmt = select(_deliveries).order_by(_deliveries.c.updated_at)
         if status is not None:
             stmt = stmt.where(_deliveries.c.status == status)
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return [_delivery(r) for r in conn.execute(stmt)]

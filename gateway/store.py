@@ -8,8 +8,11 @@ and ``meta.lastUpdated`` are set here, never trusted from the client).
 
 from __future__ import annotations
 
+import threading
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +39,16 @@ from gateway.consent import ConsentVersion, _instant
 from gateway.directory import Directory
 from gateway.policy import Policy
 
-__all__ = ["DIRECTORY_TYPES", "ResourceStore", "SqlConsentStore", "directory_from_store", "make_engine"]
+__all__ = [
+    "DIRECTORY_TYPES",
+    "ConsentSnapshot",
+    "ResourceStore",
+    "SqlConsentStore",
+    "StoreSnapshot",
+    "directory_from_store",
+    "make_engine",
+    "reader_for",
+]
 
 Json = dict[str, Any]
 DIRECTORY_TYPES = ("Organization", "Practitioner", "PractitionerRole", "Endpoint")
@@ -74,6 +86,34 @@ def make_engine(url: str) -> Engine:
     return create_engine(parsed, pool_pre_ping=True)
 
 
+_readers: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_readers_lock = threading.Lock()
+
+
+def reader_for(engine: Engine) -> Engine:
+    """The engine to read with.  A SQLite file gets a second, read-only pool beside the single writer
+    connection: in WAL mode readers never wait for the writer, so a status query or a directory check
+    does not queue behind a commit's fsync.  PostgreSQL (and in-memory SQLite) read on the same engine."""
+    url = engine.url
+    if engine.dialect.name != "sqlite" or url.database in (None, "", ":memory:"):
+        return engine
+    with _readers_lock:
+        found = _readers.get(engine)
+        if found is None:
+            found = create_engine(
+                url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=4, max_overflow=4
+            )
+            event.listen(found, "connect", _sqlite_reader_pragmas)
+            _readers[engine] = found
+        return found
+
+
+def _sqlite_reader_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA query_only=1")
+    cursor.close()
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """WAL with synchronous=FULL: every commit is on disk (one fsync of the log, ~0.6 ms here, against
     ~3 ms for the rollback journal), and readers never block the writer."""
@@ -90,6 +130,7 @@ class ResourceStore:
     def __init__(self, url: str = "sqlite:///gateway.db", *, engine: Engine | None = None) -> None:
         self.engine = engine or make_engine(url)
         migrate.upgrade(self.engine)
+        self.reader = reader_for(self.engine)
 
     def _latest_version(self, conn: Any, resource_type: str, rid: str) -> int:
         stmt = select(func.max(_versions.c.version)).where(
@@ -142,8 +183,15 @@ class ResourceStore:
         if rid is not None:
             stmt = stmt.where(_versions.c.id == rid)
         stmt = stmt.order_by(_versions.c.id, _versions.c.version)
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return list(conn.execute(stmt))
+
+    def counts(self) -> dict[str, int]:
+        """Rows per resource type.  Rows are only ever added, so a type's count changes exactly when one
+        of its resources does: the cheap version number of :class:`StoreSnapshot`."""
+        stmt = select(_versions.c.resource_type, func.count()).group_by(_versions.c.resource_type)
+        with self.reader.connect() as conn:
+            return {str(t): int(n) for t, n in conn.execute(stmt)}
 
     def history(self, resource_type: str, rid: str) -> list[tuple[int, datetime, bool, Json]]:
         """(version, last updated, deleted, body) of every version, oldest first."""
@@ -192,6 +240,50 @@ class SqlConsentStore:
     @property
     def related(self) -> list[Json]:
         return self.store.current("RelatedPerson")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentSnapshot:
+    """Consents and legal representatives as read at one instant (a :class:`ConsentStore`)."""
+
+    all_versions: tuple[tuple[ConsentVersion, ...], ...]
+    related: tuple[Json, ...]
+
+    def versions(self) -> Sequence[Sequence[ConsentVersion]]:
+        return self.all_versions
+
+
+class StoreSnapshot:
+    """The directory and the consents as stored now, re-read only when a row was added to them.
+
+    The API routes every letter and every worker batch decides consent "as stored now"; re-reading
+    and re-parsing every directory entry and every consent each time cost more than the letter
+    itself.  One grouped count per call tells whether anything changed (in any process: an admin's
+    ``PUT`` from another gateway is seen on the next call).  Thread-safe; what it returns is shared
+    and must not be mutated.
+    """
+
+    def __init__(self, store: ResourceStore, policy: Policy) -> None:
+        self.store, self.policy = store, policy
+        self._lock = threading.Lock()
+        self._directory: tuple[tuple[int, ...], Directory] | None = None
+        self._consents: tuple[tuple[int, ...], ConsentSnapshot] | None = None
+
+    def current(self) -> tuple[Directory, ConsentSnapshot]:
+        counts = self.store.counts()
+        directory_key = tuple(counts.get(t, 0) for t in DIRECTORY_TYPES)
+        consent_key = (counts.get("Consent", 0), counts.get("RelatedPerson", 0))
+        with self._lock:
+            if self._directory is None or self._directory[0] != directory_key:
+                self._directory = (directory_key, directory_from_store(self.store, self.policy))
+            if self._consents is None or self._consents[0] != consent_key:
+                sql = SqlConsentStore(self.store)
+                versions = tuple(tuple(v) for v in sql.versions())
+                self._consents = (consent_key, ConsentSnapshot(versions, tuple(sql.related)))
+            return self._directory[1], self._consents[1]
+
+    def directory(self) -> Directory:
+        return self.current()[0]
 
 
 def directory_from_store(store: ResourceStore, policy: Policy, base: str = "") -> Directory:

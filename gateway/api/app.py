@@ -239,8 +239,10 @@ def _letters(
     from gateway.pipeline import prepare
     from gateway.policy import policy_from
     from gateway.route import route
-    from gateway.store import directory_from_store
+    from gateway.store import StoreSnapshot
     from gateway.translate.ids import resource_id
+
+    snapshot = StoreSnapshot(store, policy_from(mappings))
 
     def refuse(error: GatewayError, client: str, now: datetime) -> None:
         code = error.code if isinstance(error, ApiError) else error.issue_code
@@ -252,7 +254,7 @@ def _letters(
             raise ApiError(413, "too-long", f"letter over the {settings.max_document_bytes}-byte limit")
         prepared = prepare(raw, name="letter", mappings=mappings, settings=settings, now=now)
         policy = policy_from(mappings)
-        routing = route(prepared.resources, directory_from_store(store, policy), policy)
+        routing = route(prepared.resources, snapshot.directory(), policy)
         letter = prepared.result.translation.letter
         recorded = now.isoformat(timespec="seconds")
         events = [
