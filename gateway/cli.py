@@ -233,7 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
         _err("warning: no GATEWAY_SIGNING_KEY_FILE: messages are signed with a throw-away key")
         key = generate_key()
     engine = make_engine(settings.database_url)
-    store, outbox = ResourceStore(engine=engine), Outbox(engine)
+    store, outbox = ResourceStore(engine=engine), Outbox(engine, Signer(key))  # the key signs audit checkpoints
     client_auth = auth.ClientAuth(settings.auth_mode, settings.client_certs)  # type: ignore[arg-type]
     server_tls: dict[str, Any] = {}
     if settings.tls_cert_file is not None:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 from tenacity import wait_exponential_jitter
 
-from gateway import crypt, seal
+from gateway import audit, crypt, seal
 from gateway.consent import ConsentStore
 from gateway.directory import Directory, Endpoint
 from gateway.errors import GatewayError
@@ -157,29 +157,33 @@ class Deliverer:
         try:
             return self._attempt(delivery, directory, consents, routings)
         except GatewayError as error:
-            return Finish(
-                delivery.message_id,
-                delivery.letter_id,
-                "dead-lettered",
-                error=f"cannot be prepared now: {error.message}",
-            )
+            return self._failed(delivery, "dead-lettered", f"cannot be prepared now: {error.message}")
         except Exception as error:  # a bug must not stop delivery to everyone else
             _log.exception("delivery %s failed unexpectedly", delivery.message_id)
-            wait = self.retry.delay(delivery.attempts + 1)
+            reason = f"internal error: {type(error).__name__}"
             if delivery.attempts + 1 >= self.retry.max_attempts:
-                return Finish(
-                    delivery.message_id,
-                    delivery.letter_id,
-                    "dead-lettered",
-                    error=f"internal error: {type(error).__name__}",
-                )
-            return Finish(
-                delivery.message_id,
-                delivery.letter_id,
-                "failed-retrying",
-                error=f"internal error: {type(error).__name__}",
-                due_at=self.clock() + timedelta(seconds=wait),
-            )
+                return self._failed(delivery, "dead-lettered", reason)
+            wait = self.retry.delay(delivery.attempts + 1)
+            return self._failed(delivery, "failed-retrying", reason, self.clock() + timedelta(seconds=wait))
+
+    def _failed(self, delivery: Delivery, status: str, reason: str, due_at: datetime | None = None) -> Finish:
+        """An attempt that sent nothing, audited as such (no content: the message id and the reason)."""
+        event = audit.operation_event(
+            f"MessageHeader/{delivery.message_id}",
+            f"attempt {delivery.attempts + 1} for {delivery.recipient_id}: nothing sent — {reason}",
+            "delivery worker",
+            self.clock().isoformat(timespec="seconds"),
+            outcome="8" if status == "dead-lettered" else "4",
+        )
+        return Finish(
+            delivery.message_id,
+            delivery.letter_id,
+            status,
+            delivery.recipient_id,
+            error=reason,
+            due_at=due_at,
+            audit_events=[event],
+        )
 
     def _attempt(
         self, delivery: Delivery, directory: Directory, consents: ConsentStore, routings: dict[str, Routing]
@@ -188,12 +192,7 @@ class Deliverer:
         prepared = self._letter(delivery.letter_id)
         recipient = directory.get(delivery.recipient_id)
         if recipient is None or recipient.endpoint is None:
-            return Finish(
-                delivery.message_id,
-                delivery.letter_id,
-                "dead-lettered",
-                error="recipient no longer in the directory, or without endpoint",
-            )
+            return self._failed(delivery, "dead-lettered", "recipient no longer in the directory, or without endpoint")
         routing = routings.get(delivery.letter_id)
         if routing is None:
             routing = routings[delivery.letter_id] = route(prepared.resources, directory, prepared.policy)
@@ -207,6 +206,7 @@ class Deliverer:
                 delivery.message_id,
                 delivery.letter_id,
                 "withheld",
+                delivery.recipient_id,
                 error="consent allows nothing at send time",
                 audit_events=[cut.event],
             )
@@ -231,6 +231,7 @@ class Deliverer:
                 delivery.message_id,
                 delivery.letter_id,
                 "acknowledged" if outcome.kind == "ok" else "sent",
+                delivery.recipient_id,
                 audit_events=[event],
             )
         if outcome.kind == "transient" and delivery.attempts + 1 < self.retry.max_attempts:
@@ -239,12 +240,20 @@ class Deliverer:
                 delivery.message_id,
                 delivery.letter_id,
                 "failed-retrying",
+                delivery.recipient_id,
                 error=outcome.detail,
                 due_at=now + timedelta(seconds=wait),
                 audit_events=[event],
             )
         reason = outcome.detail if outcome.kind == "permanent" else f"retries exhausted: {outcome.detail}"
-        return Finish(delivery.message_id, delivery.letter_id, "dead-lettered", error=reason, audit_events=[event])
+        return Finish(
+            delivery.message_id,
+            delivery.letter_id,
+            "dead-lettered",
+            delivery.recipient_id,
+            error=reason,
+            audit_events=[event],
+        )
 
     def run_forever(self, idle: float = 0.5, threads: int = 1) -> None:
         """Work until stopped, in ``threads`` threads (each claims its own batches: while one waits on the

@@ -194,7 +194,7 @@ def _network_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> None
         rx_port,
     )
     engine = make_engine(f"sqlite:///{out_dir / 'gateway.db'}")
-    store, outbox = ResourceStore(engine=engine), Outbox(engine)
+    store, outbox = ResourceStore(engine=engine), Outbox(engine, signer)
     for entry in orjson.loads((base / "dispatch" / "directory.json").read_bytes())["entry"]:
         res = copy.deepcopy(entry["resource"])
         if res["resourceType"] == "Endpoint":  # every recipient's endpoint → the loopback receiver

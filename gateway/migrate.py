@@ -82,10 +82,10 @@ def _lock(conn: Connection) -> None:
 
 def schema() -> MetaData:
     """Every table the migrations manage, as the models declare them (what autogenerate compares with)."""
-    from gateway import outbox, store  # imported here: both modules call upgrade() at run time
+    from gateway import auditlog, outbox, store  # imported here: these modules call upgrade() at run time
 
     combined = MetaData()
-    for metadata in (store._metadata, outbox._metadata):
+    for metadata in (store._metadata, outbox._metadata, auditlog._metadata):
         for table in metadata.tables.values():
             table.to_metadata(combined)
     return combined

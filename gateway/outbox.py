@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 from sqlalchemy import (
     Column,
     DateTime,
@@ -40,6 +39,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from gateway import migrate
+from gateway.auditlog import AuditLog
+from gateway.seal import Signer
 from gateway.store import reader_for
 
 __all__ = ["STATES", "Delivery", "Finish", "Outbox"]
@@ -79,15 +80,6 @@ _deliveries = Table(
     Column("sent_at", DateTime(timezone=True), nullable=True),  # last hand-over to the transport
     Column("acknowledged_at", DateTime(timezone=True), nullable=True),
 )
-_audit = Table(
-    "audit_event",
-    _metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("id", String(64), nullable=False),
-    Column("recorded", DateTime(timezone=True), nullable=False),
-    Column("letter_id", String(64), nullable=True, index=True),
-    Column("body", Text, nullable=False),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +107,7 @@ class Finish:
     message_id: str
     letter_id: str
     status: str
+    recipient_id: str | None = None
     error: str | None = None
     due_at: datetime | None = None
     audit_events: Sequence[dict[str, Any]] = ()
@@ -148,10 +141,12 @@ def _delivery(row: Any) -> Delivery:
 
 
 class Outbox:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, signer: Signer | None = None, *, checkpoint_every: int = 1000) -> None:
         self.engine = engine
         migrate.upgrade(engine)
         self.reader = reader_for(engine)  # status and audit reads never queue behind a commit
+        # the audit is chained in the same transactions as what it records; ``signer`` signs checkpoints
+        self.log = AuditLog(engine, signer, checkpoint_every=checkpoint_every, reader=self.reader)
 
     # -- accepting --------------------------------------------------------------------------------
     def find_letter(self, document_key: str) -> str | None:
@@ -254,16 +249,14 @@ class Outbox:
         return {r.recipient_id: r.message_id for r in rows if r.status in ("sending", "sent", "acknowledged")}
 
     def _append_audit(
-        self, conn: Connection, events: Sequence[dict[str, Any]], letter_id: str | None, now: datetime
+        self,
+        conn: Connection,
+        events: Sequence[dict[str, Any]],
+        letter_id: str | None,
+        now: datetime,
+        recipient: str | None = None,
     ) -> None:
-        if events:
-            conn.execute(
-                _audit.insert(),
-                [
-                    {"id": e["id"], "recorded": now, "letter_id": letter_id, "body": orjson.dumps(e).decode()}
-                    for e in events
-                ],
-            )
+        self.log.append(conn, events, now, letter_id=letter_id, recipient=recipient)
 
     def audit(
         self, events: Sequence[dict[str, Any]], letter_id: str | None = None, now: datetime | None = None
@@ -272,11 +265,7 @@ class Outbox:
             self._append_audit(conn, events, letter_id, now or datetime.now(UTC))
 
     def audit_events(self, letter_id: str | None = None) -> list[dict[str, Any]]:
-        stmt = select(_audit.c.body).order_by(_audit.c.seq)
-        if letter_id is not None:
-            stmt = stmt.where(_audit.c.letter_id == letter_id)
-        with self.reader.connect() as conn:
-            return [orjson.loads(r.body) for r in conn.execute(stmt)]
+        return self.log.events(letter_id)
 
     # -- reading ----------------------------------------------------------------------------------
     def letter(self, letter_id: str) -> dict[str, Any] | None:
@@ -343,7 +332,7 @@ class Outbox:
         with self.reader.connect() as conn:
             letter_id = conn.execute(select(_deliveries.c.letter_id).where(_deliveries.c.message_id == message_id))
             found = letter_id.scalar()
-        finish = Finish(message_id, str(found or ""), status, error, due_at, audit_events)
+        finish = Finish(message_id, str(found or ""), status, None, error, due_at, audit_events)
         return self.finish_many([finish], worker, now)[0]
 
     def finish_many(self, outcomes: Sequence[Finish], worker: str, now: datetime) -> list[bool]:
@@ -355,7 +344,7 @@ class Outbox:
         the receiver's de-duplication answers as the first time.
         """
         done: list[bool] = []
-        audited: list[tuple[dict[str, Any], str]] = []
+        audited: list[tuple[dict[str, Any], str | None, str | None]] = []
         with self.engine.begin() as conn:
             for outcome in outcomes:
                 assert outcome.status in STATES
@@ -386,15 +375,8 @@ class Outbox:
                 )
                 done.append(result.rowcount == 1)
                 if result.rowcount == 1:
-                    audited.extend((event, outcome.letter_id) for event in outcome.audit_events)
-            if audited:
-                conn.execute(
-                    _audit.insert(),
-                    [
-                        {"id": e["id"], "recorded": now, "letter_id": lid, "body": orjson.dumps(e).decode()}
-                        for e, lid in audited
-                    ],
-                )
+                    audited.extend((e, outcome.letter_id, outcome.recipient_id) for e in outcome.audit_events)
+            self.log.append_many(conn, audited, now)
         return done
 
     def acknowledge(
@@ -434,8 +416,10 @@ class Outbox:
         self, conn: Connection, message_id: str, events: Sequence[dict[str, Any]], now: datetime
     ) -> None:
         """Audit a delivery's change in the same transaction as the change (filed under its letter)."""
-        letter_id = conn.execute(select(_deliveries.c.letter_id).where(_deliveries.c.message_id == message_id)).scalar()
-        self._append_audit(conn, events, letter_id, now)
+        row = conn.execute(
+            select(_deliveries.c.letter_id, _deliveries.c.recipient_id).where(_deliveries.c.message_id == message_id)
+        ).first()
+        self._append_audit(conn, events, row.letter_id if row else None, now, row.recipient_id if row else None)
 
     def replay(self, message_id: str, now: datetime) -> bool:
         """Put a dead-lettered delivery back in the queue."""
