@@ -417,7 +417,7 @@ def verify(engine: Engine, keys: Sequence[ECKey], *, expect: tuple[int, str] | N
     report = Report()
     problems = report.problems
     seen: dict[str, int] = {GENESIS: 0}  # hash -> seq, of the records walked so far
-    dangling: list[tuple[int, str, str, bool]] = []  # (seq, id, link, contiguous) of links to nothing yet
+    dangling: list[tuple[int, str, str, int]] = []  # (seq, id, link, previous seq) of links to nothing yet
     prev, last_seq = GENESIS, 0
     by_seq: dict[int, str] = {}
     walk: list[int] = [0]
@@ -440,7 +440,7 @@ def verify(engine: Engine, keys: Sequence[ECKey], *, expect: tuple[int, str] | N
                     f"record {first} was inserted: record {seq} ({id_}) links past it, to record {seen[link]}",
                 ))  # fmt: skip
             else:
-                dangling.append((seq, id_, link, seq == last_seq + 1))
+                dangling.append((seq, id_, link, last_seq))
                 problems.append(Problem(seq, id_, "pending", ""))
         seen[stored] = seq
         by_seq[seq] = stored
@@ -448,16 +448,19 @@ def verify(engine: Engine, keys: Sequence[ECKey], *, expect: tuple[int, str] | N
         prev, last_seq = stored, seq
     report.last_seq, report.head = last_seq, prev
     # a link to nothing walked before: to a record further on (moved), to an altered predecessor, or gone
-    for seq, id_, link, contiguous in dangling:
+    for seq, id_, link, before in dangling:
         i = next(n for n, p in enumerate(problems) if p.seq == seq and p.kind == "pending")
         if link in seen:
             text = f"record {seq} ({id_}) is out of order: in the chain it follows record {seen[link]}"
             problems[i] = Problem(seq, id_, "reordered", text)
-        elif contiguous:
+        elif seq == before + 1:
             text = f"record {seq - 1} was altered and re-hashed (or replaced): record {seq} ({id_}) links to another version of it"
             problems[i] = Problem(seq - 1, id_, "edited", text)
         else:
-            text = f"record(s) removed before record {seq} ({id_}): it links to a record that is not in the log"
+            text = (
+                f"record(s) removed before record {seq} ({id_}): it links to a record that is not in the log "
+                f"(seq {before + 1}..{seq - 1} missing)"
+            )
             problems[i] = Problem(seq, id_, "removed", text)
     with engine.connect() as conn:
         head = conn.execute(select(head_table.c.seq).where(head_table.c.id == 1)).scalar()

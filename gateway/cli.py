@@ -346,6 +346,73 @@ def _dead_letters(args: argparse.Namespace) -> int:
     return 0 if not missing else 1
 
 
+def _audit(args: argparse.Namespace) -> int:
+    """``gateway audit verify``: check the whole chain and the signed checkpoints (exit 1 on the first
+    broken record, named); ``gateway audit checkpoint``: sign the current head now."""
+    from gateway.store import make_engine
+
+    settings = Settings.from_env()
+    engine = make_engine(args.url or settings.database_url)
+    try:
+        return _audit_on(args, settings, engine)
+    finally:
+        engine.dispose()
+
+
+def _audit_on(args: argparse.Namespace, settings: Settings, engine: Any) -> int:
+    import time
+
+    from gateway.auditlog import AuditLog, verify
+    from gateway.seal import Signer, load_key
+
+    own = load_key(_read_named(str(settings.signing_key_file))) if settings.signing_key_file else None
+    if args.action == "checkpoint":
+        if own is None:
+            raise SettingsError("a checkpoint is signed with the gateway key: set GATEWAY_SIGNING_KEY_FILE")
+        from gateway import migrate
+
+        migrate.upgrade(engine)
+        head = AuditLog(engine, Signer(own)).checkpoint()
+        sys.stdout.write(
+            "empty log: nothing to sign\n" if head is None else f"checkpoint at seq {head[0]}: {head[1]}\n"
+        )
+        return 0
+    keys = [load_key(_read_named(path)) for path in args.trust or []] or ([own] if own is not None else [])
+    if not keys:
+        _err("warning: no --trust key and no GATEWAY_SIGNING_KEY_FILE: checkpoints cannot be checked")
+    expect = None
+    if args.expect:
+        seq, _sep, value = args.expect.partition(":")
+        if not seq.isdigit() or len(value) != 64:
+            _err("--expect takes SEQ:HASH (the 64-hex hash of a checkpoint you kept)")
+            return EXIT_USAGE
+        expect = (int(seq), value.lower())
+    started = time.perf_counter()
+    report = verify(engine, keys, expect=expect)
+    elapsed = time.perf_counter() - started
+    rate = report.records / elapsed if elapsed > 0 else 0.0
+    out = sys.stdout
+    out.write(
+        f"{report.records} records checked in {elapsed:.2f} s ({rate:,.0f}/s); head seq {report.last_seq} {report.head}\n"
+    )
+    if report.latest_checkpoint:
+        seq, hash_, at, kid = report.latest_checkpoint
+        out.write(
+            f"{report.checkpoints} checkpoint(s); latest at seq {seq} signed {at} by key {kid}: keep {seq}:{hash_} "
+            f"elsewhere; {report.unsigned_tail} record(s) after it are covered by the chain only\n"
+        )
+    else:
+        out.write(f"{report.checkpoints} checkpoint(s): the log is covered by the chain only\n")
+    if report.ok:
+        out.write("chain intact\n")
+        return 0
+    first = report.problems[0]
+    out.write(f"CHAIN BROKEN at record {first.seq}: {first.kind}: {first.text}\n")
+    for problem in report.problems[1:]:
+        out.write(f"  also: record {problem.seq}: {problem.kind}: {problem.text}\n")
+    return 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -447,6 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("message_ids", nargs="*", metavar="MESSAGE_ID", help="MessageHeader ids to replay")
     dl.add_argument("--all", action="store_true", help="replay every dead-lettered delivery")
     dl.set_defaults(handler=_dead_letters)
+    au = sub.add_parser("audit", help="check the tamper-evident audit log, or sign a checkpoint of it now")
+    au.add_argument(
+        "action",
+        choices=("verify", "checkpoint"),
+        help="verify: walk the whole chain and the signed checkpoints, name the first broken record (exit 1); "
+        "checkpoint: sign the current head with the gateway key",
+    )
+    au.add_argument("--url", metavar="URL", help="database URL (default: GATEWAY_DATABASE_URL)")
+    au.add_argument(
+        "--trust", action="append", metavar="KEY", help="gateway public key(s) (JWK/PEM) that sign checkpoints"
+    )
+    au.add_argument("--expect", metavar="SEQ:HASH", help="a checkpoint kept outside the gateway: the log must hold it")
+    au.set_defaults(handler=_audit)
     dm = sub.add_parser("demo", help="translate the embedded sample letters and show the GP's change tables")
     dm.add_argument("--out", default="demo-out", help="directory for the output Bundles (default: demo-out)")
     dm.set_defaults(handler=_demo)
