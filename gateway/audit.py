@@ -6,12 +6,13 @@ with the reason; and one event per routing exception (no médecin traitant, acto
 directory, actor without endpoint, fallback used).  Events carry identifiers and references only, no
 clinical text: the withheld items are named by type and id, never by content.
 
-(The tamper-evident log that stores these events comes with the audit issue; this module only builds
-them, as pure values.)
+This module only builds the events, as values; :mod:`gateway.auditlog` chains and stores them.
 """
 
 from __future__ import annotations
 
+import base64
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from gateway.translate import narrative as nv
 from gateway.translate.build import PROJECT
 from gateway.translate.ids import resource_id, urn
 
-__all__ = ["audit_bundle", "disclosure_event", "route_event"]
+__all__ = ["audit_bundle", "disclosure_event", "rest_event", "route_event"]
 
 Json = dict[str, Any]
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -293,3 +294,63 @@ def acknowledgement_event(message_id: str, ok: bool, detail: str, recipient: str
             }
         ],
     }
+
+
+REST = {
+    "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+    "code": "rest",
+    "display": "RESTful Operation",
+}
+INTERACTION = "http://hl7.org/fhir/restful-interaction"
+_ACTIONS = {"create": "C", "update": "U", "delete": "D", "read": "R", "search-type": "E", "operation": "E"}
+
+
+def _requestor(who: str) -> Json:
+    return {
+        "type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
+        "who": {"display": who},
+        "requestor": True,
+    }
+
+
+def rest_event(
+    interaction: str,
+    what: str,
+    who: str,
+    recorded: str,
+    *,
+    outcome: str = "0",
+    text: str | None = None,
+    query: str | None = None,
+    patient: Ident | None = None,
+) -> Json:
+    """A REST interaction worth proving (IHE BALP patterns): a consent or directory change (create,
+    update, delete of a versioned reference), a read of the audit itself (a search, with its query),
+    or a refused attempt (``outcome`` 4, with the reason).  ``who`` is the client's non-secret id."""
+    description = text or f"{interaction} {what} by {who}"
+    entity: Json = {
+        "what": {"reference": what},
+        "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+    }
+    if query is not None:
+        entity["query"] = base64.b64encode(query.encode()).decode()
+        entity["description"] = query[:500]
+    event: Json = {
+        "resourceType": "AuditEvent",
+        "id": resource_id("AuditEvent", "rest", interaction, what, who, recorded, description, str(uuid.uuid4())),
+        "meta": {"security": [{"system": CATEGORY_SYSTEM, "code": "logistics"}]},
+        "text": nv.generated(nv.para(description)),
+        "type": REST,
+        "subtype": [{"system": INTERACTION, "code": interaction}],
+        "action": _ACTIONS.get(interaction, "E"),
+        "recorded": recorded,
+        "outcome": outcome,
+        "outcomeDesc": description,
+        "agent": [_requestor(who)],
+        "source": {
+            "observer": OBSERVER,
+            "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+        "entity": [entity, *([_patient_entity(patient)] if patient is not None else [])],
+    }
+    return event

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +32,7 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 
 from gateway import migrate
 from gateway.consent import ConsentVersion, _instant
@@ -138,8 +138,18 @@ class ResourceStore:
         )
         return int(conn.execute(stmt).scalar() or 0)
 
-    def put(self, resource_type: str, rid: str, body: Mapping[str, Any], at: datetime | None = None) -> Json:
-        """Store a new version; returns it with ``meta.versionId`` and ``meta.lastUpdated`` set."""
+    def put(
+        self,
+        resource_type: str,
+        rid: str,
+        body: Mapping[str, Any],
+        at: datetime | None = None,
+        *,
+        audit: Callable[[Connection, Json], None] | None = None,
+    ) -> Json:
+        """Store a new version; returns it with ``meta.versionId`` and ``meta.lastUpdated`` set.
+
+        ``audit(conn, stored)`` runs in the same transaction: the change and its AuditEvent commit together."""
         when = at or datetime.now(UTC)
         with self.engine.begin() as conn:
             version = self._latest_version(conn, resource_type, rid) + 1
@@ -160,12 +170,28 @@ class ResourceStore:
                     body=orjson.dumps(stored).decode(),
                 )
             )
+            if audit is not None:
+                audit(conn, stored)
         return stored
 
-    def create(self, resource_type: str, body: Mapping[str, Any], at: datetime | None = None) -> Json:
-        return self.put(resource_type, str(body.get("id") or uuid.uuid4()), body, at)
+    def create(
+        self,
+        resource_type: str,
+        body: Mapping[str, Any],
+        at: datetime | None = None,
+        *,
+        audit: Callable[[Connection, Json], None] | None = None,
+    ) -> Json:
+        return self.put(resource_type, str(body.get("id") or uuid.uuid4()), body, at, audit=audit)
 
-    def delete(self, resource_type: str, rid: str, at: datetime | None = None) -> bool:
+    def delete(
+        self,
+        resource_type: str,
+        rid: str,
+        at: datetime | None = None,
+        *,
+        audit: Callable[[Connection, Json], None] | None = None,
+    ) -> bool:
         when = at or datetime.now(UTC)
         with self.engine.begin() as conn:
             version = self._latest_version(conn, resource_type, rid)
@@ -176,6 +202,9 @@ class ResourceStore:
                     resource_type=resource_type, id=rid, version=version + 1, last_updated=when, deleted=True, body="{}"
                 )
             )
+            if audit is not None:
+                meta = {"versionId": str(version + 1), "lastUpdated": when.isoformat(timespec="milliseconds")}
+                audit(conn, {"resourceType": resource_type, "id": rid, "meta": meta})
         return True
 
     def _rows(self, resource_type: str, rid: str | None = None) -> list[Any]:

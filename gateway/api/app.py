@@ -11,21 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
-from gateway import validate
-from gateway.api import auth
+from gateway import audit, validate
+from gateway.api import auth, pages
 from gateway.api.outcomes import FHIR_JSON, ApiError, install
+from gateway.auditlog import AuditLog, Filters, Record
 from gateway.mappings import Mappings
 from gateway.outbox import STATES, Delivery, Outbox
 from gateway.settings import Settings
 from gateway.store import STORED_TYPES, ResourceStore
 
-__all__ = ["create_app"]
+__all__ = ["api_key", "create_app"]
+
+_PROJECT = "https://fhir.discharge-gateway.fr"
 
 Json = dict[str, Any]
 
@@ -59,22 +63,31 @@ def create_app(
     )
     install(app)
     keys = settings.api_keys
+    audit_log = outbox.log if outbox is not None else AuditLog(store.engine, reader=store.reader)
 
-    def caller(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> frozenset[str]:
-        key = x_api_key
-        if authorization and authorization.lower().startswith("bearer "):
-            key = authorization[7:].strip()
+    def caller(request: Request) -> frozenset[str]:
         # an API key and/or a client certificate (mutual TLS), as auth.install(app, ClientAuth(...)) says
-        return auth.authenticate(request, key, keys)
+        return auth.authenticate(request, api_key(request), keys)
+
+    def who(request: Request) -> str:
+        return auth.client_id(request, api_key(request))
 
     def role(*allowed: str) -> Callable[..., frozenset[str]]:
-        def check(roles: frozenset[str] = Depends(caller)) -> frozenset[str]:
+        def check(request: Request, roles: frozenset[str] = Depends(caller)) -> frozenset[str]:
             if not roles & set(allowed):
-                raise ApiError(403, "forbidden", f"this operation needs the role {' or '.join(allowed)}")
+                needed = " or ".join(allowed)
+                now = datetime.now(UTC).isoformat(timespec="seconds")
+                event = audit.rest_event(
+                    "operation",
+                    f"{request.method} {request.url.path}",
+                    who(request),
+                    now,
+                    outcome="4",
+                    text=f"refused: {request.method} {request.url.path} needs the role {needed}",
+                )
+                with audit_log.engine.begin() as conn:
+                    audit_log.append(conn, [event], datetime.now(UTC))
+                raise ApiError(403, "forbidden", f"this operation needs the role {needed}")
             return roles
 
         return check
@@ -84,19 +97,22 @@ def create_app(
     pusher = Depends(role("his", "admin"))
     status_reader = Depends(role("his", "admin", "auditor"))
 
-    def client_of(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_api_key: Annotated[str | None, Header()] = None,
-    ) -> str:
+    def client_of(request: Request) -> str:
         """Who owns a letter: the API key's hash, or the client certificate's fingerprint."""
-        key = x_api_key or (
-            authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else ""
-        )
-        return auth.client_id(request, key or None)
+        return who(request)
 
     if outbox is not None and mappings is not None:
         _letters(app, settings, store, outbox, mappings, pusher, status_reader, client_of, role, on_accepted)
+    auditor = Depends(role("auditor", "admin"))
+    _audit_api(app, audit_log, auditor, client_of)
+    pages.install(app, log=audit_log, outbox=outbox, auditor=auditor, client_of=client_of, keys=keys)
+
+    def changed(request: Request, interaction: str, stored: Json) -> Callable[[Any], None]:
+        """Audit a consent or directory change in the transaction that stores it."""
+        ref = f"{stored['resourceType']}/{stored['id']}/_history/{stored['meta']['versionId']}"
+        recorded = datetime.now(UTC)
+        event = audit.rest_event(interaction, ref, who(request), recorded.isoformat(timespec="seconds"))
+        return lambda conn: audit_log.append(conn, [event], recorded)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> Json:
@@ -137,7 +153,7 @@ def create_app(
         body = await _body(request, _type(resource_type), None)
         if body.get("id") and store.read(resource_type, str(body["id"])) is not None:
             raise ApiError(409, "duplicate", f"{resource_type}/{body['id']} exists: update it with PUT")
-        stored = store.create(resource_type, body)
+        stored = store.create(resource_type, body, audit=lambda conn, v: changed(request, "create", v)(conn))
         location = f"{resource_type}/{stored['id']}/_history/{stored['meta']['versionId']}"
         return _json(stored, 201, {"Location": location, "ETag": f'W/"{stored["meta"]["versionId"]}"'})
 
@@ -145,7 +161,8 @@ def create_app(
     async def update(resource_type: str, rid: str, request: Request, _: frozenset[str] = writer) -> Response:
         body = await _body(request, _type(resource_type), rid)
         existed = store.read(resource_type, rid) is not None
-        stored = store.put(resource_type, rid, body)
+        interaction = "update" if existed else "create"
+        stored = store.put(resource_type, rid, body, audit=lambda conn, v: changed(request, interaction, v)(conn))
         return _json(stored, 200 if existed else 201, {"ETag": f'W/"{stored["meta"]["versionId"]}"'})
 
     @app.get("/{resource_type}/{rid}")
@@ -156,8 +173,11 @@ def create_app(
         return _json(found, headers={"ETag": f'W/"{found["meta"]["versionId"]}"'})
 
     @app.delete("/{resource_type}/{rid}", status_code=204)
-    def delete(resource_type: str, rid: str, _: frozenset[str] = writer) -> Response:
-        if not store.delete(_type(resource_type), rid):
+    def delete(resource_type: str, rid: str, request: Request, _: frozenset[str] = writer) -> Response:
+        def audited(conn: Any, version: Json) -> None:
+            changed(request, "delete", version)(conn)
+
+        if not store.delete(_type(resource_type), rid, audit=audited):
             raise ApiError(404, "not-found", f"{resource_type}/{rid} not found")
         return Response(status_code=204)
 
@@ -395,6 +415,203 @@ def _letters(
             raise ApiError(404, "not-found", f"letter {letter_id} not found")
         found["deliveries"] = [_delivery_json(d) for d in found["deliveries"]]
         return _json(found)
+
+
+def api_key(request: Request) -> str | None:
+    """The API key of a call: ``Authorization: Bearer``, ``X-API-Key``, or the audit page's session cookie."""
+    authorization = request.headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip() or None
+    return request.headers.get("x-api-key") or request.cookies.get(pages.SESSION_COOKIE) or None
+
+
+def _audit_api(app: FastAPI, log: AuditLog, auditor: Any, client_of: Callable[..., str]) -> None:
+    """``GET /AuditEvent`` (searchset, paged), ``GET /AuditEvent/$export`` (CSV, NDJSON) and
+    ``GET /Patient/$audit-report``.  Auditors and admins only; every read is itself audited."""
+    from gateway import report
+
+    def read_audited(request: Request, who: str, what: str, patient: str | None = None) -> None:
+        now = datetime.now(UTC)
+        ident = None
+        if patient:
+            from gateway.model import Ident
+
+            system, _sep, value = patient.rpartition("|")
+            ident = Ident(system, value)
+        event = audit.rest_event(
+            "search-type", what, who, now.isoformat(timespec="seconds"), query=str(request.url.query), patient=ident
+        )
+        with log.engine.begin() as conn:
+            log.append(conn, [event], now)
+
+    def filters(request: Request) -> Filters:
+        query = request.query_params
+        since, until = _date_range(query.getlist("date"))
+        outcome = query.get("outcome")
+        if outcome is not None and outcome not in ("0", "4", "8", "12"):
+            raise ApiError(400, "value", "outcome is one of 0, 4, 8, 12 (AuditEvent.outcome)")
+        return Filters(
+            patient=query.get("patient") or None,
+            recipient=query.get("recipient") or None,
+            letter=query.get("letter") or None,
+            outcome=outcome,
+            since=since,
+            until=until,
+            kind=query.get("subtype") or None,
+        )
+
+    @app.get("/AuditEvent")
+    def search_audit(request: Request, _: frozenset[str] = auditor, client: str = Depends(client_of)) -> Response:
+        """Search the audit: ``patient`` (system|value or value), ``recipient`` (directory id or reference),
+        ``letter`` (letter id), ``date`` (repeatable, with ge/gt/le/lt/eq prefixes), ``outcome``,
+        ``subtype``; ``_count`` (≤ 500) and ``_offset`` page through the results, oldest first."""
+        wanted = filters(request)
+        count = _int(request.query_params.get("_count"), 50, 1, 500, "_count")
+        offset = _int(request.query_params.get("_offset"), 0, 0, 10**9, "_offset")
+        total, records = log.search(wanted, offset=offset, count=count)
+        read_audited(request, client, "AuditEvent", wanted.patient)
+        base = str(request.url.remove_query_params(["_offset", "_count"]))
+        sep = "&" if "?" in base else "?"
+        links = [{"relation": "self", "url": f"{base}{sep}_count={count}&_offset={offset}"}]
+        if offset + count < total:
+            links.append({"relation": "next", "url": f"{base}{sep}_count={count}&_offset={offset + count}"})
+        if offset > 0:
+            links.append({"relation": "previous", "url": f"{base}{sep}_count={count}&_offset={max(0, offset - count)}"})
+        return _json(
+            {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": total,
+                "link": links,
+                "entry": [
+                    {"fullUrl": f"AuditEvent/{r.id}", "resource": _chained(r), "search": {"mode": "match"}}
+                    for r in records
+                ],
+            }
+        )
+
+    @app.get("/AuditEvent/$export")
+    def export_audit(request: Request, _: frozenset[str] = auditor, client: str = Depends(client_of)) -> Response:
+        """Every matching record for an inspection: ``_format=csv`` (one line per record, with its chain
+        hashes) or ``_format=ndjson`` (one AuditEvent per line); the Accept header decides otherwise."""
+        wanted = filters(request)
+        fmt = request.query_params.get("_format") or (
+            "csv" if "text/csv" in request.headers.get("accept", "") else "ndjson"
+        )
+        if fmt not in ("csv", "ndjson"):
+            raise ApiError(400, "value", "_format is csv or ndjson")
+        read_audited(request, client, "AuditEvent/$export", wanted.patient)
+        records = log.iterate(wanted)
+        if fmt == "csv":
+            return StreamingResponse(
+                _csv_lines(records),
+                media_type="text/csv; charset=utf-8",
+                headers={"Content-Disposition": 'attachment; filename="audit.csv"'},
+            )
+        return StreamingResponse(
+            (orjson.dumps(_chained(r)) + b"\n" for r in records),
+            media_type="application/fhir+ndjson",
+            headers={"Content-Disposition": 'attachment; filename="audit.ndjson"'},
+        )
+
+    @app.get("/Patient/$audit-report")
+    def patient_report(
+        request: Request, identifier: str, _: frozenset[str] = auditor, client: str = Depends(client_of)
+    ) -> Response:
+        """The data-subject access report for one patient (``identifier=system|value``): a FHIR List of
+        who received what about them, when, and what was held back (``/audit/patient`` prints it)."""
+        if not identifier.strip("|"):
+            raise ApiError(400, "required", "identifier=system|value of the patient (INS or IPP)")
+        read_audited(request, client, "Patient/$audit-report", identifier)
+        found = report.for_patient(log, identifier)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        return _json(report.patient_report_bundle(identifier, found, now))
+
+
+def _chained(record: Record) -> Json:
+    """The AuditEvent as stored, with its place in the chain (so an export can be re-verified)."""
+    event = record.event
+    event["extension"] = [
+        {"url": f"{_PROJECT}/StructureDefinition/audit-chain-seq", "valueInteger": record.seq},
+        {"url": f"{_PROJECT}/StructureDefinition/audit-chain-hash", "valueString": record.hash},
+        {"url": f"{_PROJECT}/StructureDefinition/audit-chain-previous", "valueString": record.prev_hash},
+    ]
+    return event
+
+
+def _csv_lines(records: Any) -> Any:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    header = (
+        "seq",
+        "at",
+        "id",
+        "subtype",
+        "outcome",
+        "patient",
+        "recipient",
+        "letter",
+        "description",
+        "prev_hash",
+        "hash",
+    )
+    writer.writerow(header)
+    for r in records:
+        desc = str(r.event.get("outcomeDesc", ""))
+        writer.writerow(
+            (r.seq, r.at, r.id, r.kind, r.outcome, r.patient, r.recipient, r.letter_id, desc, r.prev_hash, r.hash)
+        )
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _int(value: str | None, default: int, low: int, high: int, name: str) -> int:
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise ApiError(400, "value", f"{name} must be a whole number from {low} to {high}")
+    return int(value)
+
+
+def _date_range(values: list[str]) -> tuple[str | None, str | None]:
+    """FHIR ``date`` search values (ge/gt/le/lt/eq prefixes, date or dateTime precision; no zone = UTC)
+    as a half-open range of UTC stamps, the form the audit log stores."""
+    since: str | None = None
+    until: str | None = None
+    for raw in values:
+        prefix, value = (raw[:2], raw[2:]) if raw[:2] in ("ge", "gt", "le", "lt", "eq") else ("eq", raw)
+        start, end = _bounds(value)
+        if prefix in ("ge", "eq"):
+            since = max(since or start, start)
+        if prefix == "gt":
+            since = max(since or end, end)
+        if prefix in ("le", "eq"):
+            until = min(until or end, end)
+        if prefix == "lt":
+            until = min(until or start, start)
+    return since, until
+
+
+def _bounds(value: str) -> tuple[str, str]:
+    from datetime import date, timedelta
+
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return start.strftime(fmt), (start + timedelta(days=1)).strftime(fmt)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, "value", f"date {value!r}: give YYYY-MM-DD or an ISO 8601 dateTime") from None
+    moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    step = timedelta(seconds=1) if moment.microsecond == 0 else timedelta(microseconds=1)
+    return moment.strftime(fmt), (moment + step).strftime(fmt)
 
 
 def _delivery_json(d: Delivery) -> Json:
