@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             states = {d["recipient"]: d["status"] for d in deliveries}
             assert states.get(GP) == "acknowledged" and states.get(CLIC) == "withheld", states
         outbox.log.checkpoint()
-        yield {"base": base, "letter": letter_id, "outbox": outbox}
+        yield {"base": base, "letter": letter_id, "outbox": outbox, "signer": signer}
     finally:
         worker.stop()
         server.should_exit = True
@@ -264,3 +264,45 @@ def test_patient_report_is_printable_and_page_views_are_audited(
     assert page.url.endswith("/audit/login")
     page.goto("/audit")
     assert page.url.endswith("/audit/login"), "logged out"
+
+
+def test_search_by_recipient_letter_and_dates(context: BrowserContext, gateway: dict[str, Any]) -> None:
+    page = context.new_page()
+    assert _login(page, AUDITOR) == 303
+    today = datetime.now(UTC).date()
+    tomorrow = today + timedelta(days=1)
+    page.goto(f"/audit?recipient={CLIC}&from={today}&to={today}")
+    assert page.get_by_test_id("exchange-row").count() == 1
+    page.goto(f"/audit?letter={gateway['letter']}")
+    assert page.get_by_test_id("exchange-row").count() == 1
+    page.goto(f"/audit?recipient={CLIC}&from={tomorrow}")
+    assert page.get_by_test_id("no-results").is_visible()
+    answer = page.goto("/audit?from=not-a-date")
+    assert answer is not None and answer.status == 400
+    assert "AAAA-MM-JJ" in page.locator(".error").inner_text()
+
+
+def test_verify_checks_the_signed_checkpoints_with_trusted_keys(gateway: dict[str, Any]) -> None:
+    """Without a browser: the same pages installed with ``trust=`` (the gateway's public key) check the
+    checkpoint signatures; a key that did not sign them shows the checkpoint as forged."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from gateway.api import pages
+
+    keys = {AUDITOR: frozenset({"auditor"})}
+    for trusted, expected in ((gateway["signer"].key, "Chaîne intacte"), (generate_key(), "forged-checkpoint")):
+        app = FastAPI()
+        pages.install(
+            app,
+            log=gateway["outbox"].log,
+            outbox=gateway["outbox"],
+            auditor=None,
+            client_of=lambda request: "client-test",
+            keys=keys,
+            trust=[trusted],
+        )
+        with TestClient(app, cookies={SESSION_COOKIE: AUDITOR}) as client:
+            text = client.get("/audit/verify").text
+        assert expected in text
+        assert "non vérifiés" not in text
