@@ -91,8 +91,10 @@ def main() -> int:
         f"dispatch to {recipients} recipients: median {d:.2f} ms (n={len(dispatched)}), "
         f"{(d - t) / max(recipients, 1):.2f} ms per recipient beyond translation"
     )
-    print(f"ratio dispatch/translate: {d / t:.2f} of medians (bar: <= 2.00); "
-          f"{min(dispatched) / min(translated):.2f} of minimums")
+    print(
+        f"ratio dispatch/translate: {d / t:.2f} of medians (bar: <= 2.00); "
+        f"{min(dispatched) / min(translated):.2f} of minimums"
+    )
     return 0 if d / t <= 2.0 else 1
 
 

@@ -72,7 +72,9 @@ def _consent() -> dict[str, Any]:
         "resourceType": "Consent",
         "id": "bench-permit",
         "status": "active",
-        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
+        },
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
         "patient": {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.10", "value": "248057511410235"}},
         "dateTime": "2026-10-28T15:00:00+01:00",
@@ -82,7 +84,10 @@ def _consent() -> dict[str, Any]:
                 {
                     "role": {
                         "coding": [
-                            {"system": "https://fhir.discharge-gateway.fr/CodeSystem/actor-kind", "code": "outside-care-team"}
+                            {
+                                "system": "https://fhir.discharge-gateway.fr/CodeSystem/actor-kind",
+                                "code": "outside-care-team",
+                            }
                         ]
                     },
                     "reference": {"display": "hors équipe de soins"},
@@ -107,7 +112,9 @@ class Rig:
         (tmp / "pub.jwk").write_bytes(orjson.dumps(key.as_dict(private=False)))
         if db == "postgresql":
             name = f"bench_{uuid.uuid4().hex[:8]}"
-            admin = create_engine(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+            admin = create_engine(
+                PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
+            )
             with admin.connect() as conn:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
             admin.dispose()
@@ -118,7 +125,16 @@ class Rig:
         rx_port = _port()
         self.procs.append(
             subprocess.Popen(
-                [GATEWAY, "receiver", "--port", str(rx_port), "--db", f"sqlite:///{tmp / 'rx.db'}", "--trust", str(tmp / "pub.jwk")],
+                [
+                    GATEWAY,
+                    "receiver",
+                    "--port",
+                    str(rx_port),
+                    "--db",
+                    f"sqlite:///{tmp / 'rx.db'}",
+                    "--trust",
+                    str(tmp / "pub.jwk"),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -164,7 +180,9 @@ class Rig:
                 proc.kill()
         self.engine.dispose()
         if self.drop:
-            admin = create_engine(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+            admin = create_engine(
+                PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
+            )
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{self.drop}" WITH (FORCE)'))
             admin.dispose()
@@ -177,7 +195,9 @@ class Rig:
     def latencies(self, letters: set[str]) -> list[float]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                text("SELECT l.id, l.received_at, d.acknowledged_at FROM letter l JOIN delivery d ON d.letter_id = l.id")
+                text(
+                    "SELECT l.id, l.received_at, d.acknowledged_at FROM letter l JOIN delivery d ON d.letter_id = l.id"
+                )
             ).all()
         done: dict[str, tuple[Any, Any]] = {}
         for r in rows:

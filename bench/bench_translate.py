@@ -88,8 +88,10 @@ def main() -> int:
         f"p90 {sorted(theirs)[int(len(theirs) * 0.9)]:.2f} ms, n={len(theirs)}"
     )
     ours_min, theirs_min = min(ours), min(theirs)
-    print(f"ratio gateway/peer: {ours_med / theirs_med:.3f} of medians (bar: <= 0.200); "
-          f"{ours_min / theirs_min:.3f} of minimums ({ours_min:.2f} / {theirs_min:.2f} ms)")
+    print(
+        f"ratio gateway/peer: {ours_med / theirs_med:.3f} of medians (bar: <= 0.200); "
+        f"{ours_min / theirs_min:.3f} of minimums ({ours_min:.2f} / {theirs_min:.2f} ms)"
+    )
     return 0 if ours_med / theirs_med <= 0.2 else 1
 
 

@@ -144,11 +144,7 @@ def disclosure_event(
                     ("Retenu", f"{len(view.withheld)} élément(s)"),
                 ]
             ),
-            nv.table(
-                ("Élément retenu", "Catégorie", "Règle", "Consentement"),
-                ((w.what, w.category, w.rule, w.consent or "—") for w in view.withheld),
-            ),
-        ),
+        ),  # the withheld items, each with its rule and Consent, are the entities below (not repeated here)
         "type": {"system": DCM, "code": "110106", "display": "Export"},
         "subtype": [{"system": LIFECYCLE, "code": "disclose", "display": "Disclose"}],
         "action": "R",

@@ -105,7 +105,8 @@ def create_app(
         _letters(app, settings, store, outbox, mappings, pusher, status_reader, client_of, role, on_accepted)
     auditor = Depends(role("auditor", "admin"))
     _audit_api(app, audit_log, auditor, client_of)
-    pages.install(app, log=audit_log, outbox=outbox, auditor=auditor, client_of=client_of, keys=keys)
+    trust = [audit_log.signer.key] if audit_log.signer is not None else []  # checks the checkpoints it signs
+    pages.install(app, log=audit_log, outbox=outbox, auditor=auditor, client_of=client_of, keys=keys, trust=trust)
 
     def changed(request: Request, interaction: str, stored: Json) -> Callable[[Any], None]:
         """Audit a consent or directory change in the transaction that stores it."""

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from gateway import cli, migrate
-from gateway.auditlog import GENESIS, digest, verify
+from gateway.auditlog import GENESIS, digest, pack, unpack, verify
 from gateway.outbox import Outbox
 from gateway.seal import Signer, generate_key
 from gateway.store import make_engine
@@ -77,8 +77,15 @@ def test_an_untouched_log_verifies(log: Engine) -> None:
     assert report.unsigned_tail == 0
 
 
+def _zbody(engine: Engine, seq: int) -> bytes:
+    with engine.connect() as conn:
+        return bytes(conn.execute(text("SELECT zbody FROM audit_event WHERE seq = :s"), {"s": seq}).scalar_one())
+
+
 def test_one_changed_byte_is_named(log: Engine) -> None:
-    _sql(log, "UPDATE audit_event SET body = replace(body, '\"outcome\":\"0\"', '\"outcome\":\"1\"') WHERE seq = 7")
+    stored = bytearray(_zbody(log, 7))
+    stored[len(stored) // 2] ^= 0x01
+    _sql(log, "UPDATE audit_event SET zbody = :z WHERE seq = 7", z=bytes(stored))
     assert _first(log) == (7, "edited")
 
 
@@ -90,10 +97,10 @@ def test_a_changed_search_column_is_named(log: Engine) -> None:
 def test_an_edit_with_its_hash_recomputed_is_named(log: Engine) -> None:
     with log.begin() as conn:
         row = conn.execute(text("SELECT * FROM audit_event WHERE seq = 14")).one()
-        body = row.body.replace('"outcome":"0"', '"outcome":"8"')
+        body = pack({**unpack(row.zbody, None), "outcome": "8"})
         forged = digest(row.prev_hash, row.id, row.at, row.letter_id, row.patient, row.recipient, "8", row.kind, body)
         conn.execute(
-            text("UPDATE audit_event SET body = :b, outcome = '8', hash = :h WHERE seq = 14"), {"b": body, "h": forged}
+            text("UPDATE audit_event SET zbody = :b, outcome = '8', hash = :h WHERE seq = 14"), {"b": body, "h": forged}
         )
     assert _first(log) == (14, "edited")
 
@@ -117,12 +124,12 @@ def test_an_inserted_record_is_named(log: Engine) -> None:
         for seq in range(30, 10, -1):  # make room after record 10
             conn.execute(text("UPDATE audit_event SET seq = seq + 1 WHERE seq = :s"), {"s": seq})
         ten = conn.execute(text("SELECT hash, at FROM audit_event WHERE seq = 10")).one()
-        body = orjson.dumps(_event(999)).decode()
+        body = pack(_event(999))
         forged = digest(ten.hash, "ev-0999", ten.at, None, None, None, "0", "disclose", body)
         conn.execute(
             text(
-                "INSERT INTO audit_event (seq, id, recorded, body, at, outcome, kind, prev_hash, hash) "
-                "VALUES (11, 'ev-0999', :rec, :body, :at, '0', 'disclose', :prev, :hash)"
+                "INSERT INTO audit_event (seq, id, recorded, body, zbody, at, outcome, kind, prev_hash, hash) "
+                "VALUES (11, 'ev-0999', :rec, '', :body, :at, '0', 'disclose', :prev, :hash)"
             ),
             {"rec": T0, "body": body, "at": ten.at, "prev": ten.hash, "hash": forged},
         )
@@ -162,11 +169,11 @@ def test_a_rewritten_chain_is_caught_by_the_signed_checkpoints(log: Engine) -> N
         rows = conn.execute(text("SELECT * FROM audit_event ORDER BY seq")).all()
         prev = GENESIS
         for row in rows:
-            body = row.body.replace('"outcome":"0"', '"outcome":"8"') if row.seq == 3 else row.body
+            body = pack({**unpack(row.zbody, None), "outcome": "8"}) if row.seq == 3 else bytes(row.zbody)
             outcome = "8" if row.seq == 3 else row.outcome
             new = digest(prev, row.id, row.at, row.letter_id, row.patient, row.recipient, outcome, row.kind, body)
             conn.execute(
-                text("UPDATE audit_event SET body = :b, outcome = :o, prev_hash = :p, hash = :h WHERE seq = :s"),
+                text("UPDATE audit_event SET zbody = :b, outcome = :o, prev_hash = :p, hash = :h WHERE seq = :s"),
                 {"b": body, "o": outcome, "p": prev, "h": new, "s": row.seq},
             )
             prev = new

@@ -5,7 +5,8 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-23
 
-Records written before this revision are indexed and chained here, in their ``seq`` order, from
+New records keep their AuditEvent zlib-compressed in ``zbody`` (``body`` empty).  Records written
+before this revision keep their JSON text in ``body``; they are indexed and chained here, in their ``seq`` order, from
 their stored JSON (their ``at`` is their ``recorded`` time): the chain then covers them too, from the
 moment of the upgrade.
 """
@@ -47,6 +48,8 @@ def upgrade() -> None:
     for name, length in _COLUMNS:
         if name not in present:  # a database made by create_all may have them already
             op.add_column("audit_event", sa.Column(name, sa.String(length), nullable=True))
+    if "zbody" not in present:
+        op.add_column("audit_event", sa.Column("zbody", sa.LargeBinary(), nullable=True))
     for name, column in _INDEXES:
         op.create_index(name, "audit_event", [column], unique=False, if_not_exists=True)
     op.create_table(
@@ -84,7 +87,7 @@ def upgrade() -> None:
         recorded = row.recorded if isinstance(row.recorded, datetime) else datetime.fromisoformat(str(row.recorded))
         at = (recorded if recorded.tzinfo else recorded.replace(tzinfo=UTC)).astimezone(UTC)
         stamp = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        current = digest(prev, row.id, stamp, row.letter_id, patient, recipient, outcome, kind, row.body)
+        current = digest(prev, row.id, stamp, row.letter_id, patient, recipient, outcome, kind, row.body.encode())
         bind.execute(
             sa.text(
                 "UPDATE audit_event SET at=:at, patient=:patient, recipient=:recipient, outcome=:outcome, "
@@ -110,5 +113,5 @@ def downgrade() -> None:
     op.drop_table("audit_head")
     for name, _ in reversed(_INDEXES):
         op.drop_index(name, table_name="audit_event")
-    for name, _ in reversed(_COLUMNS):
+    for name in ("zbody", *(c for c, _ in reversed(_COLUMNS))):
         op.drop_column("audit_event", name)
