@@ -245,7 +245,7 @@ def test_patient_report_is_printable_and_page_views_are_audited(
 
     page.goto("/audit/verify")
     result = page.get_by_test_id("verify-result").inner_text()
-    assert "Chaîne intacte" in result and "non vérifiés" in result
+    assert "Chaîne intacte" in result and "point(s) de contrôle vérifié(s)" in result, "checked with the gateway key"
 
     views = [
         str(e["resource"].get("outcomeDesc", ""))
