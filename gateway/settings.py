@@ -40,6 +40,7 @@ class Settings:
     retry_max_seconds: float = 600.0
     claim_lease_seconds: float = 120.0  # a claim older than this (a crashed worker) is taken back
     delivery_threads: int = 4  # delivery worker threads per gateway process
+    audit_checkpoint_seconds: float = 60.0  # sign the audit head at least this often while it moves
     # the API over HTTPS, and how HIS clients authenticate (api-key | client-cert | both)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -91,6 +92,7 @@ class Settings:
             retry_max_seconds=_positive(env, "GATEWAY_RETRY_MAX_SECONDS", 600.0),
             claim_lease_seconds=_positive(env, "GATEWAY_CLAIM_LEASE_SECONDS", 120.0),
             delivery_threads=int(_positive(env, "GATEWAY_DELIVERY_THREADS", 4)),
+            audit_checkpoint_seconds=_positive(env, "GATEWAY_AUDIT_CHECKPOINT_SECONDS", 60.0),
             tls_cert_file=_path(env, "GATEWAY_TLS_CERT_FILE"),
             tls_key_file=_path(env, "GATEWAY_TLS_KEY_FILE"),
             tls_ca_file=_path(env, "GATEWAY_TLS_CA_FILE"),
