@@ -224,6 +224,12 @@ class AuditLog:
         """Chain ``events`` to the log inside the caller's transaction (see :meth:`append_many`)."""
         self.append_many(conn, [(e, letter_id, recipient) for e in events], now)
 
+    def record(self, events: Sequence[Json], now: datetime, *, letter_id: str | None = None) -> None:
+        """Chain ``events`` in a transaction of their own (for what has no other write to join: a read of
+        the audit, a refused call)."""
+        with self.engine.begin() as conn:
+            self.append(conn, events, now, letter_id=letter_id)
+
     def append_many(
         self, conn: Connection, items: Sequence[tuple[Json, str | None, str | None]], now: datetime
     ) -> None:

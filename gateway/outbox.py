@@ -261,8 +261,7 @@ class Outbox:
     def audit(
         self, events: Sequence[dict[str, Any]], letter_id: str | None = None, now: datetime | None = None
     ) -> None:
-        with self.engine.begin() as conn:
-            self._append_audit(conn, events, letter_id, now or datetime.now(UTC))
+        self.log.record(events, now or datetime.now(UTC), letter_id=letter_id)
 
     def audit_events(self, letter_id: str | None = None) -> list[dict[str, Any]]:
         return self.log.events(letter_id)

@@ -76,17 +76,16 @@ def create_app(
         def check(request: Request, roles: frozenset[str] = Depends(caller)) -> frozenset[str]:
             if not roles & set(allowed):
                 needed = " or ".join(allowed)
-                now = datetime.now(UTC).isoformat(timespec="seconds")
+                now = datetime.now(UTC)
                 event = audit.rest_event(
                     "operation",
                     f"{request.method} {request.url.path}",
                     who(request),
-                    now,
+                    now.isoformat(timespec="seconds"),
                     outcome="4",
                     text=f"refused: {request.method} {request.url.path} needs the role {needed}",
                 )
-                with audit_log.engine.begin() as conn:
-                    audit_log.append(conn, [event], datetime.now(UTC))
+                audit_log.record([event], now)
                 raise ApiError(403, "forbidden", f"this operation needs the role {needed}")
             return roles
 
@@ -442,8 +441,7 @@ def _audit_api(app: FastAPI, log: AuditLog, auditor: Any, client_of: Callable[..
         event = audit.rest_event(
             "search-type", what, who, now.isoformat(timespec="seconds"), query=str(request.url.query), patient=ident
         )
-        with log.engine.begin() as conn:
-            log.append(conn, [event], now)
+        log.record([event], now)
 
     def filters(request: Request) -> Filters:
         query = request.query_params

@@ -133,8 +133,7 @@ def install(
             query=str(request.url.query) if interaction == "search-type" else None,
             patient=ident,
         )
-        with log.engine.begin() as conn:
-            log.append(conn, [event], now)
+        log.record([event], now)
 
     def guard(request: Request) -> Response | None:
         """None when the caller may read the audit; else where to send the browser."""
