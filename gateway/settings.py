@@ -1,148 +1,302 @@
-"""Settings: one typed object, read from ``GATEWAY_*`` environment variables when asked for.
+"""Settings: one typed object (pydantic-settings), read from ``GATEWAY_*`` environment variables when asked for.
 
-Nothing reads the environment at import time; callers build a :class:`Settings` (``Settings.from_env()``)
-and pass it down.
+Nothing reads the environment at import time or on construction: ``Settings(...)`` takes only its
+arguments (tests, the demo), and :meth:`Settings.from_env` reads the environment.  Every variable may
+instead name a file with ``GATEWAY_<NAME>_FILE`` (Docker / Kubernetes secrets: API keys, database URL
+with its password), never both.  ``gateway config`` prints the table the README shows.
+
+Outside demo mode (``GATEWAY_MODE=production``, the default) the gateway refuses to start with the
+published demo secrets of ``docker/demo/`` or without a signing key of its own: a throw-away key would
+make every earlier audit checkpoint and message signature unverifiable after a restart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from gateway.errors import GatewayError
 
-__all__ = ["Settings", "SettingsError", "parse_api_keys"]
+__all__ = [
+    "DEMO_API_KEY_DIGESTS",
+    "DEMO_KEY_THUMBPRINTS",
+    "Settings",
+    "SettingsError",
+    "env_names",
+    "parse_api_keys",
+    "parse_roles",
+    "refuse_demo_secrets",
+]
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_ZONE = "Europe/Paris"
 DEFAULT_PUBLIC_URL = "https://discharge-gateway.localhost/fhir"
+PREFIX = "GATEWAY_"
+ROLES = frozenset({"admin", "auditor", "his"})
+
+# SHA-256 of the API keys published in docker/demo/ (never the keys themselves in code): a production
+# gateway refuses them.  The demo signing key is recognised by its RFC 7638 thumbprint.
+DEMO_API_KEY_DIGESTS = frozenset(
+    {
+        "850b48d4fb2072f319d116b5e33cf761273c1ae354ef68d415a2ba393bdc586d",
+        "406989f0020a46ed8ec928a297df0f357e36af5b15be84d942d7b0400b211cbc",
+        "1dc87e98f91bf2ea2d92f7ccdd5ec83c2435488ba98fd3af340b06604a7f8aac",
+    }
+)
+DEMO_KEY_THUMBPRINTS = frozenset({"KgPaUduTWDs7ZN3_pGUTmDOu5_rGsKxnJn7ctQL_zTE"})
 
 
 class SettingsError(GatewayError):
     issue_code = "exception"
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    max_document_bytes: int = DEFAULT_MAX_BYTES
-    mappings_overlay: Path | None = None
-    default_timezone: str = DEFAULT_ZONE
-    strict_validation: bool = False  # also run the (slow) fhir.resources models on every resource
-    public_url: str = DEFAULT_PUBLIC_URL  # the gateway's own FHIR endpoint (MessageHeader.source.endpoint)
-    database_url: str = "sqlite:///gateway.db"
-    api_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)  # key -> roles
-    signing_key_file: Path | None = None  # the gateway's P-256 signing key (JWK or PEM)
-    retry_max_attempts: int = 8  # attempts per delivery before it is dead-lettered
-    retry_initial_seconds: float = 2.0  # first backoff; doubles each attempt (with jitter) up to retry_max_seconds
-    retry_max_seconds: float = 600.0
-    claim_lease_seconds: float = 120.0  # a claim older than this (a crashed worker) is taken back
-    delivery_threads: int = 4  # delivery worker threads per gateway process
-    audit_checkpoint_seconds: float = 60.0  # sign the audit head at least this often while it moves
-    # the API over HTTPS, and how HIS clients authenticate (api-key | client-cert | both)
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_ca_file: Path | None = None  # CAs that sign HIS client certificates
-    auth_mode: str = "api-key"
-    client_certs: Mapping[str, frozenset[str]] = field(default_factory=dict)  # SHA-256 fingerprint -> roles
-    # our client certificate towards recipients' $process-message endpoints (mutual TLS)
-    out_tls_cert_file: Path | None = None
-    out_tls_key_file: Path | None = None
-    out_tls_ca_file: Path | None = None  # CAs for recipients' servers (unset: the system store)
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
-        try:
-            max_bytes = int(env.get("GATEWAY_MAX_DOCUMENT_BYTES", DEFAULT_MAX_BYTES))
-        except ValueError:
-            raise SettingsError("GATEWAY_MAX_DOCUMENT_BYTES must be an integer") from None
-        if max_bytes <= 0:
-            raise SettingsError("GATEWAY_MAX_DOCUMENT_BYTES must be positive")
-        overlay = env.get("GATEWAY_MAPPINGS_OVERLAY")
-        zone = env.get("GATEWAY_DEFAULT_TIMEZONE", DEFAULT_ZONE)
-        try:
-            ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise SettingsError(f"GATEWAY_DEFAULT_TIMEZONE {zone!r} is not a known time zone") from None
-        strict = env.get("GATEWAY_STRICT_VALIDATION", "").lower() in ("1", "true", "yes")
-        public_url = env.get("GATEWAY_PUBLIC_URL", DEFAULT_PUBLIC_URL)
-        if not public_url.startswith(("https://", "http://")):
-            raise SettingsError("GATEWAY_PUBLIC_URL must be an http(s) URL")
-        keys_text = env.get("GATEWAY_API_KEYS", "")
-        keys_file = env.get("GATEWAY_API_KEYS_FILE")
-        if keys_file:
-            try:
-                keys_text = Path(keys_file).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise SettingsError(f"GATEWAY_API_KEYS_FILE: {exc.strerror}") from None
-        return cls(
-            max_bytes,
-            Path(overlay) if overlay else None,
-            zone,
-            strict,
-            public_url,
-            env.get("GATEWAY_DATABASE_URL", "sqlite:///gateway.db"),
-            parse_api_keys(keys_text),
-            Path(env["GATEWAY_SIGNING_KEY_FILE"]) if env.get("GATEWAY_SIGNING_KEY_FILE") else None,
-            retry_max_attempts=int(_positive(env, "GATEWAY_RETRY_MAX_ATTEMPTS", 8)),
-            retry_initial_seconds=_positive(env, "GATEWAY_RETRY_INITIAL_SECONDS", 2.0),
-            retry_max_seconds=_positive(env, "GATEWAY_RETRY_MAX_SECONDS", 600.0),
-            claim_lease_seconds=_positive(env, "GATEWAY_CLAIM_LEASE_SECONDS", 120.0),
-            delivery_threads=int(_positive(env, "GATEWAY_DELIVERY_THREADS", 4)),
-            audit_checkpoint_seconds=_positive(env, "GATEWAY_AUDIT_CHECKPOINT_SECONDS", 60.0),
-            tls_cert_file=_path(env, "GATEWAY_TLS_CERT_FILE"),
-            tls_key_file=_path(env, "GATEWAY_TLS_KEY_FILE"),
-            tls_ca_file=_path(env, "GATEWAY_TLS_CA_FILE"),
-            auth_mode=env.get("GATEWAY_AUTH", "api-key"),
-            client_certs=_client_certs(env),
-            out_tls_cert_file=_path(env, "GATEWAY_OUT_TLS_CERT_FILE"),
-            out_tls_key_file=_path(env, "GATEWAY_OUT_TLS_KEY_FILE"),
-            out_tls_ca_file=_path(env, "GATEWAY_OUT_TLS_CA_FILE"),
-        )
-
-
-def _path(env: Mapping[str, str], name: str) -> Path | None:
-    return Path(env[name]) if env.get(name) else None
-
-
-def _client_certs(env: Mapping[str, str]) -> dict[str, frozenset[str]]:
-    from gateway.api.auth import parse_client_certificates  # auth imports this module
-
-    text = env.get("GATEWAY_CLIENT_CERTS", "")
-    if env.get("GATEWAY_CLIENT_CERTS_FILE"):
-        try:
-            text = Path(env["GATEWAY_CLIENT_CERTS_FILE"]).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SettingsError(f"GATEWAY_CLIENT_CERTS_FILE: {exc.strerror}") from None
-    return parse_client_certificates(text)
-
-
-def _positive(env: Mapping[str, str], name: str, default: float) -> float:
-    try:
-        value = float(env.get(name, default))
-    except ValueError:
-        raise SettingsError(f"{name} must be a number") from None
-    if value <= 0:
-        raise SettingsError(f"{name} must be positive")
-    return value
-
-
-def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
-    """``key:role+role`` items separated by commas or new lines (a file keeps keys out of the environment)."""
-    keys: dict[str, frozenset[str]] = {}
+def parse_roles(text: str, what: str, check_key: Any = None) -> dict[str, frozenset[str]]:
+    """``key:role+role`` items separated by commas or new lines (``#`` comments): the one format of
+    ``GATEWAY_API_KEYS`` and ``GATEWAY_CLIENT_CERTS``; roles follow the *last* colon."""
+    mapping: dict[str, frozenset[str]] = {}
     for item in text.replace("\n", ",").split(","):
         item = item.strip()
         if not item or item.startswith("#"):
             continue
-        key, _, roles = item.partition(":")
-        if len(key) < 16:
-            raise SettingsError("API keys must be at least 16 characters long")
-        known = {"admin", "auditor", "his"}
+        key, _, roles = item.rpartition(":")
         wanted = frozenset(r for r in roles.split("+") if r)
-        if not wanted or wanted - known:
-            raise SettingsError(f"API key roles must be among {sorted(known)}")
-        keys[key.strip()] = wanted
-    return keys
+        if not key.strip() or not wanted or wanted - ROLES:
+            raise SettingsError(f"{what} roles must be among {sorted(ROLES)} ({what.split()[-1]}:role+role)")
+        key = check_key(key.strip()) if check_key else key.strip()
+        mapping[key] = wanted
+    return mapping
+
+
+def _long_enough(key: str) -> str:
+    if len(key) < 16:
+        raise SettingsError("API keys must be at least 16 characters long")
+    return key
+
+
+def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
+    """``key:role+role`` items (a file, ``GATEWAY_API_KEYS_FILE``, keeps keys out of the environment)."""
+    return parse_roles(text, "API key", _long_enough)
+
+
+Roles = Annotated[dict[str, frozenset[str]], NoDecode]
+Names = Annotated[frozenset[str], NoDecode]
+
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("gateway_environ", default=None)
+
+
+class _Environment(EnvSettingsSource):
+    """The environment given to :meth:`Settings.from_env`, with ``GATEWAY_X_FILE`` resolved into ``GATEWAY_X``."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = dict(_ENVIRON.get() or {})
+        for name in list(env):
+            if not (name.startswith(PREFIX) and name.endswith("_FILE")):
+                continue
+            target = name[: -len("_FILE")]
+            if target not in _FILE_TARGETS:
+                continue  # a setting that is itself a path (GATEWAY_SIGNING_KEY_FILE, GATEWAY_TLS_CERT_FILE...)
+            if env.get(target):
+                raise SettingsError(f"set {target} or {name}, not both")
+            try:
+                env[target] = Path(env.pop(name)).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(f"{name}: {exc.strerror}") from None
+        return parse_env_vars(env, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+class Settings(BaseSettings):
+    """Everything an operator may configure; each field's description is its line in the README's table."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore", populate_by_name=True)
+
+    mode: Literal["production", "demo"] = Field(
+        default="production", description="`demo` accepts the published demo secrets and a throw-away signing key"
+    )
+    database_url: str = Field(
+        default="sqlite:///gateway.db", description="SQLite file or `postgresql://…` (several gateways)"
+    )
+    api_keys: Roles = Field(
+        default_factory=dict,
+        description="`key:role+role` (roles `his`, `admin`, `auditor`), comma or newline separated",
+    )
+    signing_key_file: Path | None = Field(
+        default=None, description="the gateway's P-256 key (JWK or PEM): signs messages and audit checkpoints"
+    )
+    trusted_keys_file: Path | None = Field(
+        default=None, description="JWKS of the gateway's earlier public keys (after `gateway keys rotate`)"
+    )
+    max_document_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0, description="largest letter accepted (bytes)")
+    mappings_overlay: Path | None = Field(
+        default=None, description="directory of mapping tables overriding the built-in ones"
+    )
+    default_timezone: str = Field(
+        default=DEFAULT_ZONE, description="zone assumed for CDA times written without an offset"
+    )
+    strict_validation: bool = Field(
+        default=False, description="also validate every resource with the fhir.resources models"
+    )
+    public_url: str = Field(
+        default=DEFAULT_PUBLIC_URL, description="the gateway's FHIR endpoint (`MessageHeader.source`)"
+    )
+    retry_max_attempts: int = Field(default=8, gt=0, description="attempts per delivery before it is dead-lettered")
+    retry_initial_seconds: float = Field(
+        default=2.0, gt=0, description="first backoff; doubles (with jitter) per attempt"
+    )
+    retry_max_seconds: float = Field(default=600.0, gt=0, description="longest backoff")
+    claim_lease_seconds: float = Field(
+        default=120.0, gt=0, description="a claim older than this (a crashed worker) is retaken"
+    )
+    delivery_threads: int = Field(default=4, gt=0, description="delivery worker threads per gateway process")
+    audit_checkpoint_seconds: float = Field(
+        default=60.0, gt=0, description="sign the audit head at least this often while it moves"
+    )
+    tls_cert_file: Path | None = Field(default=None, description="serve the API over HTTPS with this certificate (PEM)")
+    tls_key_file: Path | None = Field(default=None, description="its private key")
+    tls_ca_file: Path | None = Field(default=None, description="CAs that sign HIS client certificates")
+    auth_mode: str = Field(
+        default="api-key",
+        validation_alias=AliasChoices("auth_mode", "GATEWAY_AUTH"),
+        description="how HIS clients authenticate: `api-key`, `client-cert` or `both` (env `GATEWAY_AUTH`)",
+    )
+    client_certs: Roles = Field(
+        default_factory=dict, description="`sha256-fingerprint:role+role` of accepted client certificates"
+    )
+    out_tls_cert_file: Path | None = Field(
+        default=None, description="our client certificate towards recipients (mutual TLS)"
+    )
+    out_tls_key_file: Path | None = Field(default=None, description="its private key")
+    out_tls_ca_file: Path | None = Field(
+        default=None, description="CAs for recipients' servers (default: the system store)"
+    )
+    mllp_port: int | None = Field(
+        default=None, gt=0, lt=65536, description="open the HL7 v2 MLLP listener on this port"
+    )
+    mllp_host: str = Field(default="127.0.0.1", description="address the MLLP listener binds")
+    mllp_senders: Names = Field(
+        default_factory=frozenset,
+        description="sending facilities (MSH-4) allowed over MLLP, comma separated (empty: any)",
+    )
+    log_format: Literal["json", "console"] = Field(
+        default="json", description="`json` (one object per line) or `console`"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="least level logged")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if _ENVIRON.get() is None:
+            return (init_settings,)  # Settings(...) in code: its arguments and the defaults, never the environment
+        return (init_settings, _Environment(settings_cls))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings the environment (or ``environ``) gives; a :class:`SettingsError` naming the variable."""
+        with _reading(os.environ if environ is None else environ):
+            try:
+                return cls()
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                name = str(error["loc"][0]) if error["loc"] else "?"
+                variable = name if name.startswith(PREFIX) else PREFIX + name.upper()
+                raise SettingsError(f"{variable}: {error['msg']}") from None
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, value: Any) -> Any:
+        return parse_api_keys(value) if isinstance(value, str) else value
+
+    @field_validator("client_certs", mode="before")
+    @classmethod
+    def _client_certs(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        from gateway.api.auth import normal_fingerprint  # auth imports this module
+
+        return parse_roles(value, "client certificate fingerprint", normal_fingerprint)
+
+    @field_validator("mllp_senders", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        return frozenset(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a known time zone") from None
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+# the settings whose value may come from a file: every one that is not itself a path
+_FILE_TARGETS = frozenset(
+    PREFIX + ("AUTH" if name == "auth_mode" else name.upper())
+    for name, info in Settings.model_fields.items()
+    if not name.endswith("_file")
+)
+
+
+@contextmanager
+def _reading(environ: Mapping[str, str]) -> Iterator[None]:
+    token = _ENVIRON.set(environ)
+    try:
+        yield
+    finally:
+        _ENVIRON.reset(token)
+
+
+def env_names() -> list[tuple[str, FieldInfo]]:
+    """Each setting's environment variable with its field (the README's configuration table)."""
+    return [
+        (PREFIX + ("AUTH" if name == "auth_mode" else name.upper()), info)
+        for name, info in Settings.model_fields.items()
+    ]
+
+
+def refuse_demo_secrets(settings: Settings, key_thumbprint: str | None) -> None:
+    """Outside demo mode: no published demo secret, and a signing key of the gateway's own."""
+    if settings.mode == "demo":
+        return
+    if any(hashlib.sha256(key.encode()).hexdigest() in DEMO_API_KEY_DIGESTS for key in settings.api_keys):
+        raise SettingsError(
+            "GATEWAY_API_KEYS holds a published demo key: generate your own (GATEWAY_MODE=demo only for the demo)"
+        )
+    if key_thumbprint is None:
+        raise SettingsError(
+            "GATEWAY_SIGNING_KEY_FILE is required outside demo mode (`gateway keys generate`): a throw-away key "
+            "would leave earlier audit checkpoints and message signatures unverifiable after a restart"
+        )
+    if key_thumbprint in DEMO_KEY_THUMBPRINTS:
+        raise SettingsError(
+            "GATEWAY_SIGNING_KEY_FILE is the published demo key: generate your own with `gateway keys generate`"
+        )

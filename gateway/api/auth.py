@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.api.outcomes import ApiError
-from gateway.settings import SettingsError
+from gateway.settings import SettingsError, parse_roles
 
 __all__ = [
     "AUTH_MODES",
@@ -40,6 +40,7 @@ __all__ = [
     "client_id",
     "fingerprint",
     "install",
+    "normal_fingerprint",
     "parse_client_certificates",
     "peer_certificate",
     "tls_extension",
@@ -48,7 +49,6 @@ __all__ = [
 
 AuthMode = Literal["api-key", "client-cert", "both"]
 AUTH_MODES: tuple[AuthMode, ...] = ("api-key", "client-cert", "both")
-ROLES = frozenset({"admin", "auditor", "his"})
 StrPath = str | PathLike[str]
 
 # TLS versions and the TLS 1.3 / common TLS 1.2 cipher suites as the ASGI extension wants them (IANA numbers)
@@ -71,7 +71,8 @@ def fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def _normal_fingerprint(text: str) -> str:
+def normal_fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint as lower-case hex: colons and openssl's ``sha256 Fingerprint=`` prefix dropped."""
     value = text.strip().lower().replace(":", "")
     if value.startswith("sha256="):  # openssl x509 -fingerprint -sha256 prints "sha256 Fingerprint=AB:CD..."
         value = value[7:]
@@ -83,17 +84,7 @@ def _normal_fingerprint(text: str) -> str:
 def parse_client_certificates(text: str) -> dict[str, frozenset[str]]:
     """``fingerprint:role+role`` items separated by commas or new lines (``#`` comments); the fingerprint
     is the certificate's SHA-256, hex, with or without colons (the roles follow the *last* colon)."""
-    mapping: dict[str, frozenset[str]] = {}
-    for item in text.replace("\n", ",").split(","):
-        item = item.strip()
-        if not item or item.startswith("#"):
-            continue
-        digest, _, roles = item.rpartition(":")
-        wanted = frozenset(r for r in roles.split("+") if r)
-        if not digest or not wanted or wanted - ROLES:
-            raise SettingsError(f"client certificate roles must be among {sorted(ROLES)} (fingerprint:role+role)")
-        mapping[_normal_fingerprint(digest)] = wanted
-    return mapping
+    return parse_roles(text, "client certificate fingerprint", normal_fingerprint)
 
 
 def peer_certificate(scope: Mapping[str, Any]) -> bytes | None:
