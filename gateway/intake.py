@@ -1,0 +1,119 @@
+"""Letters in at the door: one path for every edge (``POST /letters``, ``$process-message``, MLLP).
+
+The rule "a letter is accepted only once it is stored" lives here, once: translate, route, then store
+the letter with its deliveries and its audit in one transaction (the same document again is the same
+letter: idempotent).  A refusal is audited here too, with no content kept.  The edges only turn the
+outcome into their own answer (an HTTP status and body, an HL7 ACK).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from gateway import audit
+from gateway.errors import GatewayError, TooLarge
+from gateway.mappings import Mappings
+from gateway.outbox import Outbox
+from gateway.pipeline import prepare
+from gateway.policy import policy_from
+from gateway.route import route
+from gateway.settings import Settings
+from gateway.store import ResourceStore, StoreSnapshot
+from gateway.translate.ids import resource_id
+
+__all__ = ["Accepted", "Intake"]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A stored letter: its id, whether this call created it (False: the same letter again), and who
+    it will go to."""
+
+    letter_id: str
+    created: bool
+    recipients: int
+    routing_exceptions: tuple[str, ...]
+    prepared: Any  # gateway.pipeline.Prepared: what the caller may check against (e.g. HL7 PID-3)
+
+
+class Intake:
+    """Accept (translate → route → durable commit with audit) or refuse (audited) one letter.
+
+    Thread-safe: the edges call it from worker threads so their event loops stay free.
+    ``on_accepted(letter_id, prepared)`` tells an in-process delivery worker about a new letter;
+    ``source`` names the door (``http``, ``mllp``) in the metrics.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ResourceStore,
+        outbox: Outbox,
+        mappings: Mappings,
+        on_accepted: Callable[[str, Any], None] | None = None,
+        source: str = "http",
+    ) -> None:
+        self.settings, self.outbox, self.mappings, self.on_accepted = settings, outbox, mappings, on_accepted
+        self.source = source
+        self.policy = policy_from(mappings)
+        self.snapshot = StoreSnapshot(store, self.policy)
+
+    def accept(
+        self,
+        raw: bytes,
+        media_type: str,
+        client: str,
+        now: datetime,
+        check: Callable[[Any], None] | None = None,
+    ) -> Accepted:
+        """Translate, route and store in one transaction; raises a :class:`GatewayError` on refusal.
+
+        ``check(prepared)`` runs after translation and before anything is stored: an edge's own
+        consistency rule (it raises to refuse, and then nothing is stored)."""
+        if len(raw) > self.settings.max_document_bytes:
+            raise TooLarge(f"letter over the {self.settings.max_document_bytes}-byte limit")
+        prepared = prepare(raw, name="letter", mappings=self.mappings, settings=self.settings, now=now)
+        if check is not None:
+            check(prepared)
+        routing = route(prepared.resources, self.snapshot.directory(), self.policy)
+        letter = prepared.result.translation.letter
+        recorded = now.isoformat(timespec="seconds")
+        events = [
+            audit.route_event(e, prepared.patient, prepared.letter_key, recorded, i)
+            for i, e in enumerate(routing.events)
+        ]
+        deliveries = [
+            (
+                resource_id("MessageHeader", prepared.letter_key, r.recipient.id),
+                r.recipient.id,
+                r.recipient.ref,
+                r.recipient.endpoint.address if r.recipient.endpoint else "",
+            )
+            for r in routing.routed
+        ]
+        set_key = f"{letter.set_id.system}|{letter.set_id.value}" if letter.set_id else None
+        letter_id, created = self.outbox.accept(
+            document_key=prepared.letter_key,
+            set_key=set_key,
+            version=letter.version,
+            client=client,
+            media_type=media_type,
+            body=raw,
+            deliveries=deliveries,
+            audit_events=events,
+            now=now,
+            source=self.source,
+        )
+        if created and self.on_accepted is not None:
+            self.on_accepted(letter_id, prepared)
+        return Accepted(letter_id, created, len(deliveries), tuple(e.text for e in routing.exceptions), prepared)
+
+    def refuse(self, error: GatewayError, client: str, now: datetime) -> None:
+        """Audit a refused letter: the issue code and the reason, never the content."""
+        code = getattr(error, "code", None)  # an HTTP-level refusal carries its own OperationOutcome code
+        issue = code if isinstance(code, str) else error.issue_code
+        text = " ".join(error.message.split())[:300]
+        self.outbox.audit([audit.refusal_event(issue, text, client, now.isoformat())])

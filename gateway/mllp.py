@@ -1,0 +1,255 @@
+"""The MLLP listener: HL7 v2 letters in over TCP, each answered with an HL7 ACK.
+
+Frames are ``<VT> message <FS><CR>``; a connection may carry many messages, one at a time (the
+sender waits for each ACK).  Each message goes through the same intake as ``POST /letters`` in a
+worker thread, and AA is sent only once the letter is stored with its deliveries and audit; a
+refusal is audited and answered AE or AR with an ERR segment saying why.  The same message sent again
+is answered AA with the same letter id.
+
+Bounded by construction: a frame over ``max_frame_bytes`` is refused and the connection closed
+without reading the rest; a sender silent for ``idle_timeout`` seconds between messages, or slower
+than ``read_timeout`` within one, is disconnected; at most ``max_connections`` connections and
+``workers`` messages in progress at once.  Logs carry message types, control ids and outcomes, never
+patient data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.errors import GatewayError
+from gateway.ingest import hl7v2
+from gateway.intake import Intake
+
+__all__ = ["MllpListener"]
+
+START, END = b"\x0b", b"\x1c\r"
+log = logging.getLogger("gateway.mllp")
+
+
+class MllpListener:
+    """An asyncio MLLP server feeding :class:`~gateway.intake.Intake`.
+
+    ``senders``: the allowed sending facilities (MSH-4 namespace or universal id); None allows any.
+    ``processing_ids``: the MSH-11 values taken (P for production; add T on a test platform).
+    """
+
+    def __init__(
+        self,
+        intake: Intake,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 2575,
+        max_document_bytes: int | None = None,
+        max_frame_bytes: int | None = None,
+        idle_timeout: float = 300.0,
+        read_timeout: float = 30.0,
+        max_connections: int = 32,
+        workers: int = 4,
+        senders: Iterable[str] | None = None,
+        processing_ids: Iterable[str] = ("P",),
+    ) -> None:
+        self.intake = intake
+        self.host, self.port = host, port
+        self.max_document_bytes = max_document_bytes or intake.settings.max_document_bytes
+        # a base64 CDA of the maximum size is 4/3 of it; room on top for a PDF beside it (ORU^R01)
+        self.max_frame_bytes = max_frame_bytes or 2 * self.max_document_bytes + 65536
+        self.idle_timeout, self.read_timeout = idle_timeout, read_timeout
+        self.max_connections = max_connections
+        self.senders = frozenset(senders) if senders is not None else None
+        self.processing_ids = tuple(processing_ids)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mllp")
+        self._server: asyncio.Server | None = None
+        self._connections = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- one message ---------------------------------------------------------------------------------
+    def handle(self, raw: bytes, now: datetime | None = None) -> bytes:
+        """One message in, its ACK out (blocking: translation and the durable commit happen here)."""
+        now = now or datetime.now(UTC)
+        header: hl7v2.Header | None = None
+        client = "mllp:unknown"
+        try:
+            header = hl7v2.read_header(raw)
+            client = f"mllp:{header.sender}"
+            if self.senders is not None and header.facility not in self.senders:
+                raise hl7v2.Hl7Refusal(
+                    "this sending facility (MSH-4) is not allowed to send letters here",
+                    ack="AR",
+                    condition="103",
+                    location="MSH^1^4",
+                )
+            message = hl7v2.read_message(raw, max_bytes=self.max_document_bytes, processing_ids=self.processing_ids)
+            system_of = self._system_of
+
+            def same_patient(prepared: Any) -> None:
+                hl7v2.check_patient(message.patient_ids, prepared.patient_ids, system_of)
+
+            accepted = self.intake.accept(message.document, "application/hl7-cda+xml", client, now, check=same_patient)
+        except GatewayError as error:
+            answer = hl7v2.answer_for(error)
+            try:
+                self.intake.refuse(error, client, now)
+            except Exception:  # the audit store away: the sender still gets its answer, and may resend
+                log.exception("mllp: could not audit a refusal")
+                answer = hl7v2.Answer("AR", "internal error: resend later", "207", retry=True)
+            self._log(header, answer.code, answer.condition)
+            return hl7v2.build_ack(header, answer, now=now)
+        except Exception:
+            log.exception("mllp: internal error (control id %s)", header.control_id[:40] if header else "?")
+            answer = hl7v2.answer_for(RuntimeError())
+            return hl7v2.build_ack(header, answer, now=now)
+        text = f"letter {accepted.letter_id} {'stored' if accepted.created else 'already stored'}"
+        self._log(header, "AA", accepted.letter_id)
+        return hl7v2.build_ack(header, hl7v2.Answer("AA", text), now=now)
+
+    def _system_of(self, oid: str) -> str | None:
+        entry = self.intake.mappings.codes.get("identifier-systems")
+        found = entry.entries.get(oid) if entry is not None else None
+        return str(found["system"]) if isinstance(found, dict) and "system" in found else None
+
+    @staticmethod
+    def _log(header: hl7v2.Header | None, code: str, detail: str) -> None:
+        h = header or hl7v2.Header()
+        log.info(
+            "mllp %s^%s control id %s from %s: %s %s",
+            h.message_type[:3],
+            h.trigger[:3],
+            h.control_id[:40],
+            h.sender,
+            code,
+            detail,
+        )
+
+    # -- the connection loop -------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._connections >= self.max_connections:
+            log.warning("mllp: connection refused, %d already open", self._connections)
+            writer.close()
+            return
+        self._connections += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            while await self._one(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        finally:
+            self._connections -= 1
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Read one frame, answer it; False when the connection should close."""
+        skipped = 0
+        while True:  # whitespace (or stray bytes) between frames, within reason
+            first = await asyncio.wait_for(reader.read(1), self.idle_timeout)
+            if not first:
+                return False
+            if first == START:
+                break
+            skipped += 1
+            if skipped > 1024:
+                log.warning("mllp: no frame start (VT) in 1 KiB: not an MLLP sender, closing")
+                return False
+        try:
+            frame = await asyncio.wait_for(reader.readuntil(END), self.read_timeout)
+        except asyncio.LimitOverrunError as overrun:
+            head = await reader.read(min(overrun.consumed, 65536))  # enough for MSH; the rest is never read
+            answer = hl7v2.Answer(
+                "AE",
+                f"message over the {self.max_frame_bytes}-byte frame limit: not read; the connection is closed",
+                "104",
+            )
+            try:
+                header: hl7v2.Header | None = hl7v2.read_header(head)
+            except GatewayError:
+                header = None
+            loop = asyncio.get_running_loop()
+            refusal = hl7v2.Hl7Refusal(answer.text, condition="104")
+            client = f"mllp:{header.sender}" if header else "mllp:unknown"
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(self._pool, self.intake.refuse, refusal, client, datetime.now(UTC))
+            self._log(header, "AE", "frame too large")
+            writer.write(START + hl7v2.build_ack(header, answer) + END)
+            await writer.drain()
+            return False
+        except asyncio.IncompleteReadError:
+            return False  # the sender hung up mid-frame: nothing was processed
+        loop = asyncio.get_running_loop()
+        ack = await loop.run_in_executor(self._pool, self.handle, frame[: -len(END)])
+        writer.write(START + ack + END)
+        await writer.drain()
+        return True
+
+    # -- running -------------------------------------------------------------------------------------
+    async def start(self) -> int:
+        """Listen (on the event loop running now); the port bound (useful with port 0)."""
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, limit=self.max_frame_bytes + len(END)
+        )
+        port = int(self._server.sockets[0].getsockname()[1])
+        log.info("mllp: listening on %s:%d", self.host, port)
+        return port
+
+    async def stop(self) -> None:
+        """Stop listening and drop the open connections (a message in a worker thread still finishes:
+        its sender, without an ACK, will resend and get the same letter)."""
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+
+    def start_in_thread(self) -> int:
+        """Run on an event loop of its own in a daemon thread (beside uvicorn); the port bound."""
+        ready = threading.Event()
+        bound: list[int] = []
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                bound.append(loop.run_until_complete(self.start()))
+            except BaseException as exc:  # the port taken, say: reported to the caller
+                failed.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+                loop.run_until_complete(self.stop())
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="mllp", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+        return bound[0]
+
+    def close(self) -> None:
+        """Stop a listener started with :meth:`start_in_thread` and its worker threads."""
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
