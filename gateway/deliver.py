@@ -23,6 +23,7 @@ from gateway import audit, crypt, seal
 from gateway.consent import ConsentStore
 from gateway.directory import Directory, Endpoint
 from gateway.errors import GatewayError
+from gateway.logs import get_logger
 from gateway.mappings import Mappings
 from gateway.outbox import Delivery, Finish, Outbox
 from gateway.pipeline import Prepared, cut_for, prepare
@@ -35,7 +36,17 @@ from gateway.transports.base import carries
 
 __all__ = ["Deliverer", "RetryPolicy"]
 
-_log = logging.getLogger(__name__)
+_log = get_logger(__name__)
+
+
+# log level per outcome: what an operator must look at stands out from the steady flow
+_LEVELS = {"failed-retrying": logging.WARNING, "dead-lettered": logging.ERROR}
+
+
+def _kind(error: str | None) -> str | None:
+    """What kind of failure, for a log line: the reason up to its first colon (``HTTP 503``, ``retries
+    exhausted``, ``cannot be prepared now``...) — the details after it may quote a receiver's answer."""
+    return error.split(":", 1)[0][:60] if error else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +156,33 @@ class Deliverer:
         directory, consents = self.snapshot.current()
         routings: dict[str, Routing] = {}
         outcomes = [self._guarded(delivery, directory, consents, routings) for delivery in claimed]
-        self.outbox.finish_many(outcomes, worker, self.clock())
+        finished = self.clock()
+        recorded = self.outbox.finish_many(outcomes, worker, finished)
+        self._observe(claimed, outcomes, recorded, finished)
         return len(claimed)
+
+    def _observe(
+        self, claimed: list[Delivery], outcomes: list[Finish], recorded: list[bool], finished: datetime
+    ) -> None:
+        """One log line per attempt (ids, attempt, outcome; the reason's kind, never its text) and the
+        latency of each hand-over, from the letter queued for this recipient (the outbox counts the rest)."""
+        for delivery, outcome, done in zip(claimed, outcomes, recorded, strict=True):
+            handed_over = outcome.status in ("sent", "acknowledged")
+            if done and handed_over and delivery.queued_at is not None:
+                self.outbox.metrics.handed_over((finished - delivery.queued_at).total_seconds())
+            _log.log(
+                _LEVELS.get(outcome.status, logging.INFO) if done else logging.WARNING,
+                "delivery attempt" if done else "delivery attempt not recorded: claim lost",
+                letter_id=delivery.letter_id,
+                message_id=delivery.message_id,
+                recipient=delivery.recipient_id,
+                attempt=delivery.attempts + 1,
+                outcome=outcome.status,
+                error_kind=_kind(outcome.error),
+                retry_at=outcome.due_at.isoformat(timespec="seconds")
+                if outcome.status == "failed-retrying" and outcome.due_at
+                else None,
+            )
 
     def _guarded(
         self, delivery: Delivery, directory: Directory, consents: ConsentStore, routings: dict[str, Routing]
@@ -159,7 +195,13 @@ class Deliverer:
         except GatewayError as error:
             return self._failed(delivery, "dead-lettered", f"cannot be prepared now: {error.message}")
         except Exception as error:  # a bug must not stop delivery to everyone else
-            _log.exception("delivery %s failed unexpectedly", delivery.message_id)
+            _log.exception(
+                "delivery failed unexpectedly",
+                letter_id=delivery.letter_id,
+                message_id=delivery.message_id,
+                recipient=delivery.recipient_id,
+                attempt=delivery.attempts + 1,
+            )
             reason = f"internal error: {type(error).__name__}"
             if delivery.attempts + 1 >= self.retry.max_attempts:
                 return self._failed(delivery, "dead-lettered", reason)
@@ -276,7 +318,7 @@ class Deliverer:
             try:
                 attempted = self.run_once(worker=worker)
             except Exception:  # the database away for a moment: the claims' leases cover it
-                _log.exception("delivery batch failed; retrying in %s s", idle)
+                _log.exception("delivery batch failed; retrying", worker=worker, retry_in_seconds=idle)
                 attempted = 0
             if attempted == 0:
                 self._work.wait(idle)

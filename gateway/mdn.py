@@ -18,7 +18,6 @@ aiosmtpd handler for the application mailbox (the operator relays it to the gate
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
 import ssl
@@ -35,13 +34,14 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.audit import acknowledgement_event
+from gateway.logs import get_logger
 from gateway.outbox import Outbox
 from gateway.settings import SettingsError
 from gateway.transports.mssante import mailbox_of
 
 __all__ = ["Mdn", "MdnInbox", "MdnResult", "NotAnMdn", "apply_mdn", "inbox_from_env", "parse_mdn", "start_inbox"]
 
-log = logging.getLogger("gateway.mdn")
+log = get_logger("gateway.mdn")
 
 MAX_BYTES = 64 * 1024 * 1024  # an MDN may return the original mail (the XDM archive) in its third part
 POSITIVE = frozenset({"processed", "displayed", "dispatched"})
@@ -241,7 +241,10 @@ class MdnInbox:
             log.exception("MDN not applied")
             return f"451 4.3.0 acknowledgement not recorded, try again later ({type(exc).__name__})"
         self.results.append(result)
-        log.info("MDN %s: %s (%s)", result.status, result.detail, result.message_id)
+        # the detail's kind only: it quotes the mail (a Disposition text, a header) the sender wrote
+        log.info(
+            "MDN", outcome=result.status, message_id=result.message_id, detail_kind=result.detail.split(":")[0][:60]
+        )
         if result.status == "refused":
             return f"550 5.6.0 {_clean(result.detail, 400)}"
         return f"250 2.0.0 {result.status}: {_clean(result.detail, 400)}"

@@ -32,6 +32,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    func,
     or_,
     select,
     update,
@@ -40,12 +41,15 @@ from sqlalchemy.engine import Connection, Engine
 
 from gateway import migrate
 from gateway.auditlog import AuditLog
+from gateway.logs import get_logger
+from gateway.metrics import Metrics, refusal_reason
 from gateway.seal import Signer
 from gateway.store import reader_for
 
 __all__ = ["STATES", "Delivery", "Finish", "Outbox"]
 
 STATES = ("queued", "sending", "sent", "acknowledged", "failed-retrying", "dead-lettered", "withheld")
+_log = get_logger("gateway.outbox")
 _metadata = MetaData()
 _letters = Table(
     "letter",
@@ -141,12 +145,22 @@ def _delivery(row: Any) -> Delivery:
 
 
 class Outbox:
-    def __init__(self, engine: Engine, signer: Signer | None = None, *, checkpoint_every: int = 1000) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        signer: Signer | None = None,
+        *,
+        checkpoint_every: int = 1000,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.engine = engine
         migrate.upgrade(engine)
         self.reader = reader_for(engine)  # status and audit reads never queue behind a commit
         # the audit is chained in the same transactions as what it records; ``signer`` signs checkpoints
         self.log = AuditLog(engine, signer, checkpoint_every=checkpoint_every, reader=self.reader)
+        # counted where it happens (accepted, refused, each attempt), whichever door or worker did it
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch(self)
 
     # -- accepting --------------------------------------------------------------------------------
     def find_letter(self, document_key: str) -> str | None:
@@ -166,8 +180,11 @@ class Outbox:
         deliveries: Sequence[tuple[str, str, str, str]],  # (message id, recipient id, recipient ref, endpoint)
         audit_events: Sequence[dict[str, Any]],
         now: datetime,
+        source: str = "http",
     ) -> tuple[str, bool]:
-        """Store a letter, its deliveries and its audit in one transaction; (letter id, created?)."""
+        """Store a letter, its deliveries and its audit in one transaction; (letter id, created?).
+
+        ``source`` names the door it came in by (``http``, ``mllp``...) for the metrics."""
         with self.engine.begin() as conn:
             existing = conn.execute(select(_letters.c.id).where(_letters.c.document_key == document_key)).scalar()
             if existing:
@@ -226,6 +243,16 @@ class Outbox:
                     ],
                 )
             self._append_audit(conn, audit_events, letter_id, now)
+        self.metrics.letter_accepted(source)
+        _log.info(
+            "letter accepted",
+            letter_id=letter_id,
+            source=source,
+            client=client,
+            recipients=len(deliveries),
+            replaces=earlier,
+            stale=bool(stale),
+        )
         return letter_id, True
 
     def _supersede(self, conn: Connection, letter_id: str, version: int | None, now: datetime) -> dict[str, str]:
@@ -262,6 +289,11 @@ class Outbox:
         self, events: Sequence[dict[str, Any]], letter_id: str | None = None, now: datetime | None = None
     ) -> None:
         self.log.record(events, now or datetime.now(UTC), letter_id=letter_id)
+        for event in events:
+            reason = refusal_reason(event)
+            if reason is not None:  # a letter refused at the door: counted and logged by its issue code only
+                self.metrics.letter_refused(reason)
+                _log.info("letter refused", reason=reason)
 
     def audit_events(self, letter_id: str | None = None) -> list[dict[str, Any]]:
         return self.log.events(letter_id)
@@ -376,6 +408,9 @@ class Outbox:
                 if result.rowcount == 1:
                     audited.extend((e, outcome.letter_id, outcome.recipient_id) for e in outcome.audit_events)
             self.log.append_many(conn, audited, now)
+        for outcome, recorded in zip(outcomes, done, strict=True):
+            if recorded:
+                self.metrics.attempt_recorded(outcome.status)
         return done
 
     def acknowledge(
@@ -409,6 +444,9 @@ class Outbox:
             if result.rowcount != 1:
                 return False
             self._audit_delivery(conn, message_id, audit_events, now)
+        if not ok:
+            self.metrics.dead_letters.inc()
+        _log.info("acknowledgement applied", message_id=message_id, outcome=status)
         return True
 
     def _audit_delivery(
@@ -429,6 +467,20 @@ class Outbox:
                 .values(status="queued", due_at=now, updated_at=now, queued_at=now, attempts=0, last_error=None)
             )
             return result.rowcount == 1
+
+    def counts(self, now: datetime) -> tuple[dict[str, int], int]:
+        """Deliveries per status (every status, 0 included) and how many are due at ``now`` — for the
+        metrics, at each scrape: one GROUP BY (the status index covers it) and one count of what is due
+        (the pending rows only)."""
+        pending = _deliveries.c.status.in_(("queued", "failed-retrying"))
+        with self.reader.connect() as conn:
+            rows = conn.execute(select(_deliveries.c.status, func.count()).group_by(_deliveries.c.status)).all()
+            due = conn.execute(
+                select(func.count()).select_from(_deliveries).where(and_(pending, _deliveries.c.due_at <= now))
+            ).scalar()
+        by_status = dict.fromkeys(STATES, 0)
+        by_status.update({str(status): int(count) for status, count in rows})
+        return by_status, int(due or 0)
 
     def deliveries(self, status: str | None = None) -> list[Delivery]:
         stmt = select(_deliveries).order_by(_deliveries.c.updated_at)

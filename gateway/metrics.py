@@ -1,0 +1,145 @@
+"""Prometheus metrics: what operators alert on, with no patient data and no ids in any label.
+
+One :class:`Metrics` per :class:`~gateway.outbox.Outbox` (its own registry, not the process-wide
+default: tests build several gateways in one process).  Counters are per process — letters accepted
+or refused, delivery attempts, retries, dead letters — and are summed across gateway processes by
+Prometheus.  What is *in* the outbox (messages by status, queue depth) is read from the database at
+scrape time instead, so every process reports the same, true figure (aggregate those with ``max``,
+not ``sum``); two cheap queries per scrape (:meth:`~gateway.outbox.Outbox.counts`).
+
+Labels come from closed sets only (a source, a FHIR issue code, a delivery state), so the number of
+series stays small whatever the traffic.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["LATENCY_BUCKETS", "Metrics", "refusal_reason"]
+
+# from a same-process acknowledgement (tens of ms) to a mail relay and a retried outage (hours)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
+_ISSUE_CODE = re.compile(r"^[a-z][a-z-]{1,40}$")
+_REFUSED = re.compile(r"^refused \(([a-z][a-z-]{1,40})\)")
+
+
+class Counted(Protocol):
+    """What the scrape-time collector reads (the outbox): deliveries per status (every status, 0
+    included), and how many are due now."""
+
+    def counts(self, now: datetime) -> tuple[Mapping[str, int], int]: ...
+
+
+def refusal_reason(event: Mapping[str, Any]) -> str | None:
+    """The FHIR issue code of a refusal AuditEvent (:func:`gateway.audit.refusal_event`), else None.
+
+    The refusal is counted where it is audited (``Outbox.audit``) so every door — HTTP today, MLLP
+    tomorrow — is counted without each having to remember to."""
+    kind = event.get("type")
+    if not isinstance(kind, Mapping) or kind.get("code") != "110107" or event.get("outcome") != "4":
+        return None
+    found = _REFUSED.match(str(event.get("outcomeDesc", "")))
+    return found.group(1) if found else None
+
+
+class _OutboxCollector(Collector):
+    """``gateway_messages{status}``, ``gateway_queue_depth`` and ``gateway_database_up``, read at scrape time."""
+
+    def __init__(self, outbox: Counted) -> None:
+        self.outbox = outbox
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # families depend on the database answering: nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from gateway.logs import get_logger
+
+        up = GaugeMetricFamily("gateway_database_up", "1 if the outbox could be read for this scrape")
+        try:
+            by_status, due = self.outbox.counts(datetime.now(UTC))
+        except SQLAlchemyError as exc:
+            get_logger("gateway.metrics").warning("outbox not readable for metrics", exc_info=exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        messages = GaugeMetricFamily(
+            "gateway_messages", "Messages (deliveries) in the outbox by status", labels=["status"]
+        )
+        for status, count in by_status.items():  # every state, 0 included (the outbox lists them all)
+            messages.add_metric([status], count)
+        yield messages
+        yield GaugeMetricFamily(
+            "gateway_queue_depth", "Deliveries due now (queued or failed-retrying, due time passed)", value=due
+        )
+
+
+class Metrics:
+    """The gateway's counters and histogram, in a registry of their own (see the module docstring)."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``*_created`` series: they double the output and nobody queries them
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._watched = False
+        self._lock = threading.Lock()
+        self.accepted = Counter(
+            "gateway_letters_accepted", "Letters accepted (stored for delivery)", ["source"], registry=self.registry
+        )
+        self.refused = Counter(
+            "gateway_letters_refused", "Letters refused, by FHIR issue code", ["reason"], registry=self.registry
+        )
+        self.attempts = Counter(
+            "gateway_delivery_attempts",
+            "Delivery attempts recorded, by the state they left the delivery in",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "gateway_delivery_retries", "Attempts that failed and were scheduled again", registry=self.registry
+        )
+        self.dead_letters = Counter(
+            "gateway_dead_letters",
+            "Deliveries dead-lettered (retries exhausted, permanent refusal, negative acknowledgement)",
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "gateway_delivery_latency_seconds",
+            "From the letter queued for a recipient to its message handed over (sent or acknowledged)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.accepted.labels("http")  # present at 0 from the start: rate() and increase() need a first sample
+
+    def watch(self, outbox: Counted) -> None:
+        """Report ``outbox``'s contents at scrape time (once per registry)."""
+        with self._lock:
+            if not self._watched:
+                self.registry.register(_OutboxCollector(outbox))
+                self._watched = True
+
+    def letter_accepted(self, source: str) -> None:
+        self.accepted.labels(source).inc()
+
+    def letter_refused(self, reason: str) -> None:
+        self.refused.labels(reason if _ISSUE_CODE.match(reason) else "other").inc()
+
+    def attempt_recorded(self, status: str) -> None:
+        self.attempts.labels(status).inc()  # one of the outbox's STATES (finish_many checks)
+        if status == "failed-retrying":
+            self.retries.inc()
+        elif status == "dead-lettered":
+            self.dead_letters.inc()
+
+    def handed_over(self, seconds: float) -> None:
+        self.latency.observe(max(seconds, 0.0))
