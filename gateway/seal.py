@@ -52,13 +52,14 @@ def generate_key() -> ECKey:
 
 
 def load_key(data: bytes) -> ECKey:
-    """A P-256 key from a JWK (JSON) or PEM file's bytes."""
+    """A P-256 key from a JWK (JSON) or PEM file's bytes.  A PEM carries no ``kid``: it gets its RFC 7638
+    thumbprint, the ``kid`` receivers compute from the same key (not the string "None")."""
     try:
-        if data.lstrip()[:1] == b"{":
-            return ECKey.import_key(orjson.loads(data))
-        return ECKey.import_key(data)
+        key = ECKey.import_key(orjson.loads(data)) if data.lstrip()[:1] == b"{" else ECKey.import_key(data)
     except (ValueError, TypeError, JoseError, orjson.JSONDecodeError) as exc:
         raise SealError(f"not an EC key (JWK or PEM): {str(exc).splitlines()[0][:80]}") from None
+    key.ensure_kid()
+    return key
 
 
 @dataclass(frozen=True, slots=True)

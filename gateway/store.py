@@ -150,28 +150,35 @@ class ResourceStore:
         """Store a new version; returns it with ``meta.versionId`` and ``meta.lastUpdated`` set.
 
         ``audit(conn, stored)`` runs in the same transaction: the change and its AuditEvent commit together."""
-        when = at or datetime.now(UTC)
         with self.engine.begin() as conn:
-            version = self._latest_version(conn, resource_type, rid) + 1
-            stored = dict(body)
-            stored["resourceType"] = resource_type
-            stored["id"] = rid
-            meta = dict(stored.get("meta") or {})
-            meta["versionId"] = str(version)
-            meta["lastUpdated"] = when.isoformat(timespec="milliseconds")
-            stored["meta"] = meta
-            conn.execute(
-                _versions.insert().values(
-                    resource_type=resource_type,
-                    id=rid,
-                    version=version,
-                    last_updated=when,
-                    deleted=False,
-                    body=orjson.dumps(stored).decode(),
-                )
-            )
+            stored = self.put_in(conn, resource_type, rid, body, at)
             if audit is not None:
                 audit(conn, stored)
+        return stored
+
+    def put_in(
+        self, conn: Connection, resource_type: str, rid: str, body: Mapping[str, Any], at: datetime | None = None
+    ) -> Json:
+        """:meth:`put` inside the caller's transaction: an import stores many resources, all or none."""
+        when = at or datetime.now(UTC)
+        version = self._latest_version(conn, resource_type, rid) + 1
+        stored = dict(body)
+        stored["resourceType"] = resource_type
+        stored["id"] = rid
+        meta = dict(stored.get("meta") or {})
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = when.isoformat(timespec="milliseconds")
+        stored["meta"] = meta
+        conn.execute(
+            _versions.insert().values(
+                resource_type=resource_type,
+                id=rid,
+                version=version,
+                last_updated=when,
+                deleted=False,
+                body=orjson.dumps(stored).decode(),
+            )
+        )
         return stored
 
     def create(
