@@ -9,6 +9,7 @@ same DAC are two recipients of different kinds.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ RPPS = "https://rpps.esante.gouv.fr"
 IDNPS = "urn:oid:1.2.250.1.71.4.2.1"
 FINESS = "https://finess.esante.gouv.fr"
 IDNST = "urn:oid:1.2.250.1.71.4.2.2"
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # the certificate an Endpoint publishes for encryption (DER in valueBase64Binary; see gateway.crypt)
 ENDPOINT_CERTIFICATE = "https://fhir.discharge-gateway.fr/StructureDefinition/endpoint-certificate"
 
@@ -112,6 +114,12 @@ class Directory:
             res = entry.get("resource") if isinstance(entry, Mapping) else None
             if not isinstance(res, dict) or not res.get("id"):
                 raise IngestError(f"directory entry {index} has no resource id", where=Where(source=source))
+            if not isinstance(res["id"], str) or not _FHIR_ID.fullmatch(res["id"]):
+                # recipient ids become file names (dispatch --out DIR/<id>.json): FHIR ids only, never a path
+                raise IngestError(
+                    f"directory entry {index}: {str(res['id'])[:80]!r} is not a FHIR id ([A-Za-z0-9-.]{{1,64}})",
+                    where=Where(source=source),
+                )
             kind = res.get("resourceType")
             if kind not in ("Organization", "Practitioner", "PractitionerRole", "Endpoint", "HealthcareService"):
                 raise IngestError(

@@ -20,6 +20,7 @@ from gateway.mappings import Mappings, load_mappings
 from gateway.pipeline import Result, translate_letter
 from gateway.settings import Settings
 from gateway.translate.registry import SECTION_TRANSLATORS
+from tests.fuzz.counts import pytest_terminal_summary  # noqa: F401  (prints the fuzz/schemathesis counts)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -47,7 +47,64 @@ def _status(error: GatewayError) -> int:
     return 500
 
 
+OPERATION_OUTCOME_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "FHIR R4 OperationOutcome: every refusal",
+    "required": ["resourceType", "issue"],
+    "properties": {
+        "resourceType": {"type": "string", "enum": ["OperationOutcome"]},
+        "issue": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["severity", "code"],
+                "properties": {
+                    "severity": {"type": "string", "enum": ["fatal", "error", "warning", "information"]},
+                    "code": {"type": "string"},
+                    "diagnostics": {"type": "string"},
+                    "location": {"type": "array", "items": {"type": "string"}},
+                    "expression": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+
+def _declare_refusals(app: FastAPI) -> None:
+    """The OpenAPI says what the handlers do: every 4xx (400 for a bad parameter, not FastAPI's 422
+    ValidationError) and every 500 is a FHIR OperationOutcome."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        components["OperationOutcome"] = OPERATION_OUTCOME_SCHEMA
+        ref = {"$ref": "#/components/schemas/OperationOutcome"}
+        refusal = {"content": {FHIR_JSON: {"schema": ref}, "application/json": {"schema": ref}}}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                responses["4XX"] = {"description": "Refused: a FHIR OperationOutcome", **refusal}
+                responses["500"] = {
+                    "description": "Internal error (never expected): a FHIR OperationOutcome",
+                    **refusal,
+                }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
+    _declare_refusals(app)
+
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, error: GatewayError) -> JSONResponse:
         if isinstance(error, ApiError):

@@ -7,7 +7,8 @@ wrongly encoded, or of a document type that no adapter declares in ``mappings/do
 
 from __future__ import annotations
 
-from gateway.errors import TooLarge, UnsupportedDocument, Where
+from gateway import validate
+from gateway.errors import IngestError, TooLarge, UnsupportedDocument, Where
 from gateway.ingest.json import parse_json
 from gateway.ingest.xml import parse_xml
 from gateway.mappings import DocumentKind, Mappings
@@ -40,6 +41,10 @@ def read(
     head = stripped[:1]
     if head in (b"{", b"["):
         tree_json = parse_json(raw, name)
+        # the FHIR adapter reads elements by their R4 types: a value of another JSON type is refused here
+        problems = validate.problems(tree_json, fhir_json=True)
+        if problems:
+            raise IngestError(f"not valid FHIR R4: {problems[0]}", where=where)
         kind = mappings.detect_fhir(tree_json, role=role, where=where)
         return SourceDocument(kind.format, "application/fhir+json", raw, name, tree_json)
     root = parse_xml(raw, name)
