@@ -12,9 +12,8 @@ import argparse
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from gateway.errors import GatewayError, IngestError, MappingError
 from gateway.mappings import Mappings, load_mappings
@@ -29,6 +28,37 @@ def _err(text: str) -> None:
     sys.stderr.write(text.rstrip("\n") + "\n")
 
 
+def _configure_logs(args: argparse.Namespace, default_format: str) -> None:
+    """JSON lines on stderr (or readable lines with ``console``): ``--log-format`` / ``--log-level``, else
+    ``GATEWAY_LOG_FORMAT`` / ``GATEWAY_LOG_LEVEL``.  ``--quiet`` drops the per-request line."""
+    from gateway import logs
+
+    settings = Settings.from_env()
+    fmt = args.log_format or (settings.log_format if "log_format" in settings.model_fields_set else default_format)
+    level = args.log_level or settings.log_level
+    logs.configure("console" if fmt == "console" else "json", level, access_log=not getattr(args, "quiet", False))
+
+
+def _log(name: str) -> Any:
+    from gateway.logs import get_logger
+
+    return get_logger(name)
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_options(parser: argparse.ArgumentParser, default_format: str) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        help=f"log lines on stderr: one JSON object each, or readable (default: GATEWAY_LOG_FORMAT or {default_format})",
+    )
+    parser.add_argument(
+        "--log-level", choices=_LOG_LEVELS, help="least severe level logged (default: GATEWAY_LOG_LEVEL or INFO)"
+    )
+
+
 def _load(settings: Settings) -> Mappings:
     from gateway.translate.registry import SECTION_TRANSLATORS
 
@@ -38,9 +68,9 @@ def _load(settings: Settings) -> Mappings:
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
     if getattr(args, "mappings", None):
-        settings = replace(settings, mappings_overlay=Path(args.mappings))
+        settings = settings.model_copy(update={"mappings_overlay": Path(args.mappings)})
     if getattr(args, "strict", False):
-        settings = replace(settings, strict_validation=True)
+        settings = settings.model_copy(update={"strict_validation": True})
     return settings
 
 
@@ -54,13 +84,7 @@ def _read(path: str) -> bytes:
 def _translate(args: argparse.Namespace) -> int:
     from gateway.pipeline import translate_letter
 
-    settings = Settings.from_env()
-    if args.mappings:
-        settings = Settings(
-            settings.max_document_bytes, Path(args.mappings), settings.default_timezone, settings.strict_validation
-        )
-    if args.strict:
-        settings = Settings(settings.max_document_bytes, settings.mappings_overlay, settings.default_timezone, True)
+    settings = _settings(args)
     mappings = _load(settings)
     try:
         raw = _read(args.letter)
@@ -114,13 +138,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     from gateway.directory import load_directory
     from gateway.pipeline import dispatch_letter
     from gateway.policy import policy_from
+    from gateway.store import ResourceStore, SqlConsentStore, directory_from_store
 
     settings = _settings(args)
     mappings = _load(settings)
     policy = policy_from(mappings)
     if args.store:
-        from gateway.store import ResourceStore, SqlConsentStore, directory_from_store
-
         sql = ResourceStore(args.store)
         directory = directory_from_store(sql, policy)
         store: MemoryConsentStore | SqlConsentStore = SqlConsentStore(sql)
@@ -151,6 +174,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         at=at,
         fallback=args.fallback,
     )
+    if isinstance(store, SqlConsentStore):  # decided: close the database (a PostgreSQL pool would leak)
+        store.store.engine.dispose()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import orjson
@@ -206,6 +231,7 @@ def _mappings_check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    _configure_logs(args, "json")
     import logging
     import threading
     import time
@@ -218,7 +244,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.mdn import inbox_from_env
     from gateway.outbox import Outbox
     from gateway.seal import Signer, generate_key, load_key
-    from gateway.settings import SettingsError
+    from gateway.settings import SettingsError, refuse_demo_secrets
     from gateway.store import ResourceStore, make_engine
     from gateway.transports import Transport
     from gateway.transports.http import HttpTransport, tls_context
@@ -228,11 +254,11 @@ def _serve(args: argparse.Namespace) -> int:
     mappings = _load(settings)  # refuse to start on a bad mapping
     smtp = SmtpSettings.from_env()  # None unless GATEWAY_SMTP_HOST: MSSanté endpoints are then refused, explained
     if not settings.api_keys:
-        _err("warning: no API key configured (GATEWAY_API_KEYS or GATEWAY_API_KEYS_FILE): every call will get 401")
-    if settings.signing_key_file is not None:
-        key = load_key(_read_named(str(settings.signing_key_file)))
-    else:
-        _err("warning: no GATEWAY_SIGNING_KEY_FILE: messages are signed with a throw-away key")
+        _log("gateway.serve").warning("no API key configured (GATEWAY_API_KEYS[_FILE]): every call will get 401")
+    key = load_key(_read_named(str(settings.signing_key_file))) if settings.signing_key_file else None
+    refuse_demo_secrets(settings, key.thumbprint() if key is not None else None)  # production: own secrets only
+    if key is None:
+        _log("gateway.serve").warning("demo mode: no GATEWAY_SIGNING_KEY_FILE, signing with a throw-away key")
         key = generate_key()
     engine = make_engine(settings.database_url)
     store, outbox = ResourceStore(engine=engine), Outbox(engine, Signer(key))  # the key signs audit checkpoints
@@ -277,37 +303,64 @@ def _serve(args: argparse.Namespace) -> int:
     threading.Thread(
         target=worker.run_forever, kwargs={"threads": settings.delivery_threads}, name="delivery", daemon=True
     ).start()
+    listener = _mllp(args, settings, store, outbox, mappings, worker.remember)  # None without --mllp-port
     try:
         app = create_app(settings, store, outbox, mappings, on_accepted=worker.remember)
         auth.install(app, client_auth)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", **server_tls)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning" if args.quiet else "info",
+            log_config=None,  # keep gateway.logs' JSON handler (uvicorn's dictConfig would add plain-text ones)
+            access_log=False,  # its line carries the query string: gateway.api.ops logs each request instead
+            **server_tls,
+        )
     finally:
+        if listener is not None:
+            listener.close()
         worker.stop()
         if inbox is not None:
             inbox.stop()
     return 0
 
 
+def _mllp(
+    args: argparse.Namespace, settings: Settings, store: Any, outbox: Any, mappings: Mappings, remember: Any
+) -> Any:
+    """The HL7 v2 (MLLP) listener beside the HTTP API when ``--mllp-port`` is given: the same intake,
+    the same delivery worker."""
+    port = args.mllp_port or settings.mllp_port
+    if port is None:
+        return None
+    from gateway.intake import Intake
+    from gateway.mllp import MllpListener
+
+    host = args.mllp_host or settings.mllp_host
+    listener = MllpListener(
+        Intake(settings, store, outbox, mappings, on_accepted=remember, source="mllp"),
+        host=host,
+        port=port,
+        senders=args.mllp_sender or sorted(settings.mllp_senders) or None,
+    )
+    port = listener.start_in_thread()
+    _log("gateway.mllp").info("MLLP listener started", host=host, port=port)
+    return listener
+
+
 def _receiver(args: argparse.Namespace) -> int:
-    import orjson
+    _configure_logs(args, "console")
     import uvicorn
     from joserfc.jwk import ECKey
 
+    from gateway.keys import load_public_keys
     from gateway.receiver import create_receiver
 
-    keys = []
-    for path in args.trust or []:
-        try:
-            raw_key = _read_named(path)
-            keys.append(
-                ECKey.import_key(
-                    cast(dict[str, Any], orjson.loads(raw_key)) if raw_key.lstrip()[:1] == b"{" else raw_key
-                )
-            )
-        except (ValueError, TypeError) as exc:
-            raise IngestError(f"{path}: not a public EC key, JWK or PEM ({str(exc).splitlines()[0][:80]})") from None
+    keys: list[ECKey] = []
+    for path in args.trust or []:  # a JWK, a PEM, or a JWKS keyring (keys from before a rotation too)
+        keys.extend(load_public_keys(_read_named(path), path))
     if not keys:
-        _err("warning: no --trust key: message signatures are NOT checked")
+        _log("gateway.receiver").warning("no --trust key: message signatures are NOT checked")
     from gateway import crypt
     from gateway.receiver import tls_server_options
 
@@ -315,7 +368,7 @@ def _receiver(args: argparse.Namespace) -> int:
     tls = tls_server_options(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else {}
     endpoint = f"{'https' if tls else 'http'}://{args.host}:{args.port}/fhir"
     app = create_receiver(args.db, keys, endpoint=endpoint, decryption_keys=decryption)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", **tls)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=None, **tls)
     return 0
 
 
@@ -341,7 +394,14 @@ def _dead_letters(args: argparse.Namespace) -> int:
         _err("nothing to replay: give message ids or --all")
         return 2
     now = datetime.now(UTC)
-    replayed = [m for m in sorted(wanted) if outbox.replay(m, now)]
+    from gateway.progress import bar
+
+    replayed = []
+    with bar(f"replaying {len(wanted)} deliveries", len(wanted)) as tick:
+        for m in sorted(wanted):
+            if outbox.replay(m, now):
+                replayed.append(m)
+            tick()
     if replayed:
         who = f"cli:{os.environ.get('USER', 'operator')}"
         outbox.audit(
@@ -390,7 +450,11 @@ def _audit_on(args: argparse.Namespace, settings: Settings, engine: Any) -> int:
             "empty log: nothing to sign\n" if head is None else f"checkpoint at seq {head[0]}: {head[1]}\n"
         )
         return 0
-    keys = [load_key(_read_named(path)) for path in args.trust or []] or ([own] if own is not None else [])
+    from gateway.keys import load_public_keys
+
+    # a JWK, a PEM, or a JWKS keyring: a chain whose checkpoints span a key rotation verifies with the keyring
+    trusted = [k for path in args.trust or [] for k in load_public_keys(_read_named(path), path)]
+    keys = trusted or ([own] if own is not None else [])
     if not keys:
         _err("warning: no --trust key and no GATEWAY_SIGNING_KEY_FILE: checkpoints cannot be checked")
     expect = None
@@ -500,11 +564,23 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8080)
     sv.add_argument("--quiet", action="store_true", help="no access log (benchmarks)")
+    _log_options(sv, "json")
+    sv.add_argument(
+        "--mllp-port",
+        type=int,
+        metavar="PORT",
+        help="also take HL7 v2 MDM/ORU letters over MLLP here (GATEWAY_MLLP_PORT)",
+    )
+    sv.add_argument("--mllp-host", help="address of the MLLP listener (GATEWAY_MLLP_HOST, default 127.0.0.1)")
+    sv.add_argument(
+        "--mllp-sender", action="append", metavar="FACILITY", help="allowed MSH-4 sending facility (repeatable)"
+    )
     sv.set_defaults(handler=_serve)
     rx = sub.add_parser("receiver", help="run a reference FHIR messaging recipient ($process-message)")
     rx.add_argument("--host", default="127.0.0.1")
     rx.add_argument("--port", type=int, default=8090)
     rx.add_argument("--db", default="sqlite:///receiver.db", help="where received messages are kept")
+    _log_options(rx, "console")
     rx.add_argument("--trust", action="append", metavar="KEY.jwk", help="public JWK of a trusted sender (repeatable)")
     rx.add_argument(
         "--decrypt-key", action="append", metavar="KEY", help="private key (PEM/JWK) to decrypt JWE messages"
@@ -546,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("mappings", help="check the mapping tables (and an overlay) and exit")
     mp.add_argument("overlay", nargs="?", help="overlay directory to check with the built-in tables")
     mp.set_defaults(handler=_mappings_check)
+    from gateway import operate
+
+    operate.add_parsers(sub)  # keys generate|rotate|show, directory import, consents import
     return parser
 
 

@@ -19,9 +19,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from gateway import audit, validate
-from gateway.api import auth, pages
+from gateway.api import auth, ops, pages
+from gateway.api.limits import BodyLimit
 from gateway.api.outcomes import FHIR_JSON, ApiError, install
 from gateway.auditlog import AuditLog, Filters, Record
+from gateway.keys import load_public_keys
 from gateway.mappings import Mappings
 from gateway.outbox import STATES, Delivery, Outbox
 from gateway.settings import Settings
@@ -62,6 +64,7 @@ def create_app(
         description="FHIR R4 gateway for hospital discharge letters — consents and directory",
     )
     install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_document_bytes)  # before the body is read
     keys = settings.api_keys
     audit_log = outbox.log if outbox is not None else AuditLog(store.engine, reader=store.reader)
 
@@ -114,9 +117,16 @@ def create_app(
         event = audit.rest_event(interaction, ref, who(request), recorded.isoformat(timespec="seconds"))
         return lambda conn: audit_log.append(conn, [event], recorded)
 
-    @app.get("/healthz", include_in_schema=False)
-    def healthz() -> Json:
-        return {"status": "ok"}
+    # /healthz, /readyz, /metrics and the request log line (before the /{resource_type} routes)
+    metrics = outbox.metrics if outbox is not None else None
+    earlier = (
+        load_public_keys(settings.trusted_keys_file.read_bytes(), str(settings.trusted_keys_file))
+        if (settings.trusted_keys_file)
+        else []
+    )
+    ops.install(
+        app, engine=store.engine, metrics=metrics, mappings=mappings, signer=audit_log.signer, earlier_keys=earlier
+    )
 
     def _type(resource_type: str) -> str:
         if resource_type not in STORED_TYPES:
@@ -256,62 +266,25 @@ def _letters(
     from gateway import audit
     from gateway.errors import GatewayError
     from gateway.ingest.json import parse_json
-    from gateway.pipeline import prepare
-    from gateway.policy import policy_from
-    from gateway.route import route
-    from gateway.store import StoreSnapshot
-    from gateway.translate.ids import resource_id
+    from gateway.intake import Intake
 
-    snapshot = StoreSnapshot(store, policy_from(mappings))
-
-    def refuse(error: GatewayError, client: str, now: datetime) -> None:
-        code = error.code if isinstance(error, ApiError) else error.issue_code
-        outbox.audit([audit.refusal_event(code, " ".join(error.message.split())[:300], client, now.isoformat())])
+    intake = Intake(settings, store, outbox, mappings, on_accepted)  # the same path as the MLLP listener
+    refuse = intake.refuse
 
     def accept(raw: bytes, media_type: str, client: str, now: datetime) -> Response:
         """Translate, route and store in one transaction; 202 (new) or 200 (the same letter again)."""
         if len(raw) > settings.max_document_bytes:
             raise ApiError(413, "too-long", f"letter over the {settings.max_document_bytes}-byte limit")
-        prepared = prepare(raw, name="letter", mappings=mappings, settings=settings, now=now)
-        policy = policy_from(mappings)
-        routing = route(prepared.resources, snapshot.directory(), policy)
-        letter = prepared.result.translation.letter
-        recorded = now.isoformat(timespec="seconds")
-        events = [
-            audit.route_event(e, prepared.patient, prepared.letter_key, recorded, i)
-            for i, e in enumerate(routing.events)
-        ]
-        deliveries = [
-            (
-                resource_id("MessageHeader", prepared.letter_key, r.recipient.id),
-                r.recipient.id,
-                r.recipient.ref,
-                r.recipient.endpoint.address if r.recipient.endpoint else "",
-            )
-            for r in routing.routed
-        ]
-        set_key = f"{letter.set_id.system}|{letter.set_id.value}" if letter.set_id else None
-        letter_id, created = outbox.accept(
-            document_key=prepared.letter_key,
-            set_key=set_key,
-            version=letter.version,
-            client=client,
-            media_type=media_type,
-            body=raw,
-            deliveries=deliveries,
-            audit_events=events,
-            now=now,
-        )
-        if created and on_accepted is not None:
-            on_accepted(letter_id, prepared)
+        accepted = intake.accept(raw, media_type, client, now)
+        letter_id = accepted.letter_id
         body = {
             "letterId": letter_id,
             "status": f"/letters/{letter_id}",
-            "duplicate": not created,
-            "recipients": len(deliveries),
-            "routingExceptions": [e.text for e in routing.exceptions],
+            "duplicate": not accepted.created,
+            "recipients": accepted.recipients,
+            "routingExceptions": list(accepted.routing_exceptions),
         }
-        return _json(body, 202 if created else 200, {"Location": f"/letters/{letter_id}"})
+        return _json(body, 202 if accepted.created else 200, {"Location": f"/letters/{letter_id}"})
 
     @app.post("/letters", status_code=202)
     async def push_letter(
