@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway.errors import GatewayError, IngestError, MappingError
 from gateway.mappings import Mappings, load_mappings
@@ -343,8 +343,7 @@ def _mllp(
         port=port,
         senders=args.mllp_sender or sorted(settings.mllp_senders) or None,
     )
-    port = listener.start_in_thread()
-    _log("gateway.mllp").info("MLLP listener started", host=host, port=port)
+    listener.start_in_thread()  # logs where it listens
     return listener
 
 
@@ -519,10 +518,16 @@ def _db(args: argparse.Namespace) -> int:
     return 0 if revision == migrate.head() else EXIT_CONFIG
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the CLI's exit code for a usage error (1; argparse's own 2 means "refused" here)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gateway", description="FHIR messaging gateway for hospital discharge letters"
-    )
+    parser = _Parser(prog="gateway", description="FHIR messaging gateway for hospital discharge letters")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("translate", help="translate a discharge letter into one FHIR R4 collection Bundle")
     tr.add_argument("letter", help="the letter: CI-SIS LDL-SES CDA, HL7 C-CDA, or FHIR document Bundle (JSON)")
