@@ -28,6 +28,7 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.api.auth import StrPath, uvicorn_tls_options
+from gateway.api.limits import BodyLimit
 from gateway.api.outcomes import FHIR_JSON, ApiError, install
 from gateway.crypt import JOSE, JOSE_JSON, CryptError, PrivateKey, decrypt
 from gateway.package import EVENT
@@ -83,14 +84,17 @@ def create_receiver(
     endpoint: str = "http://127.0.0.1/fhir",
     decryption_keys: Iterable[PrivateKey] = (),
     require_encryption: bool = False,
+    max_bytes: int = 32 * 1024 * 1024,
 ) -> FastAPI:
-    """The receiver app; ``trusted_keys`` empty means signatures are not checked (tests of other parts only)."""
+    """The receiver app; ``trusted_keys`` empty means signatures are not checked (tests of other parts only).
+    A message over ``max_bytes`` is refused 413 before it is read (a sealed letter is well under it)."""
     engine = make_engine(database_url)  # WAL on SQLite: one fsync per message
     _metadata.create_all(engine)
     keys = list(trusted_keys)
     private = list(decryption_keys)
     app = FastAPI(title="Reference FHIR messaging receiver", version="0.1.0")
     install(app)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
 
     @app.post("/$process-message")
     @app.post("/{mailbox:path}/$process-message")  # one receiver may serve several recipients' endpoints

@@ -336,15 +336,23 @@ def _r(tag: str) -> str:
     return f"{{{RIM}}}{tag}"
 
 
+# characters XML 1.0 cannot carry (a FHIR string may hold "\u0001"): replaced, or lxml refuses the whole metadata
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def _xml_text(value: str) -> str:
+    return _NOT_XML.sub("\ufffd", value)
+
+
 def _slot(parent: etree._Element, name: str, *values: str) -> None:
     slot = etree.SubElement(parent, _r("Slot"), name=name)
     value_list = etree.SubElement(slot, _r("ValueList"))
     for value in values:
-        etree.SubElement(value_list, _r("Value")).text = value
+        etree.SubElement(value_list, _r("Value")).text = _xml_text(value)
 
 
 def _name(parent: etree._Element, text: str) -> None:
-    etree.SubElement(etree.SubElement(parent, _r("Name")), _r("LocalizedString"), value=text)
+    etree.SubElement(etree.SubElement(parent, _r("Name")), _r("LocalizedString"), value=_xml_text(text))
 
 
 def _classification(parent: etree._Element, scheme: str, owner: str, code: Code, ident: str) -> None:

@@ -681,3 +681,13 @@ def test_dispatch_out_never_writes_outside_its_directory(tmp_path: Path) -> None
         outside = [p for p in written if out.resolve() not in p.parents]
         assert outside == [], (hostile, outside)
         assert code in (0, 2, 4), (hostile, code)
+
+
+def test_control_characters_in_titles_do_not_break_the_xdm_metadata() -> None:
+    """A FHIR string may carry U+0001 (FHIR's string regex allows it); XML 1.0 cannot: the metadata
+    replaces it rather than failing the whole delivery."""
+    document = xdm.Document("DOC0001.XML", b"<x/>", "text/xml", "1.2.3", "Lettre\x01de\x1fsortie")
+    contents = xdm.Contents("m-1", "2026-11-05T10:00:00+01:00", (document,), None, (), False, "Lettre\x0bsortie")
+    metadata = xdm.metadata_xml(contents)
+    assert b"Lettre\xef\xbf\xbdde\xef\xbf\xbdsortie" in metadata and b"\x01" not in metadata
+    assert zipfile.ZipFile(io.BytesIO(xdm.build_xdm(contents))).namelist()

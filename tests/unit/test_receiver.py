@@ -52,3 +52,15 @@ def test_refuses_unsealed_altered_or_malformed_messages(tmp_path: Path) -> None:
             assert answer.json()["resourceType"] == "OperationOutcome"
         assert client.post("/$process-message", content=b"{nope").status_code == 400
         assert client.get("/messages").json() == []
+
+
+def test_an_oversize_message_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    client = TestClient(create_receiver(f"sqlite:///{tmp_path / 'rx.db'}", [SIGNER.key], max_bytes=1024))
+    answer = client.post(
+        "/fhir/ep/$process-message",
+        content=b"{" + b" " * 4096 + b"}",
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    assert answer.status_code == 413
+    assert answer.json()["resourceType"] == "OperationOutcome"
+    assert answer.json()["issue"][0]["code"] == "too-long"
