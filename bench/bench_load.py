@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import os
 import signal
 import socket
@@ -41,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.demo import seed_store  # noqa: E402
 from gateway.seal import generate_key  # noqa: E402
 from gateway.store import ResourceStore, make_engine  # noqa: E402
 
@@ -141,12 +141,7 @@ class Rig:
         )
         self.engine = make_engine(self.url)
         store = ResourceStore(engine=self.engine)
-        for entry in orjson.loads((FIXTURES / "directory.json").read_bytes())["entry"]:
-            res = copy.deepcopy(entry["resource"])
-            if res["resourceType"] == "Endpoint":
-                res["address"] = f"http://127.0.0.1:{rx_port}/fhir/{res['id']}"
-                res["connectionType"]["code"] = "hl7-fhir-msg"
-            store.put(res["resourceType"], res["id"], res)
+        seed_store(store, lambda ep: f"http://127.0.0.1:{rx_port}/fhir/{ep}", consents=())
         store.put("Consent", "bench-permit", _consent(), at=datetime.fromisoformat("2026-10-28T15:00:00+01:00"))
         env = {
             **os.environ,

@@ -10,11 +10,16 @@ each recipient's status, what it received and the audit trail are shown.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gateway.mappings import Mappings
 from gateway.pipeline import translate_letter
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.store import ResourceStore
 
 __all__ = ["SAMPLES", "run_demo", "samples_dir"]
 
@@ -30,6 +35,36 @@ SAMPLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 def samples_dir() -> Path:
     packaged = Path(__file__).parent / "_data" / "samples"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+
+
+def seed_store(
+    store: ResourceStore,
+    address: Callable[[str], str],
+    consents: Sequence[str] = ("consents-s1.json",),
+    *,
+    endpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """The sample directory with every Endpoint moved to ``address(endpoint id)`` (FHIR messaging), and the
+    sample consents, each version valid from its ``meta.lastUpdated`` — what the demo and the tests run
+    against; ``endpoint`` may change each Endpoint further (a published certificate...)."""
+    import copy
+    from datetime import datetime
+
+    import orjson
+
+    base = samples_dir() / "dispatch"
+    for entry in orjson.loads((base / "directory.json").read_bytes())["entry"]:
+        res = copy.deepcopy(entry["resource"])
+        if res["resourceType"] == "Endpoint":
+            res["address"] = address(res["id"])
+            res["connectionType"]["code"] = "hl7-fhir-msg"
+            if endpoint is not None:
+                endpoint(res)
+        store.put(res["resourceType"], res["id"], res)
+    for name in consents:
+        for entry in orjson.loads((base / name).read_bytes())["entry"]:
+            res = entry["resource"]
+            store.put("Consent", res["id"], res, at=datetime.fromisoformat(res["meta"]["lastUpdated"]))
 
 
 def _out(text: str = "") -> None:
@@ -163,12 +198,10 @@ def _free_port() -> int:
 
 def _network_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> None:
     """Gateway + reference receiver on loopback: push, deliver, acknowledge, show statuses and audit."""
-    import copy
     import secrets
     import shutil
     import threading
     import time
-    from datetime import datetime
 
     import httpx
     import orjson
@@ -195,16 +228,7 @@ def _network_demo(mappings: Mappings, settings: Settings, out_dir: Path) -> None
     )
     engine = make_engine(f"sqlite:///{out_dir / 'gateway.db'}")
     store, outbox = ResourceStore(engine=engine), Outbox(engine, signer)
-    for entry in orjson.loads((base / "dispatch" / "directory.json").read_bytes())["entry"]:
-        res = copy.deepcopy(entry["resource"])
-        if res["resourceType"] == "Endpoint":  # every recipient's endpoint → the loopback receiver
-            res["address"] = f"http://127.0.0.1:{rx_port}/fhir/{res['id']}"
-            res["connectionType"]["code"] = "hl7-fhir-msg"
-        store.put(res["resourceType"], res["id"], res)
-    for consents in ("consents-s1.json", "consents-s6.json"):
-        for entry in orjson.loads((base / "dispatch" / consents).read_bytes())["entry"]:
-            res = entry["resource"]
-            store.put("Consent", res["id"], res, at=datetime.fromisoformat(res["meta"]["lastUpdated"]))
+    seed_store(store, lambda ep: f"http://127.0.0.1:{rx_port}/fhir/{ep}", ("consents-s1.json", "consents-s6.json"))
     key = secrets.token_urlsafe(24)
     demo_settings = Settings(
         max_document_bytes=settings.max_document_bytes,

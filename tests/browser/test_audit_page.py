@@ -9,7 +9,6 @@ withheld element with its rule, reason and the Consent version that decided.
 
 from __future__ import annotations
 
-import copy
 import os
 import threading
 import time
@@ -19,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import uvicorn
 
 from gateway.api.app import create_app
 from gateway.api.pages import SESSION_COOKIE
 from gateway.deliver import Deliverer, RetryPolicy
+from gateway.demo import seed_store
 from gateway.outbox import Outbox
 from gateway.seal import Signer, generate_key
 from gateway.settings import Settings
@@ -69,15 +68,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     receiver.start()
     engine = make_engine(f"sqlite:///{tmp / 'gateway.db'}")
     store, outbox = ResourceStore(engine=engine), Outbox(engine, signer)
-    for entry in orjson.loads((DISPATCH / "directory.json").read_bytes())["entry"]:
-        res = copy.deepcopy(entry["resource"])
-        if res["resourceType"] == "Endpoint":
-            res["address"] = f"{receiver.url}/fhir/{res['id']}"
-            res["connectionType"]["code"] = "hl7-fhir-msg"
-        store.put(res["resourceType"], res["id"], res)
-    for entry in orjson.loads((DISPATCH / "consents-s6.json").read_bytes())["entry"]:
-        res = entry["resource"]
-        store.put("Consent", res["id"], res, at=datetime.fromisoformat(res["meta"]["lastUpdated"]))
+    seed_store(store, lambda ep: f"{receiver.url}/fhir/{ep}", ["consents-s6.json"])
     port = _free_port()
     settings = Settings(
         public_url=f"http://127.0.0.1:{port}",

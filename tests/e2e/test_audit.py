@@ -5,11 +5,9 @@ and consent changes all leave their own audited trace."""
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from fastapi.testclient import TestClient
 from gateway.api.app import create_app
 from gateway.auditlog import verify
 from gateway.deliver import Deliverer
+from gateway.demo import seed_store
 from gateway.outbox import Outbox
 from gateway.seal import Signer, generate_key
 from gateway.settings import Settings
@@ -47,15 +46,7 @@ def s6(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
     engine = make_engine(database_url)
     store = ResourceStore(engine=engine)
     outbox = Outbox(engine, signer, checkpoint_every=2)
-    for entry in orjson.loads((DISPATCH / "directory.json").read_bytes())["entry"]:
-        res = copy.deepcopy(entry["resource"])
-        if res["resourceType"] == "Endpoint":
-            res["address"] = f"{receiver.url}/fhir/{res['id']}"
-            res["connectionType"]["code"] = "hl7-fhir-msg"
-        store.put(res["resourceType"], res["id"], res)
-    for entry in orjson.loads((DISPATCH / "consents-s6.json").read_bytes())["entry"]:
-        res = entry["resource"]
-        store.put("Consent", res["id"], res, at=datetime.fromisoformat(res["meta"]["lastUpdated"]))
+    seed_store(store, lambda ep: f"{receiver.url}/fhir/{ep}", ["consents-s6.json"])
     keys = {HIS: frozenset({"his"}), AUDITOR: frozenset({"auditor"}), ADMIN: frozenset({"admin"})}
     settings = Settings(api_keys=keys)
     worker = Deliverer(

@@ -8,7 +8,6 @@ each letter is stored once although the hospital resent it after a lost answer, 
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import signal
@@ -17,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import orjson
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
+from gateway.demo import seed_store
 from gateway.outbox import Outbox
 from gateway.seal import generate_key
 from gateway.store import ResourceStore, make_engine
@@ -119,15 +118,7 @@ def crash_world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
     url = database_url
     engine = make_engine(url)
     store = ResourceStore(engine=engine)
-    for entry in orjson.loads((DISPATCH / "directory.json").read_bytes())["entry"]:
-        res = copy.deepcopy(entry["resource"])
-        if res["resourceType"] == "Endpoint":
-            res["address"] = f"http://127.0.0.1:{rx_port}/fhir/{res['id']}"
-            res["connectionType"]["code"] = "hl7-fhir-msg"
-        store.put(res["resourceType"], res["id"], res)
-    for entry in orjson.loads((DISPATCH / "consents-s1.json").read_bytes())["entry"]:
-        res = entry["resource"]
-        store.put("Consent", res["id"], res, at=datetime.fromisoformat(res["meta"]["lastUpdated"]))
+    seed_store(store, lambda ep: f"http://127.0.0.1:{rx_port}/fhir/{ep}")
     gateway = Gateway(tmp_path, url)
     try:
         _wait_http(f"http://127.0.0.1:{rx_port}/messages", receiver)

@@ -10,12 +10,10 @@ but its audit record.
 from __future__ import annotations
 
 import base64
-import copy
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import hl7.client
@@ -28,6 +26,7 @@ from sqlalchemy import text
 
 from gateway.api.app import create_app
 from gateway.deliver import Deliverer, RetryPolicy
+from gateway.demo import seed_store
 from gateway.intake import Intake
 from gateway.mllp import MllpListener
 from gateway.outbox import Outbox
@@ -106,15 +105,7 @@ class Gateway:
 
 
 def _load_s1(store: ResourceStore) -> None:
-    for entry in orjson.loads((DISPATCH / "directory.json").read_bytes())["entry"]:
-        res = copy.deepcopy(entry["resource"])
-        if res["resourceType"] == "Endpoint":
-            res["address"] = f"https://{res['id']}.example.fr/fhir"
-            res["connectionType"]["code"] = "hl7-fhir-msg"
-        store.put(res["resourceType"], res["id"], res)
-    for entry in orjson.loads((DISPATCH / "consents-s1.json").read_bytes())["entry"]:
-        resource = entry["resource"]
-        store.put("Consent", resource["id"], resource, at=datetime.fromisoformat(resource["meta"]["lastUpdated"]))
+    seed_store(store, lambda ep: f"https://{ep}.example.fr/fhir")
 
 
 @pytest.fixture

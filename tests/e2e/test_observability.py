@@ -9,7 +9,6 @@ carry the ids, and hold none of the patient's identifiers, names, birth date or 
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import time
@@ -30,6 +29,7 @@ from gateway import logs
 from gateway.api.app import create_app
 from gateway.api.ops import Readiness
 from gateway.deliver import Deliverer, RetryPolicy
+from gateway.demo import seed_store
 from gateway.outbox import Outbox
 from gateway.seal import Signer, generate_key
 from gateway.settings import Settings
@@ -62,19 +62,6 @@ def _leaks(captured: str) -> list[str]:
     return [needle for needle in PATIENT_DATA if needle.lower() in lowered]
 
 
-def _seed(store: ResourceStore, receiver_url: str) -> None:
-    directory = orjson.loads((DISPATCH / "directory.json").read_bytes())
-    for entry in directory["entry"]:
-        res = copy.deepcopy(entry["resource"])
-        if res["resourceType"] == "Endpoint":
-            res["address"] = f"{receiver_url}/fhir/{res['id']}"
-            res["connectionType"]["code"] = "hl7-fhir-msg"
-        store.put(res["resourceType"], res["id"], res)
-    for entry in orjson.loads((DISPATCH / "consents-s6.json").read_bytes())["entry"]:
-        consent = entry["resource"]
-        store.put("Consent", consent["id"], consent, at=datetime.fromisoformat(consent["meta"]["lastUpdated"]))
-
-
 @pytest.fixture
 def captured_logs() -> Iterator[io.StringIO]:
     """The gateway's JSON logs of the test, as ``gateway serve`` configures them (stderr → a buffer)."""
@@ -95,7 +82,7 @@ def s6(tmp_path: Path, database_url: str, captured_logs: io.StringIO) -> Iterato
     engine = make_engine(database_url)
     store = ResourceStore(engine=engine)
     outbox = Outbox(engine, signer)
-    _seed(store, receiver.url)
+    seed_store(store, lambda ep: f"{receiver.url}/fhir/{ep}", ["consents-s6.json"])
     settings = Settings(api_keys={HIS: frozenset({"his"}), ADMIN: frozenset({"admin"})})
     app = create_app(settings, store, outbox, mappings())
     worker = Deliverer(

@@ -6,7 +6,6 @@ delivery worker runs one pass at a time so the test is deterministic.
 
 from __future__ import annotations
 
-import copy
 import socket
 import threading
 import time
@@ -16,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
 from gateway.api.app import create_app
 from gateway.deliver import Deliverer, RetryPolicy
+from gateway.demo import seed_store
 from gateway.outbox import Outbox
 from gateway.receiver import create_receiver
 from gateway.seal import Signer, generate_key
@@ -78,20 +77,7 @@ def world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
     engine = make_engine(database_url)
     store = ResourceStore(engine=engine)
     outbox = Outbox(engine)
-    directory = orjson.loads((DISPATCH / "directory.json").read_bytes())
-    for entry in directory["entry"]:
-        res = copy.deepcopy(entry["resource"])
-        if res["resourceType"] == "Endpoint":
-            res["address"] = f"{receiver.url}/fhir/{res['id']}"
-            res["connectionType"]["code"] = "hl7-fhir-msg"
-        store.put(res["resourceType"], res["id"], res)
-    for entry in orjson.loads((DISPATCH / "consents-s1.json").read_bytes())["entry"]:
-        store.put(
-            "Consent",
-            entry["resource"]["id"],
-            entry["resource"],
-            at=datetime.fromisoformat(entry["resource"]["meta"]["lastUpdated"]),
-        )
+    seed_store(store, lambda ep: f"{receiver.url}/fhir/{ep}")
     settings = Settings(api_keys={HIS: frozenset({"his"}), ADMIN: frozenset({"admin"})})
     app = create_app(settings, store, outbox, mappings())
     worker = Deliverer(

@@ -35,6 +35,7 @@ from gateway import crypt
 from gateway.api import auth
 from gateway.api.app import create_app
 from gateway.deliver import Deliverer, RetryPolicy
+from gateway.demo import seed_store
 from gateway.outbox import Outbox
 from gateway.receiver import create_receiver, tls_server_options
 from gateway.seal import Signer, generate_key, sign, verify
@@ -247,16 +248,12 @@ def test_the_worker_encrypts_for_endpoints_with_a_certificate_and_never_sends_in
     server, database = receiver
     engine = create_engine(f"sqlite:///{tmp_path / 'gw.db'}")
     store, outbox = ResourceStore(engine=engine), Outbox(engine)
-    for entry in orjson.loads((DISPATCH / "directory.json").read_bytes())["entry"]:
-        res = copy.deepcopy(entry["resource"])
-        if res["resourceType"] == "Endpoint":
-            res["address"] = f"{server.url}/fhir/{res['id']}"
-            res["connectionType"]["code"] = "hl7-fhir-msg"
-            published = certs.expired if res["id"] == "ep-gp-roussel" else certs.recipient
-            res["extension"] = [crypt.certificate_extension(published.der)]
-        store.put(res["resourceType"], res["id"], res)
-    for entry in orjson.loads((DISPATCH / "consents-s1.json").read_bytes())["entry"]:
-        store.put("Consent", entry["resource"]["id"], entry["resource"])
+
+    def publish(endpoint: dict[str, Any]) -> None:
+        published = certs.expired if endpoint["id"] == "ep-gp-roussel" else certs.recipient
+        endpoint["extension"] = [crypt.certificate_extension(published.der)]
+
+    seed_store(store, lambda ep: f"{server.url}/fhir/{ep}", endpoint=publish)
     settings = Settings(api_keys={HIS: frozenset({"his"})})
     transport = RecordingTransport(tls=tls_context(certs.ca, *certs.gateway))
     worker = Deliverer(

@@ -8,21 +8,19 @@ that a refusal stored nothing but its audit record.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from gateway.api.app import create_app
 from gateway.deliver import Deliverer, RetryPolicy
+from gateway.demo import seed_store
 from gateway.outbox import Outbox
 from gateway.seal import Signer, generate_key
 from gateway.settings import Settings
@@ -85,16 +83,7 @@ class World:
 
 def load_s1(store: ResourceStore) -> None:
     """The dispatch directory (every endpoint made https) and the S1 consents."""
-    directory = orjson.loads((DISPATCH / "directory.json").read_bytes())
-    for entry in directory["entry"]:
-        res = copy.deepcopy(entry["resource"])
-        if res["resourceType"] == "Endpoint":
-            res["address"] = f"https://{res['id']}.example.fr/fhir"
-            res["connectionType"]["code"] = "hl7-fhir-msg"
-        store.put(res["resourceType"], res["id"], res)
-    for entry in orjson.loads((DISPATCH / "consents-s1.json").read_bytes())["entry"]:
-        resource = entry["resource"]
-        store.put("Consent", resource["id"], resource, at=datetime.fromisoformat(resource["meta"]["lastUpdated"]))
+    seed_store(store, lambda ep: f"https://{ep}.example.fr/fhir")
 
 
 @contextmanager
