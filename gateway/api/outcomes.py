@@ -85,12 +85,22 @@ def _declare_refusals(app: FastAPI) -> None:
         for unused in ("HTTPValidationError", "ValidationError"):
             components.pop(unused, None)
         components["OperationOutcome"] = OPERATION_OUTCOME_SCHEMA
+        from gateway.api.schemas import ANSWERS, REQUESTS, SCHEMAS  # the answers' shapes (imports the stores)
+
+        components.update(SCHEMAS)
         ref = {"$ref": "#/components/schemas/OperationOutcome"}
         refusal = {"content": {FHIR_JSON: {"schema": ref}, "application/json": {"schema": ref}}}
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)
+                declared = ANSWERS.get((method, path))
+                if declared is not None:  # the handler's real answers replace FastAPI's empty default
+                    for status in [s for s in responses if s.startswith("2")]:
+                        del responses[status]
+                    responses.update(declared)
+                if (method, path) in REQUESTS:
+                    operation["requestBody"] = REQUESTS[(method, path)]
                 responses["4XX"] = {"description": "Refused: a FHIR OperationOutcome", **refusal}
                 responses["500"] = {
                     "description": "Internal error (never expected): a FHIR OperationOutcome",
