@@ -261,17 +261,29 @@ def operation_event(
     }
 
 
-def acknowledgement_event(message_id: str, ok: bool, detail: str, recipient: str, recorded: str) -> Json:
-    """An acknowledgement that came after the hand-over (an MSSanté MDN): the disclosure's real outcome."""
+def acknowledgement_event(
+    message_id: str, ok: bool, detail: str, recipient: str, recorded: str, *, event: str | None = None
+) -> Json:
+    """An acknowledgement that came after the hand-over (an MSSanté MDN): the disclosure's real outcome;
+    ``event="unacknowledged"`` when none came in time (the gateway gave up waiting)."""
     return {
         "resourceType": "AuditEvent",
         "id": resource_id("AuditEvent", message_id, "acknowledgement", recorded, detail),
         "meta": {"security": [{"system": CATEGORY_SYSTEM, "code": "logistics"}]},
-        "text": nv.generated(nv.para(f"Accusé de {recipient} : {'traité' if ok else 'en erreur'} — {detail}")),
+        "text": nv.generated(
+            nv.para(
+                f"Aucun accusé de {recipient} — {detail}"
+                if event == "unacknowledged"
+                else f"Accusé de {recipient} : {'traité' if ok else 'en erreur'} — {detail}"
+            )
+        ),
         "type": {"system": DCM, "code": "110106", "display": "Export"},
         "subtype": [
             {"system": LIFECYCLE, "code": "disclose", "display": "Disclose"},
-            {"system": f"{PROJECT}/CodeSystem/delivery-event", "code": "acknowledged" if ok else "refused"},
+            {
+                "system": f"{PROJECT}/CodeSystem/delivery-event",
+                "code": event or ("acknowledged" if ok else "refused"),
+            },
         ],
         "action": "R",
         "recorded": recorded,

@@ -290,16 +290,21 @@ def _serve(args: argparse.Namespace) -> int:
         retry=RetryPolicy.from_settings(settings),
     )
 
-    def checkpoints() -> None:
-        """Sign the audit head periodically (besides every 1000 records): a quiet log is covered too."""
+    def housekeeping() -> None:
+        """Sign the audit head periodically (besides every 1000 records: a quiet log is covered too), and
+        dead-letter what waited too long for its receipt (so someone looks at it)."""
+        signed = time.monotonic()
         while True:
-            time.sleep(settings.audit_checkpoint_seconds)
+            time.sleep(min(settings.audit_checkpoint_seconds, 60.0))
             try:
-                outbox.log.checkpoint()
+                worker.expire_unacknowledged()
+                if time.monotonic() - signed >= settings.audit_checkpoint_seconds:
+                    outbox.log.checkpoint()
+                    signed = time.monotonic()
             except Exception:  # the database away for a moment: try again next period
-                logging.getLogger("gateway.audit").exception("audit checkpoint failed")
+                logging.getLogger("gateway.audit").exception("housekeeping failed")
 
-    threading.Thread(target=checkpoints, name="audit-checkpoints", daemon=True).start()
+    threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
     threading.Thread(
         target=worker.run_forever, kwargs={"threads": settings.delivery_threads}, name="delivery", daemon=True
     ).start()

@@ -297,6 +297,17 @@ class Deliverer:
             audit_events=[event],
         )
 
+    def expire_unacknowledged(self, now: datetime | None = None) -> list[str]:
+        """Give up waiting for the receipts older than ``GATEWAY_ACK_TIMEOUT_SECONDS`` (audited, dead-lettered)."""
+        at = now or datetime.now(UTC)
+
+        def event(message_id: str, recipient: str, detail: str) -> dict[str, object]:
+            return audit.acknowledgement_event(
+                message_id, False, detail, recipient, at.isoformat(timespec="seconds"), event="unacknowledged"
+            )
+
+        return self.outbox.expire_unacknowledged(at, timedelta(seconds=self.settings.ack_timeout_seconds), event)
+
     def run_forever(self, idle: float = 0.5, threads: int = 1) -> None:
         """Work until stopped, in ``threads`` threads (each claims its own batches: while one waits on the
         network or the disk, another prepares).  When nothing is due, sleep until woken (a new letter)

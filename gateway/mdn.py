@@ -35,7 +35,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.audit import acknowledgement_event
 from gateway.logs import get_logger
-from gateway.outbox import Outbox
+from gateway.outbox import UNACKNOWLEDGED, Outbox
 from gateway.settings import SettingsError
 from gateway.transports.mssante import mailbox_of
 
@@ -182,8 +182,13 @@ def apply_mdn(outbox: Outbox, raw: bytes, now: datetime, *, domain: str | None =
         return MdnResult("refused", f"malformed MDN: {exc}")
     if domain is not None and mdn.domain != domain.lower():
         return MdnResult("ignored", f"MDN for a message of another domain ({mdn.domain})", mdn.message_id)
-    delivery = next((d for d in outbox.deliveries("sent") if d.message_id == mdn.message_id), None)
-    if delivery is None:
+    delivery = outbox.delivery(mdn.message_id)
+    given_up = (
+        delivery is not None
+        and delivery.status == "dead-lettered"
+        and (delivery.last_error or "").startswith(UNACKNOWLEDGED)
+    )  # the wait for this receipt had timed out: it still proves the delivery
+    if delivery is None or not (delivery.status == "sent" or given_up):
         return MdnResult("ignored", "no delivery awaits an acknowledgement for this message", mdn.message_id)
     try:
         sent_to = mailbox_of(delivery.endpoint).lower()

@@ -16,7 +16,7 @@ transport such as MSSanté SMTP; the acknowledgement — an MDN — arrives late
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,8 +46,9 @@ from gateway.metrics import Metrics, refusal_reason
 from gateway.seal import Signer
 from gateway.store import reader_for
 
-__all__ = ["STATES", "Delivery", "Finish", "Outbox"]
+__all__ = ["STATES", "UNACKNOWLEDGED", "Delivery", "Finish", "Outbox"]
 
+UNACKNOWLEDGED = "no acknowledgement within"  # last_error of a delivery whose receipt never came
 STATES = ("queued", "sending", "sent", "acknowledged", "failed-retrying", "dead-lettered", "withheld")
 _log = get_logger("gateway.outbox")
 _metadata = MetaData()
@@ -430,10 +431,14 @@ class Outbox:
         (returns False) so duplicated MDNs are harmless.
         """
         status = "acknowledged" if ok else "dead-lettered"
+        awaiting = _deliveries.c.status == "sent"
+        if ok:  # a receipt arriving after the wait was given up still proves the delivery
+            late = and_(_deliveries.c.status == "dead-lettered", _deliveries.c.last_error.like(f"{UNACKNOWLEDGED}%"))
+            awaiting = or_(awaiting, late)
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(_deliveries)
-                .where(and_(_deliveries.c.message_id == message_id, _deliveries.c.status == "sent"))
+                .where(and_(_deliveries.c.message_id == message_id, awaiting))
                 .values(
                     status=status,
                     updated_at=now,
@@ -448,6 +453,36 @@ class Outbox:
             self.metrics.dead_letters.inc()
         _log.info("acknowledgement applied", message_id=message_id, outcome=status)
         return True
+
+    def expire_unacknowledged(
+        self, now: datetime, wait: timedelta, event: Callable[[str, str, str], dict[str, Any]], limit: int = 500
+    ) -> list[str]:
+        """Dead-letter the deliveries handed over (``sent``) longer than ``wait`` ago with no acknowledgement
+        — a lost MDN, a relay that dropped the mail — so that an operator sees them (dead letters, metrics)
+        and replays them (same MessageHeader.id: the receiver drops a duplicate).  ``event(message id,
+        recipient ref, detail)`` is the AuditEvent of each; a receipt arriving later still acknowledges."""
+        detail = f"{UNACKNOWLEDGED} {wait.total_seconds():.0f} s of the hand-over"
+        expired: list[str] = []
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(_deliveries.c.message_id, _deliveries.c.recipient_ref)
+                .where(and_(_deliveries.c.status == "sent", _deliveries.c.sent_at <= now - wait))
+                .order_by(_deliveries.c.sent_at)
+                .limit(limit)
+            ).all()
+            for row in rows:
+                done = conn.execute(
+                    update(_deliveries)
+                    .where(and_(_deliveries.c.message_id == row.message_id, _deliveries.c.status == "sent"))
+                    .values(status="dead-lettered", updated_at=now, last_error=detail)
+                )
+                if done.rowcount == 1:
+                    self._audit_delivery(conn, row.message_id, [event(row.message_id, row.recipient_ref, detail)], now)
+                    expired.append(row.message_id)
+        for message_id in expired:
+            self.metrics.dead_letters.inc()
+            _log.warning("no acknowledgement: dead-lettered", message_id=message_id)
+        return expired
 
     def _audit_delivery(
         self, conn: Connection, message_id: str, events: Sequence[dict[str, Any]], now: datetime
@@ -481,6 +516,11 @@ class Outbox:
         by_status = dict.fromkeys(STATES, 0)
         by_status.update({str(status): int(count) for status, count in rows})
         return by_status, int(due or 0)
+
+    def delivery(self, message_id: str) -> Delivery | None:
+        with self.reader.connect() as conn:
+            row = conn.execute(select(_deliveries).where(_deliveries.c.message_id == message_id)).first()
+        return _delivery(row) if row is not None else None
 
     def deliveries(self, status: str | None = None) -> list[Delivery]:
         stmt = select(_deliveries).order_by(_deliveries.c.updated_at)

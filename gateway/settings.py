@@ -158,6 +158,11 @@ class Settings(BaseSettings):
         default=120.0, gt=0, description="a claim older than this (a crashed worker) is retaken"
     )
     delivery_threads: int = Field(default=4, gt=0, description="delivery worker threads per gateway process")
+    ack_timeout_seconds: float = Field(
+        default=86400.0,
+        gt=0,
+        description="a message handed over (`sent`) with no acknowledgement (MDN) after this is dead-lettered",
+    )
     audit_checkpoint_seconds: float = Field(
         default=60.0, gt=0, description="sign the audit head at least this often while it moves"
     )

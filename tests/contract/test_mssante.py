@@ -806,3 +806,39 @@ def test_mailbox_of() -> None:
     for bad in ("mailto:a@b..fr", "mailto:a@@b.fr", "a b@c.fr", "mailto:a@b.fr\r\nBcc: x@y.fr"):
         with pytest.raises(ValueError):
             mailbox_of(bad)
+
+
+def test_a_receipt_that_never_comes_is_dead_lettered_and_a_late_one_still_counts(
+    world: dict[str, Any], pki: Pki
+) -> None:
+    client, outbox, worker, relay, inbox = (world[k] for k in ("client", "outbox", "worker", "relay", "inbox"))
+    answer = client.post(
+        "/letters",
+        content=(FIXTURES / "dispatch" / "ldl-ses-s1-pharmacy.xml").read_bytes(),
+        headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
+    )
+    assert answer.status_code == 202 and worker.run_once() == 6
+    handed_over = max(d.sent_at for d in outbox.deliveries() if d.sent_at is not None)
+    wait = timedelta(seconds=worker.settings.ack_timeout_seconds)
+    assert worker.expire_unacknowledged(handed_over + wait - timedelta(seconds=1)) == [], "not yet"
+    code, _ = to_inbox(pki, inbox, build_mdn(relay.to(GP), "processed"))
+    assert code == 250
+    audit_before = len(outbox.audit_events())
+    expired = worker.expire_unacknowledged(handed_over + wait)
+    by_id = {d.message_id: d for d in outbox.deliveries()}
+    assert len(expired) == 5, "every delivery still waiting, not the acknowledged one"
+    assert all(
+        by_id[m].status == "dead-lettered" and "no acknowledgement within" in str(by_id[m].last_error) for m in expired
+    )
+    events = outbox.audit_events()[audit_before:]
+    assert len(events) == 5 and {e["subtype"][1]["code"] for e in events} == {"unacknowledged"}
+    for event in events:
+        validate.check(event, fhir_json=True)
+    assert worker.expire_unacknowledged(handed_over + 2 * wait) == [], "given up once"
+    dead = client.get("/deliveries?status=dead-lettered", headers={"Authorization": f"Bearer {HIS}"})
+    assert dead.status_code == 403  # operators (admin, auditor) see them; a HIS key does not
+
+    nurse = "claire.benoit@infirmier.mssante.fr"
+    code, text = to_inbox(pki, inbox, build_mdn(relay.to(nurse), "processed"), nurse)
+    nurse_delivery = next(d for d in outbox.deliveries() if d.endpoint == f"mailto:{nurse}")
+    assert code == 250 and nurse_delivery.status == "acknowledged", f"a late receipt still proves delivery: {text}"
