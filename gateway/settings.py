@@ -219,7 +219,7 @@ class Settings(BaseSettings):
             except ValidationError as exc:
                 error = exc.errors()[0]
                 name = str(error["loc"][0]) if error["loc"] else "?"
-                variable = name if name.startswith(PREFIX) else PREFIX + name.upper()
+                variable = name if name.startswith(PREFIX) else _variable(name)
                 raise SettingsError(f"{variable}: {error['msg']}") from None
 
     @field_validator("api_keys", mode="before")
@@ -264,11 +264,12 @@ class Settings(BaseSettings):
 
 
 # the settings whose value may come from a file: every one that is not itself a path
-_FILE_TARGETS = frozenset(
-    PREFIX + ("AUTH" if name == "auth_mode" else name.upper())
-    for name, info in Settings.model_fields.items()
-    if not name.endswith("_file")
-)
+def _variable(field_name: str) -> str:
+    """A field's environment variable (``auth_mode`` keeps its historical name, ``GATEWAY_AUTH``)."""
+    return PREFIX + ("AUTH" if field_name == "auth_mode" else field_name.upper())
+
+
+_FILE_TARGETS = frozenset(_variable(name) for name in Settings.model_fields if not name.endswith("_file"))
 
 
 @contextmanager
@@ -282,10 +283,7 @@ def _reading(environ: Mapping[str, str]) -> Iterator[None]:
 
 def env_names() -> list[tuple[str, FieldInfo]]:
     """Each setting's environment variable with its field (the README's configuration table)."""
-    return [
-        (PREFIX + ("AUTH" if name == "auth_mode" else name.upper()), info)
-        for name, info in Settings.model_fields.items()
-    ]
+    return [(_variable(name), info) for name, info in Settings.model_fields.items()]
 
 
 def refuse_demo_secrets(settings: Settings, key_thumbprint: str | None) -> None:

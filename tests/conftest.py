@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import getpass
+import io
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -164,3 +166,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     with postgres_database() as url:
         yield url
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """The gateway's JSON log lines during the test, as ``gateway serve`` configures them (into a buffer)."""
+    from gateway import logs
+
+    root = logging.getLogger()
+    level = root.level
+    buffer = io.StringIO()
+    handler = logs.configure("json", "INFO", buffer)
+    yield buffer
+    logs.reset(handler)
+    root.setLevel(level)

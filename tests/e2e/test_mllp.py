@@ -33,8 +33,8 @@ from gateway.outbox import Outbox
 from gateway.seal import Signer, generate_key
 from gateway.settings import Settings
 from gateway.store import ResourceStore, make_engine
-from gateway.transports import Outcome
 from tests.conftest import FIXTURES, mappings
+from tests.fuzz.world import Recording
 from tests.hl7v2_messages import CDA_S1, PDF, ed, frame, mdm, message, msh, pid, read_ack, send_all
 
 HIS = "his-key-0123456789abcdef0000"
@@ -70,20 +70,6 @@ def parse_ack(raw: bytes) -> Ack:
         location=value(err[0].err_2) if err else "",
         user_message=value(err[0].err_8) if err else "",
     )
-
-
-class Recording:
-    """A transport that acknowledges everything and keeps what it was given (nothing leaves the test)."""
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    def send(self, payload: bytes, endpoint: str, message_id: str) -> Outcome:
-        self.sent.append(endpoint)
-        return Outcome("ok", "recorded")
-
-    def close(self) -> None:
-        return None
 
 
 @dataclass

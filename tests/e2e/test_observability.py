@@ -10,7 +10,6 @@ carry the ids, and hold none of the patient's identifiers, names, birth date or 
 from __future__ import annotations
 
 import io
-import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,15 +27,12 @@ from sqlalchemy.engine import Engine
 from gateway import logs
 from gateway.api.app import create_app
 from gateway.api.ops import Readiness
-from gateway.deliver import Deliverer, RetryPolicy
-from gateway.demo import seed_store
 from gateway.outbox import Outbox
 from gateway.seal import Signer, generate_key
 from gateway.settings import Settings
 from gateway.store import ResourceStore, make_engine
-from gateway.transports.http import HttpTransport
 from tests.conftest import FIXTURES, mappings
-from tests.e2e.test_service import ADMIN, DISPATCH, HIS, Receiver
+from tests.e2e.test_service import ADMIN, DISPATCH, HIS, running_service
 
 LETTER = DISPATCH / "ldl-ses-s6-objection.xml"
 INS = "248057511410235"
@@ -63,42 +59,9 @@ def _leaks(captured: str) -> list[str]:
 
 
 @pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """The gateway's JSON logs of the test, as ``gateway serve`` configures them (stderr → a buffer)."""
-    root = logging.getLogger()
-    level = root.level
-    buffer = io.StringIO()
-    handler = logs.configure("json", "INFO", buffer)
-    yield buffer
-    logs.reset(handler)
-    root.setLevel(level)
-
-
-@pytest.fixture
-def s6(tmp_path: Path, database_url: str, captured_logs: io.StringIO) -> Iterator[dict[str, Any]]:
-    signer = Signer(generate_key())
-    receiver = Receiver(tmp_path / "rx.db", signer)
-    receiver.start()
-    engine = make_engine(database_url)
-    store = ResourceStore(engine=engine)
-    outbox = Outbox(engine, signer)
-    seed_store(store, lambda ep: f"{receiver.url}/fhir/{ep}", ["consents-s6.json"])
-    settings = Settings(api_keys={HIS: frozenset({"his"}), ADMIN: frozenset({"admin"})})
-    app = create_app(settings, store, outbox, mappings())
-    worker = Deliverer(
-        outbox=outbox,
-        store=store,
-        mappings=mappings(),
-        settings=settings,
-        signer=signer,
-        transports={"http": HttpTransport(timeout=2.0)},
-        retry=RetryPolicy(max_attempts=3, initial=5.0),
-    )
-    with TestClient(app) as client:
-        yield {"client": client, "outbox": outbox, "worker": worker, "logs": captured_logs, "engine": engine}
-    worker.close()
-    receiver.stop()
-    engine.dispose()
+def s6(tmp_path: Path, database_url: str, json_logs: io.StringIO) -> Iterator[dict[str, Any]]:
+    with running_service(tmp_path, database_url, ["consents-s6.json"]) as service:
+        yield {**service, "logs": json_logs}
 
 
 def _scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

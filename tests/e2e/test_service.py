@@ -9,7 +9,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -69,15 +70,19 @@ class Receiver:
         return list(httpx.get(f"{self.url}/messages").json())
 
 
-@pytest.fixture
-def world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
+@contextmanager
+def running_service(
+    tmp_path: Path, database_url: str, consents: Sequence[str] = ("consents-s1.json",)
+) -> Iterator[dict[str, Any]]:
+    """A gateway (API, outbox, worker) over the sample directory and ``consents``, delivering to a real
+    reference receiver on loopback."""
     signer = Signer(generate_key())
     receiver = Receiver(tmp_path / "rx.db", signer)
     receiver.start()
     engine = make_engine(database_url)
     store = ResourceStore(engine=engine)
-    outbox = Outbox(engine)
-    seed_store(store, lambda ep: f"{receiver.url}/fhir/{ep}")
+    outbox = Outbox(engine, signer)
+    seed_store(store, lambda ep: f"{receiver.url}/fhir/{ep}", consents)
     settings = Settings(api_keys={HIS: frozenset({"his"}), ADMIN: frozenset({"admin"})})
     app = create_app(settings, store, outbox, mappings())
     worker = Deliverer(
@@ -90,10 +95,16 @@ def world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
         retry=RetryPolicy(max_attempts=3, initial=5.0),
     )
     with TestClient(app) as client:
-        yield {"client": client, "outbox": outbox, "worker": worker, "receiver": receiver}
+        yield {"client": client, "outbox": outbox, "worker": worker, "receiver": receiver, "engine": engine}
     worker.close()
     receiver.stop()
     engine.dispose()
+
+
+@pytest.fixture
+def world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
+    with running_service(tmp_path, database_url) as service:
+        yield service
 
 
 def _push(client: TestClient, path: Path) -> Any:

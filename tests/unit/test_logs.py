@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -15,26 +14,15 @@ from gateway import audit, logs
 from gateway.metrics import Metrics, refusal_reason
 
 
-@pytest.fixture
-def stream() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    level = root.level
-    buffer = io.StringIO()
-    handler = logs.configure("json", "INFO", buffer)
-    yield buffer
-    logs.reset(handler)
-    root.setLevel(level)
+def _lines(json_logs: io.StringIO) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in json_logs.getvalue().splitlines()]
 
 
-def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in stream.getvalue().splitlines()]
-
-
-def test_structlog_and_stdlib_records_are_json_lines_with_bound_ids(stream: io.StringIO) -> None:
+def test_structlog_and_stdlib_records_are_json_lines_with_bound_ids(json_logs: io.StringIO) -> None:
     with logs.bound(letter_id="L1"):
         logs.get_logger("gateway.x").info("delivery attempt", message_id="M1", recipient="PractitionerRole-a")
         logging.getLogger("some.library").warning("plain %s record", "stdlib")
-    first, second = _lines(stream)
+    first, second = _lines(json_logs)
     assert list(first)[:4] == ["timestamp", "level", "logger", "event"]
     assert first["letter_id"] == "L1" and first["message_id"] == "M1" and first["level"] == "info"
     assert second == {
@@ -46,7 +34,7 @@ def test_structlog_and_stdlib_records_are_json_lines_with_bound_ids(stream: io.S
     }
 
 
-def test_an_exception_is_logged_by_type_and_class_never_by_its_text(stream: io.StringIO) -> None:
+def test_an_exception_is_logged_by_type_and_class_never_by_its_text(json_logs: io.StringIO) -> None:
     try:
         etree.fromstring(b"<ROUX><COLETTE>248057511410235</ROUX>")
     except etree.XMLSyntaxError as exc:
@@ -57,9 +45,9 @@ def test_an_exception_is_logged_by_type_and_class_never_by_its_text(stream: io.S
             raise RuntimeError("wrapped: ROUX") from exc
         except RuntimeError:
             logs.get_logger("gateway.x").error("again", exc_info=True)
-    captured = stream.getvalue()
+    captured = json_logs.getvalue()
     assert "ROUX" not in captured and "COLETTE" not in captured and "248057511410235" not in captured
-    structured, stdlib, chained = _lines(stream)
+    structured, stdlib, chained = _lines(json_logs)
     for line in (structured, stdlib):
         assert line["exc_type"] == "lxml.etree.XMLSyntaxError"
         assert line["exc_class"] == "ERR_TAG_NAME_MISMATCH"
@@ -74,7 +62,7 @@ def test_an_exception_is_logged_by_type_and_class_never_by_its_text(stream: io.S
     ]
 
 
-def test_the_last_line_of_defence_redacts_patient_keys_and_ins_shaped_numbers(stream: io.StringIO) -> None:
+def test_the_last_line_of_defence_redacts_patient_keys_and_ins_shaped_numbers(json_logs: io.StringIO) -> None:
     log = logs.get_logger("gateway.x")
     log.info("search for 1.2.250.1.213.1.4.10|248057511410235 done", patient="ROUX", family_name="ROUX")
     log.info("nir", detail="NIR 2 48 05 75 114 102 35", birthDate="1948-05-17", nested={"given": "COLETTE"})
@@ -85,7 +73,7 @@ def test_the_last_line_of_defence_redacts_patient_keys_and_ins_shaped_numbers(st
         duration_ms=12.5,
         recipients=3,
     )
-    first, second, third = _lines(stream)
+    first, second, third = _lines(json_logs)
     assert first["event"] == "search for 1.2.250.1.213.1.4.10|[redacted] done"
     assert first["patient"] == first["family_name"] == "[redacted]"
     assert second["detail"] == "NIR [redacted]"
@@ -94,7 +82,7 @@ def test_the_last_line_of_defence_redacts_patient_keys_and_ins_shaped_numbers(st
     assert third["letter_id"] == "6c9e2a40-1c7b-4f5e-9d1a-0a4e2b8c1d2e"
 
 
-def test_uvicorns_access_line_loses_its_query_string(stream: io.StringIO) -> None:
+def test_uvicorns_access_line_loses_its_query_string(json_logs: io.StringIO) -> None:
     access = logging.getLogger("uvicorn.access")
     access.setLevel(logging.INFO)
     access.info(
@@ -105,7 +93,7 @@ def test_uvicorns_access_line_loses_its_query_string(stream: io.StringIO) -> Non
         "1.1",
         200,
     )
-    (line,) = _lines(stream)
+    (line,) = _lines(json_logs)
     assert line["event"] == '127.0.0.1:5000 - "GET /Consent HTTP/1.1" 200'
 
 
