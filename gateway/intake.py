@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from gateway import audit
@@ -43,9 +43,13 @@ class Intake:
     """Accept (translate → route → durable commit with audit) or refuse (audited) one letter.
 
     Thread-safe: the edges call it from worker threads so their event loops stay free.
-    ``on_accepted(letter_id, prepared)`` tells an in-process delivery worker about a new letter;
+    ``on_accepted(letter_id, prepared)`` tells an in-process delivery worker about a new letter: its
+    deliveries are then held for that worker (it has the translation; another process would translate
+    the letter again) for at most ``HOLD`` or the claim lease, after which any worker takes them.
     ``source`` names the door (``http``, ``mllp``) in the metrics.
     """
+
+    HOLD = timedelta(seconds=5)
 
     def __init__(
         self,
@@ -60,6 +64,8 @@ class Intake:
         self.source = source
         self.policy = policy_from(mappings)
         self.snapshot = StoreSnapshot(store, self.policy)
+        lease = timedelta(seconds=settings.claim_lease_seconds)
+        self.hold = min(self.HOLD, lease) if on_accepted is not None else timedelta(0)
 
     def accept(
         self,
@@ -106,6 +112,7 @@ class Intake:
             audit_events=events,
             now=now,
             source=self.source,
+            hold=self.hold,
         )
         if created and self.on_accepted is not None:
             self.on_accepted(letter_id, prepared)

@@ -16,7 +16,7 @@ transport such as MSSanté SMTP; the acknowledgement — an MDN — arrives late
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -182,10 +182,14 @@ class Outbox:
         audit_events: Sequence[dict[str, Any]],
         now: datetime,
         source: str = "http",
+        hold: timedelta = timedelta(0),
     ) -> tuple[str, bool]:
         """Store a letter, its deliveries and its audit in one transaction; (letter id, created?).
 
-        ``source`` names the door it came in by (``http``, ``mllp``...) for the metrics."""
+        ``source`` names the door it came in by (``http``, ``mllp``...) for the metrics.  ``hold``: the
+        deliveries fall due for every worker only that long after now — the accepting process, which
+        holds the translation, claims them at once by letter (:meth:`claim` ``letters=``); another
+        process takes them after ``hold`` if this one died."""
         with self.engine.begin() as conn:
             existing = conn.execute(select(_letters.c.id).where(_letters.c.document_key == document_key)).scalar()
             if existing:
@@ -230,7 +234,7 @@ class Outbox:
                             "endpoint": endpoint,
                             "status": "withheld" if stale else "queued",
                             "attempts": 0,
-                            "due_at": now,
+                            "due_at": now + hold,
                             "updated_at": now,
                             "queued_at": now,
                             "last_error": stale,
@@ -325,13 +329,23 @@ class Outbox:
 
     # -- delivering -------------------------------------------------------------------------------
     def claim(
-        self, worker: str, now: datetime, limit: int = 10, lease: timedelta = timedelta(minutes=2)
+        self,
+        worker: str,
+        now: datetime,
+        limit: int = 10,
+        lease: timedelta = timedelta(minutes=2),
+        letters: Collection[str] = (),
     ) -> list[Delivery]:
-        """Due deliveries, marked ``sending`` by this worker (a crashed worker's lease expires)."""
-        due = or_(
-            and_(_deliveries.c.status.in_(("queued", "failed-retrying")), _deliveries.c.due_at <= now),
-            and_(_deliveries.c.status == "sending", _deliveries.c.claimed_at < now - lease),
-        )
+        """Due deliveries, marked ``sending`` by this worker (a crashed worker's lease expires).
+
+        ``letters``: instead, the queued deliveries of these letters, due or held (see :meth:`accept`)."""
+        if letters:
+            due = and_(_deliveries.c.status == "queued", _deliveries.c.letter_id.in_(list(letters)))
+        else:
+            due = or_(
+                and_(_deliveries.c.status.in_(("queued", "failed-retrying")), _deliveries.c.due_at <= now),
+                and_(_deliveries.c.status == "sending", _deliveries.c.claimed_at < now - lease),
+            )
         with self.engine.begin() as conn:
             stmt = select(_deliveries.c.message_id).where(due).order_by(_deliveries.c.due_at).limit(limit)
             if self.engine.dialect.name == "postgresql":
