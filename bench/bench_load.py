@@ -1,8 +1,9 @@
 """Load benchmark: letters accepted and acknowledged end to end, on this machine, over loopback.
 
-    python bench/bench_load.py [--db sqlite|postgresql] [--letters 400] [--rate 50] [--gateways 1]
+    python bench/bench_load.py [--db sqlite|postgresql] [--letters 400] [--rate 50] [--processes 2] [--gateways 1]
 
-Real processes: ``gateway serve`` (API + delivery worker; ``--gateways 2`` runs two on one database)
+Real processes: ``gateway serve`` (API + delivery worker; ``--processes N`` is ``serve --processes N``,
+N workers behind one port; ``--gateways 2`` runs two separate ``serve`` on one database)
 and ``gateway receiver`` (verifies each seal, de-duplicates, stores, acknowledges).  The letter is the
 S6 discharge letter routed to 3 recipients (GP, CLIC, SAAD — the social ones with the patient's
 consent to logistics and social data), each one a distinct document.
@@ -105,7 +106,7 @@ def _consent() -> dict[str, Any]:
 class Rig:
     """Receiver + gateway processes on one fresh database."""
 
-    def __init__(self, db: str, gateways: int, tmp: Path) -> None:
+    def __init__(self, db: str, gateways: int, tmp: Path, processes: int = 1) -> None:
         self.tmp, self.procs = tmp, []  # type: ignore[var-annotated]
         key = generate_key()
         (tmp / "gw.jwk").write_bytes(orjson.dumps(key.as_dict(private=True)))
@@ -154,7 +155,7 @@ class Rig:
             port = _port()
             self.procs.append(
                 subprocess.Popen(
-                    [GATEWAY, "serve", "--quiet", "--port", str(port)],
+                    [GATEWAY, "serve", "--quiet", "--port", str(port), "--processes", str(processes)],
                     env=env,
                     stdout=subprocess.DEVNULL,
                     stderr=open(tmp / f"gw-{port}.log", "wb"),  # noqa: SIM115
@@ -264,10 +265,11 @@ def main() -> int:
     parser.add_argument("--letters", type=int, default=400)
     parser.add_argument("--rate", type=float, default=50.0, help="letters/s for the latency run")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
-    parser.add_argument("--gateways", type=int, default=1)
+    parser.add_argument("--gateways", type=int, default=1, help="separate gateway services on one database")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes per gateway service")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rig = Rig(args.db, args.gateways, Path(tmp))
+        rig = Rig(args.db, args.gateways, Path(tmp), args.processes)
         try:
             asyncio.run(_push(rig.urls, 20, 0, "warm"))
             _drain(rig, set())
@@ -276,7 +278,7 @@ def main() -> int:
             accepted = time.perf_counter()
             finished = _drain(rig, ids)
             print(
-                f"[{args.db}, {args.gateways} gateway process(es), 3 recipients/letter] throughput: {args.letters} letters "
+                f"[{args.db}, {args.gateways} gateway(s) × {args.processes} process(es), 3 recipients/letter] throughput: {args.letters} letters "
                 f"accepted in {accepted - started:.2f} s ({args.letters / (accepted - started):.0f}/s), all acknowledged "
                 f"after {finished - started:.2f} s → {args.letters / (finished - started):.0f} letters/s end to end "
                 f"({3 * args.letters / (finished - started):.0f} messages/s)"

@@ -231,24 +231,12 @@ def _mappings_check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Check everything that can be checked once (settings, mappings, keys), then serve in this process
+    or, with ``--processes N``, in N supervised workers sharing the port (:mod:`gateway.supervise`)."""
     _configure_logs(args, "json")
-    import logging
-    import threading
-    import time
-
-    import uvicorn
-
-    from gateway.api import auth
-    from gateway.api.app import create_app
-    from gateway.deliver import Deliverer, RetryPolicy
-    from gateway.mdn import inbox_from_env
-    from gateway.outbox import Outbox
-    from gateway.seal import Signer, generate_key, load_key
-    from gateway.settings import SettingsError, refuse_demo_secrets
-    from gateway.store import ResourceStore, make_engine
-    from gateway.transports import Transport
-    from gateway.transports.http import HttpTransport, tls_context
-    from gateway.transports.mssante import SmtpSettings, SmtpTransport
+    from gateway.seal import generate_key, load_key
+    from gateway.settings import refuse_demo_secrets
+    from gateway.transports.mssante import SmtpSettings
 
     settings = Settings.from_env()
     mappings = _load(settings)  # refuse to start on a bad mapping
@@ -260,6 +248,56 @@ def _serve(args: argparse.Namespace) -> int:
     if key is None:
         _log("gateway.serve").warning("demo mode: no GATEWAY_SIGNING_KEY_FILE, signing with a throw-away key")
         key = generate_key()
+    processes = args.processes if args.processes is not None else settings.processes
+    if not 1 <= processes <= 64:
+        raise SettingsError(f"--processes must be between 1 and 64, not {processes}")
+    if processes == 1:
+        return _serve_process(args, settings, mappings, smtp, key)
+    import shutil
+
+    from gateway import metrics, migrate
+    from gateway.store import make_engine
+    from gateway.supervise import listen, supervise
+
+    engine = make_engine(settings.database_url)
+    migrate.upgrade(engine)  # once, here: workers starting together would race to migrate
+    engine.dispose()  # no connection may cross the fork
+    sock = listen(args.host, args.port)
+    shared = metrics.share_between_processes()  # counters summed over the workers, whichever one is scraped
+    try:
+        return supervise(processes, lambda index: _serve_process(args, settings, mappings, smtp, key, sock, index))
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
+
+
+def _serve_process(
+    args: argparse.Namespace,
+    settings: Settings,
+    mappings: Mappings,
+    smtp: Any,
+    key: Any,
+    sock: Any = None,
+    index: int = 0,
+) -> int:
+    """One gateway process: the API, its delivery worker and (worker 0 only) MLLP and housekeeping."""
+    import logging
+    import threading
+    import time
+
+    import uvicorn
+
+    from gateway.api import auth
+    from gateway.api.app import create_app
+    from gateway.deliver import Deliverer, RetryPolicy
+    from gateway.mdn import inbox_from_env
+    from gateway.outbox import Outbox
+    from gateway.seal import Signer
+    from gateway.store import ResourceStore, make_engine
+    from gateway.transports import Transport
+    from gateway.transports.http import HttpTransport, tls_context
+    from gateway.transports.mssante import SmtpTransport
+
     engine = make_engine(settings.database_url)
     store, outbox = ResourceStore(engine=engine), Outbox(engine, Signer(key))  # the key signs audit checkpoints
     client_auth = auth.ClientAuth(settings.auth_mode, settings.client_certs)  # type: ignore[arg-type]
@@ -279,7 +317,8 @@ def _serve(args: argparse.Namespace) -> int:
     inbox = None
     if smtp is not None:
         transports["mailto"] = SmtpTransport(smtp)
-        inbox = inbox_from_env(outbox, smtp.sender)  # None unless GATEWAY_MDN_LISTEN
+        if index == 0:
+            inbox = inbox_from_env(outbox, smtp.sender)  # None unless GATEWAY_MDN_LISTEN
     worker = Deliverer(
         outbox=outbox,
         store=store,
@@ -304,15 +343,16 @@ def _serve(args: argparse.Namespace) -> int:
             except Exception:  # the database away for a moment: try again next period
                 logging.getLogger("gateway.audit").exception("housekeeping failed")
 
-    threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
+    if index == 0:
+        threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
     threading.Thread(
         target=worker.run_forever, kwargs={"threads": settings.delivery_threads}, name="delivery", daemon=True
     ).start()
-    listener = _mllp(args, settings, store, outbox, mappings, worker.remember)  # None without --mllp-port
+    listener = _mllp(args, settings, store, outbox, mappings, worker.remember) if index == 0 else None
     try:
         app = create_app(settings, store, outbox, mappings, on_accepted=worker.remember)
         auth.install(app, client_auth)
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
@@ -321,6 +361,7 @@ def _serve(args: argparse.Namespace) -> int:
             access_log=False,  # its line carries the query string: gateway.api.ops logs each request instead
             **server_tls,
         )
+        uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
     finally:
         if listener is not None:
             listener.close()
@@ -574,6 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8080)
     sv.add_argument("--quiet", action="store_true", help="no access log (benchmarks)")
+    sv.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="gateway processes sharing the port, one per core (GATEWAY_PROCESSES, default 1)",
+    )
     _log_options(sv, "json")
     sv.add_argument(
         "--mllp-port",

@@ -7,6 +7,10 @@ Prometheus.  What is *in* the outbox (messages by status, queue depth) is read f
 scrape time instead, so every process reports the same, true figure (aggregate those with ``max``,
 not ``sum``); two cheap queries per scrape (:meth:`~gateway.outbox.Outbox.counts`).
 
+Under ``gateway serve --processes N`` a scrape reaches one worker, so the counters are kept in
+prometheus_client's multiprocess files (:func:`share_between_processes`, set by the supervisor before
+it forks) and every worker reports the sum over all of them, restarts included.
+
 Labels come from closed sets only (a source, a FHIR issue code, a delivery state), so the number of
 series stays small whatever the traffic.
 """
@@ -23,7 +27,27 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["LATENCY_BUCKETS", "Metrics", "refusal_reason"]
+__all__ = ["LATENCY_BUCKETS", "Metrics", "refusal_reason", "share_between_processes"]
+
+_MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_between_processes() -> str | None:
+    """Keep the counters of every process of this gateway in one directory (prometheus_client's
+    multiprocess mode); must run before the workers are forked.  The directory is
+    ``PROMETHEUS_MULTIPROC_DIR`` if set (the operator empties it between runs), else a fresh one,
+    returned so that the caller removes it at the end."""
+    import os
+    import tempfile
+
+    from prometheus_client import values
+
+    created = None
+    if not os.environ.get(_MULTIPROCESS):
+        created = os.environ[_MULTIPROCESS] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # chosen at its import, before this
+    return created
+
 
 # from a same-process acknowledgement (tens of ms) to a mail relay and a retried outage (hours)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
@@ -92,6 +116,7 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``*_created`` series: they double the output and nobody queries them
         self.registry = CollectorRegistry(auto_describe=True)
         self._watched = False
+        self._collectors: list[Collector] = []
         self._lock = threading.Lock()
         self.accepted = Counter(
             "gateway_letters_accepted", "Letters accepted (stored for delivery)", ["source"], registry=self.registry
@@ -121,11 +146,28 @@ class Metrics:
         )
         self.accepted.labels("http")  # present at 0 from the start: rate() and increase() need a first sample
 
+    def exposition(self) -> CollectorRegistry:
+        """What ``/metrics`` shows: this registry, or with several processes the counters summed over
+        all of them plus this process's read of the outbox."""
+        import os
+
+        if not os.environ.get(_MULTIPROCESS):
+            return self.registry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        shown = CollectorRegistry()
+        MultiProcessCollector(shown)  # type: ignore[no-untyped-call]
+        for collector in self._collectors:
+            shown.register(collector)
+        return shown
+
     def watch(self, outbox: Counted) -> None:
         """Report ``outbox``'s contents at scrape time (once per registry)."""
         with self._lock:
             if not self._watched:
-                self.registry.register(_OutboxCollector(outbox))
+                collector = _OutboxCollector(outbox)
+                self.registry.register(collector)
+                self._collectors.append(collector)
                 self._watched = True
 
     def letter_accepted(self, source: str) -> None:

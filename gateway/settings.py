@@ -158,6 +158,9 @@ class Settings(BaseSettings):
         default=120.0, gt=0, description="a claim older than this (a crashed worker) is retaken"
     )
     delivery_threads: int = Field(default=4, gt=0, description="delivery worker threads per gateway process")
+    processes: int = Field(
+        default=1, gt=0, le=64, description="`gateway serve` processes sharing the port (one per core)"
+    )
     ack_timeout_seconds: float = Field(
         default=86400.0,
         gt=0,

@@ -191,7 +191,7 @@ def install(
     readiness = Readiness(engine, mappings, signer, timeout)
     published = ([public_jwk(signer.key)] if signer is not None else []) + [public_jwk(k) for k in earlier_keys]
     jwks = {"keys": list({k["kid"]: k for k in reversed(published)}.values())[::-1]}  # current first, no repeat
-    registry = (metrics or Metrics()).registry
+    counted = metrics or Metrics()
     app.add_middleware(AccessLog)
 
     @app.get("/healthz", include_in_schema=False)
@@ -213,6 +213,6 @@ def install(
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(counted.exposition()), media_type=CONTENT_TYPE_LATEST)
 
     return readiness

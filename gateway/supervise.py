@@ -1,0 +1,122 @@
+"""``gateway serve --processes N``: N gateway processes behind one listening socket, kept alive.
+
+One CPython process runs its Python on one core at a time (the GIL), and translating and sealing a
+letter is CPU work: a second process is what lets the gateway use a second core.  The supervisor
+binds the port once, forks the workers (each inherits the socket: the kernel spreads connections
+among them), and:
+
+- restarts a worker that dies (after a back-off that grows while workers keep dying), so a crash
+  costs a few seconds of one process, never the service; what the dead worker had claimed is retaken
+  when its lease expires, as for any crash (nothing lost, nothing sent twice: see the outbox);
+- on SIGTERM or SIGINT, passes SIGTERM on and waits for the workers to finish (then SIGKILL);
+- if the supervisor itself is killed, the kernel kills its workers (``PR_SET_PDEATHSIG``), so no
+  orphan keeps serving the port.
+
+Workers are forked before any thread or database connection exists in the supervisor: each builds
+its own engine, delivery threads and event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from gateway.logs import get_logger
+
+__all__ = ["listen", "supervise"]
+
+_log = get_logger("gateway.supervise")
+_PR_SET_PDEATHSIG = 1
+_GRACE = 30.0  # seconds a worker gets to finish on shutdown
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket the workers share (bound before any fork, so a busy port fails early)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the supervisor dies (elsewhere: best effort, nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _fork(index: int, run: Callable[[int], int]) -> int:
+    pid = os.fork()
+    if pid == 0:  # the worker: run, then leave without running the supervisor's exit handlers
+        code = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent()
+            code = run(index)
+        except BaseException:  # a worker's failure is logged, then its exit code says it
+            _log.exception("gateway worker failed", worker=index)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _log.info("gateway worker started", worker=index, pid=pid)
+    return pid
+
+
+def supervise(count: int, run: Callable[[int], int]) -> int:
+    """Run ``run(index)`` in ``count`` forked workers until SIGTERM/SIGINT; restart any that dies.
+
+    Worker 0 is the one that also runs the process-wide duties (MLLP listener, housekeeping)."""
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    workers = {_fork(i, run): i for i in range(count)}
+    backoff, last_death = 0.5, 0.0
+    while workers and not stopping:
+        pid, status = os.waitpid(-1, os.WNOHANG)  # polled: a blocking wait would not see the signal
+        if pid == 0:
+            time.sleep(0.2)
+            continue
+        index = workers.pop(pid, None)
+        if index is None:
+            continue
+        _log.warning(
+            "gateway worker died: restarting it", worker=index, pid=pid, exit_status=os.waitstatus_to_exitcode(status)
+        )
+        now = time.monotonic()
+        backoff = min(backoff * 2, 30.0) if now - last_death < 60 else 0.5  # a crash loop slows down
+        last_death = now
+        restart_at = now + backoff
+        while not stopping and time.monotonic() < restart_at:
+            time.sleep(0.1)
+        if not stopping:
+            workers[_fork(index, run)] = index
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + _GRACE
+    while workers and time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            time.sleep(0.1)
+        else:
+            workers.pop(pid, None)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return 0
