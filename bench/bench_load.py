@@ -135,6 +135,8 @@ class Rig:
                     f"sqlite:///{tmp / 'rx.db'}",
                     "--trust",
                     str(tmp / "pub.jwk"),
+                    "--log-level",
+                    "WARNING",  # no line per message: the receiver stands for a hospital's, not for a log
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

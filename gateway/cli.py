@@ -294,6 +294,7 @@ def _serve_process(
     from gateway.outbox import Outbox
     from gateway.seal import Signer
     from gateway.store import ResourceStore, make_engine
+    from gateway.supervise import settle_heap
     from gateway.transports import Transport
     from gateway.transports.http import HttpTransport, tls_context
     from gateway.transports.mssante import SmtpTransport
@@ -361,6 +362,7 @@ def _serve_process(
             access_log=False,  # its line carries the query string: gateway.api.ops logs each request instead
             **server_tls,
         )
+        settle_heap()
         uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
     finally:
         if listener is not None:
@@ -413,7 +415,11 @@ def _receiver(args: argparse.Namespace) -> int:
     tls = tls_server_options(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else {}
     endpoint = f"{'https' if tls else 'http'}://{args.host}:{args.port}/fhir"
     app = create_receiver(args.db, keys, endpoint=endpoint, decryption_keys=decryption)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=None, **tls)
+    from gateway.supervise import settle_heap
+
+    settle_heap()
+    level = (args.log_level or Settings.from_env().log_level).lower()  # uvicorn's request lines follow it
+    uvicorn.run(app, host=args.host, port=args.port, log_level=level, log_config=None, **tls)
     return 0
 
 

@@ -346,22 +346,19 @@ class Outbox:
                 and_(_deliveries.c.status.in_(("queued", "failed-retrying")), _deliveries.c.due_at <= now),
                 and_(_deliveries.c.status == "sending", _deliveries.c.claimed_at < now - lease),
             )
-        with self.engine.begin() as conn:
-            stmt = select(_deliveries.c.message_id).where(due).order_by(_deliveries.c.due_at).limit(limit)
-            if self.engine.dialect.name == "postgresql":
-                stmt = stmt.with_for_update(skip_locked=True)
-            ids = [r.message_id for r in conn.execute(stmt)]
-            if not ids:
-                return []
-            conn.execute(
-                update(_deliveries)
-                .where(and_(_deliveries.c.message_id.in_(ids), due))
-                .values(status="sending", claimed_by=worker, claimed_at=now, updated_at=now)
-            )
-            rows = conn.execute(
-                select(_deliveries).where(and_(_deliveries.c.message_id.in_(ids), _deliveries.c.claimed_by == worker))
-            )
-            return [_delivery(r) for r in rows if r.status == "sending"]
+        pick = select(_deliveries.c.message_id).where(due).order_by(_deliveries.c.due_at).limit(limit)
+        if self.engine.dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)  # workers in other processes skip what this one takes
+        picked = pick.cte("picked")  # a CTE runs once: a subquery could be rescanned per row and take more
+        stmt = (
+            update(_deliveries)
+            .where(and_(_deliveries.c.message_id.in_(select(picked.c.message_id)), due))
+            .values(status="sending", claimed_by=worker, claimed_at=now, updated_at=now)
+            .returning(*_deliveries.c)
+        )
+        with self.engine.begin() as conn:  # one statement: pick, mark and read back
+            claimed = [_delivery(r) for r in conn.execute(stmt)]
+        return sorted(claimed, key=lambda d: (d.due_at, d.message_id))
 
     def finish(
         self,
