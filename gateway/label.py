@@ -76,11 +76,18 @@ class Sensitivity(_Strict):
 class Compiled:
     """The label rules' lexicons, compiled once; a plain object so hot loops avoid pydantic's attribute hooks."""
 
-    __slots__ = ("borderline", "lexicons", "sensitive")
+    __slots__ = ("any_sensitive", "borderline", "coded", "displays", "lexicons", "sensitive")
 
     def __init__(self, rules: LabelRules) -> None:
         self.lexicons = {name: Lexicon(terms) for name, terms in rules.lexicons.items()}
         self.sensitive = {r.code: Lexicon(r.terms) for r in rules.sensitivity.rules}
+        # every sensitivity term in one lexicon: it hits whenever one of the codes' lexicons does, so
+        # the (usual) text that names nothing sensitive is ruled out with one look instead of one per code
+        self.any_sensitive = Lexicon(t for r in rules.sensitivity.rules for t in r.terms)
+        self.coded = [(r.code, r.atc, r.icd10) for r in rules.sensitivity.rules]
+        self.displays: dict[str, str] = {}
+        for r in rules.sensitivity.rules:
+            self.displays.setdefault(r.code, r.display)
         self.borderline = [(Lexicon(b.terms), b.logistics_in) for b in rules.borderline]
 
     def hits(self, lexicon: str, folded_text: str) -> bool:
@@ -94,6 +101,8 @@ class Compiled:
 
     def sensitive_in_text(self, folded_text: str) -> list[str]:
         tokens = folded_text.split()
+        if not self.any_sensitive.hit(folded_text, tokens):
+            return []
         return [code for code, lexicon in self.sensitive.items() if lexicon.hit(folded_text, tokens)]
 
 
@@ -134,7 +143,7 @@ class LabelRules(_Strict):
         return self.compiled.sensitive_in_text(folded_text)
 
     def display(self, code: str) -> str:
-        return next((r.display for r in self.sensitivity.rules if r.code == code), code)
+        return self.compiled.displays.get(code, code)
 
 
 def rules_from(mappings: Mappings) -> LabelRules:
@@ -167,7 +176,7 @@ def _text(node: Any) -> str:
 _ICD = ("http://hl7.org/fhir/sid/icd-10", "http://hl7.org/fhir/sid/icd-10-cm")
 
 
-def _coded_sensitivity(resource: Mapping[str, Any], rules: LabelRules) -> set[str]:
+def _coded_sensitivity(resource: Mapping[str, Any], compiled: Compiled) -> set[str]:
     atc = list(_codes(resource.get("medicationCodeableConcept"), ("http://www.whocc.no/atc",)))
     icd: list[str] = []
     for key in ("code", "valueCodeableConcept"):
@@ -175,11 +184,10 @@ def _coded_sensitivity(resource: Mapping[str, Any], rules: LabelRules) -> set[st
     for reason in resource.get("reasonCode", []):
         icd.extend(_codes(reason, _ICD))
     found = set()
-    for rule in rules.sensitivity.rules:
-        if any(code.startswith(p) for code in atc for p in rule.atc) or any(
-            code.startswith(p) for code in icd for p in rule.icd10
-        ):
-            found.add(rule.code)
+    if atc or icd:  # most resources carry neither
+        for code, atc_prefixes, icd_prefixes in compiled.coded:
+            if any(c.startswith(atc_prefixes) for c in atc) or any(c.startswith(icd_prefixes) for c in icd):
+                found.add(code)
     return found
 
 
@@ -188,9 +196,10 @@ def activity_category(activity: Mapping[str, Any], rules: LabelRules) -> Categor
     code = detail.get("code") or {}
     parts = [str(detail.get("description") or ""), str(code.get("text") or "")]
     parts.extend(str(c.get("display") or "") for c in code.get("coding", []))
-    text = rules.mask_borderline(fold(" ".join(parts)))
+    compiled = rules.compiled
+    text = compiled.mask_borderline(fold(" ".join(parts)))
     for rule in rules.activities:
-        if rules.hits(rule.when_any, text):
+        if compiled.hits(rule.when_any, text):
             return rule.category
     return rules.fallback
 
@@ -242,19 +251,20 @@ _PLAN_PAYLOADS = ("follow-up-plan", "careplan")
 
 def apply(resources: Sequence[Json], rules: LabelRules, confidentiality: str | None = None) -> None:
     """Label every resource in place (the dicts are fresh from the builder and owned by this stage)."""
+    compiled = rules.compiled  # once: a pydantic private attribute is slow to reach
     own: dict[str, set[str]] = {}
     inline: dict[int, tuple[str, set[str]]] = {}
     for res in resources:
-        found = _coded_sensitivity(res, rules)
+        found = _coded_sensitivity(res, compiled)
         kind = rules.resources.get(res["resourceType"], rules.fallback)
         if kind == "by-element":
             if res["resourceType"] == "CarePlan":
                 for activity in res.get("activity") or []:
-                    codes = set(rules.sensitive_in_text(_text(activity.get("detail", {}))))
+                    codes = set(compiled.sensitive_in_text(_text(activity.get("detail", {}))))
                     inline[id(activity)] = (activity_category(activity, rules), codes)
                     found |= codes
         elif res["resourceType"] in rules.sensitivity.text_in:
-            found |= set(rules.sensitive_in_text(_text({k: v for k, v in res.items() if k != "text"})))
+            found |= set(compiled.sensitive_in_text(_text({k: v for k, v in res.items() if k != "text"})))
         own[res["id"]] = found
     drugs = set().union(*(own[r["id"]] for r in resources if r["resourceType"] == "MedicationStatement"))
     plan = set().union(*(own[r["id"]] for r in resources if r["resourceType"] == "CarePlan"))
@@ -282,7 +292,7 @@ def apply(resources: Sequence[Json], rules: LabelRules, confidentiality: str | N
                     elif element_id in _PLAN_PAYLOADS:
                         codes = plan
                     else:
-                        codes = set(rules.sensitive_in_text(_text(payload)))
+                        codes = set(compiled.sensitive_in_text(_text(payload)))
                     _inline(payload, rules.system, category, codes, rules)
                     categories.append(category)
                     sensitivity |= codes

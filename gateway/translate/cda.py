@@ -36,13 +36,14 @@ from gateway.model import (
     Timing,
 )
 from gateway.text import fold
-from gateway.translate.cda_types import XSI_TYPE, CdaContext, q, text_of
+from gateway.translate.cda_types import XSI_TYPE, CdaContext, child, children, q, text_of
 from gateway.translate.registry import SECTION_TRANSLATORS
 
 __all__ = ["read_cda"]
 
 LOINC = "2.16.840.1.113883.6.1"
 PCP = "PCP"
+_CELL_TAGS = frozenset({q("th"), q("td")})
 _COMMENT_HEADERS = ("commentaire", "commentaires", "comment", "comments", "remarque", "motif")
 
 
@@ -71,15 +72,15 @@ def read_cda(root: etree._Element, kind: DocumentKind, mappings: Mappings, sourc
     version = _template_version(root, kind, ctx)
     patient, related = _patient(root, ctx, source)
     parts = _Parts()
-    body = root.find(f"{q('component')}/{q('structuredBody')}")
-    unstructured = root.find(f"{q('component')}/{q('nonXMLBody')}")
+    body = child(root, "component", "structuredBody")
+    unstructured = child(root, "component", "nonXMLBody")
     if body is None and unstructured is None:
         raise UnsupportedDocument(
             "CDA without a body (neither structuredBody nor nonXMLBody)", where=Where(source=source)
         )
     assert kind.sections is not None
     if body is not None:
-        for index, section in enumerate(body.findall(f"{q('component')}/{q('section')}")):
+        for index, section in enumerate(children(body, "component", "section")):
             _walk(section, kind.sections, ctx, parts, f"s{index}")
     attachment = None
     if unstructured is not None:
@@ -95,39 +96,37 @@ def read_cda(root: etree._Element, kind: DocumentKind, mappings: Mappings, sourc
         )
     stay = _stay(root, ctx, parts)
     gp = _gp(root, ctx)
-    doc_id = ctx.ident(root.find(q("id")))
+    doc_id = ctx.ident(child(root, "id"))
     if doc_id is None:
         raise MissingIdentity("the document has no id (ClinicalDocument/id)", where=Where(source=source))
-    set_id = ctx.ident(root.find(q("setId")))
-    version_el = root.find(q("versionNumber"))
+    set_id = ctx.ident(child(root, "setId"))
+    version_el = child(root, "versionNumber")
     version_number = _int(version_el.get("value")) if version_el is not None else None
     author_el = next(
-        (a for a in root.findall(f"{q('author')}/{q('assignedAuthor')}") if a.find(q("assignedPerson")) is not None),
-        root.find(f"{q('author')}/{q('assignedAuthor')}"),
+        (a for a in children(root, "author", "assignedAuthor") if child(a, "assignedPerson") is not None),
+        child(root, "author", "assignedAuthor"),
     )
-    custodian = ctx.organization(
-        root.find(f"{q('custodian')}/{q('assignedCustodian')}/{q('representedCustodianOrganization')}")
-    )
+    custodian = ctx.organization(child(root, "custodian", "assignedCustodian", "representedCustodianOrganization"))
     recipients = tuple(
         p
         for p in (
             ctx.practitioner(el, person_tag="informationRecipient")
-            for el in root.findall(f"{q('informationRecipient')}/{q('intendedRecipient')}")
+            for el in children(root, "informationRecipient", "intendedRecipient")
         )
         if p is not None
     )
-    code_el = root.find(q("code"))
-    conf = root.find(q("confidentialityCode"))
-    lang = root.find(q("languageCode"))
+    code_el = child(root, "code")
+    conf = child(root, "confidentialityCode")
+    lang = child(root, "languageCode")
     return Letter(
         format=kind.format,
         doc_type=ctx.concept(code_el),
         doc_id=doc_id,
         patient=patient,
-        title=text_of(root.find(q("title"))) or kind.label,
+        title=text_of(child(root, "title")) or kind.label,
         set_id=set_id,
         version=version_number,
-        date=ctx.ts(root.find(q("effectiveTime"))),
+        date=ctx.ts(child(root, "effectiveTime")),
         confidentiality=conf.get("code") if conf is not None else None,
         status=parts.status,
         language=lang.get("code") if lang is not None else None,
@@ -135,7 +134,7 @@ def read_cda(root: etree._Element, kind: DocumentKind, mappings: Mappings, sourc
         related_persons=related,
         author=ctx.practitioner(author_el),
         custodian=custodian,
-        legal_authenticator=ctx.practitioner(root.find(f"{q('legalAuthenticator')}/{q('assignedEntity')}")),
+        legal_authenticator=ctx.practitioner(child(root, "legalAuthenticator", "assignedEntity")),
         recipients=recipients,
         gp=gp,
         stay=stay,
@@ -158,7 +157,7 @@ def _embedded(element: etree._Element, ctx: CdaContext) -> tuple[str, bytes] | N
     import base64
     import binascii
 
-    text = element.find(q("text"))
+    text = child(element, "text")
     if text is None or text.get("representation") != "B64":
         ctx.note("warning", "not-supported", "nonXMLBody content is not inline base64: not forwarded", element)
         return None
@@ -174,7 +173,7 @@ def _embedded(element: etree._Element, ctx: CdaContext) -> tuple[str, bytes] | N
 
 
 def _template_version(root: etree._Element, kind: DocumentKind, ctx: CdaContext) -> str | None:
-    for template in root.findall(q("templateId")):
+    for template in children(root, "templateId"):
         if template.get("root") == kind.template_id:
             version = template.get("extension")
             if kind.known_versions and version not in kind.known_versions:
@@ -190,7 +189,7 @@ def _template_version(root: etree._Element, kind: DocumentKind, ctx: CdaContext)
 
 
 def _patient(root: etree._Element, ctx: CdaContext, source: str) -> tuple[Patient, tuple[RelatedPerson, ...]]:
-    role = root.find(f"{q('recordTarget')}/{q('patientRole')}")
+    role = child(root, "recordTarget", "patientRole")
     if role is None:
         raise MissingIdentity("the letter has no patient (recordTarget/patientRole)", where=Where(source=source))
     ids = tuple(i for i in ctx.idents(role) if i.system != "urn:ietf:rfc:3986" or i.value)
@@ -199,31 +198,31 @@ def _patient(root: etree._Element, ctx: CdaContext, source: str) -> tuple[Patien
             "the letter has no patient identifier (recordTarget/patientRole/id: no INS, no IPP)",
             where=Where(source=source, line=role.sourceline if isinstance(role.sourceline, int) else None),
         )
-    person = role.find(q("patient"))
+    person = child(role, "patient")
     gender = None
     birth = None
     if person is not None:
-        gender_el = person.find(q("administrativeGenderCode"))
+        gender_el = child(person, "administrativeGenderCode")
         if gender_el is not None and gender_el.get("code"):
             mapped = ctx.mappings.code("gender").lookup(gender_el.get("code", ""))
             gender = str(mapped) if mapped else None
-        born = ctx.ts(person.find(q("birthTime")))
+        born = ctx.ts(child(person, "birthTime"))
         birth = born.value[:10] if born else None
     patient = Patient(ids, ctx.names(person), gender, birth, ctx.telecoms(role), ctx.addresses(role))
     related: list[RelatedPerson] = []
     if person is not None:
-        for guardian in person.findall(q("guardian")):
-            org = ctx.organization(guardian.find(q("guardianOrganization")))
-            related.append(_related(ctx, "GUARD", guardian, guardian.find(q("guardianPerson")), org))
-    for entity in root.findall(f"{q('informant')}/{q('relatedEntity')}"):
-        related.append(_related(ctx, entity.get("classCode") or "PRS", entity, entity.find(q("relatedPerson")), None))
-    for participant in root.findall(q("participant")):
-        associated = participant.find(q("associatedEntity"))
+        for guardian in children(person, "guardian"):
+            org = ctx.organization(child(guardian, "guardianOrganization"))
+            related.append(_related(ctx, "GUARD", guardian, child(guardian, "guardianPerson"), org))
+    for entity in children(root, "informant", "relatedEntity"):
+        related.append(_related(ctx, entity.get("classCode") or "PRS", entity, child(entity, "relatedPerson"), None))
+    for participant in children(root, "participant"):
+        associated = child(participant, "associatedEntity")
         if associated is None or associated.get("classCode") not in ("ECON", "NOK", "GUARD", "CAREGIVER", "PRS"):
             continue
-        org = ctx.organization(associated.find(q("scopingOrganization")))
+        org = ctx.organization(child(associated, "scopingOrganization"))
         related.append(
-            _related(ctx, associated.get("classCode") or "PRS", associated, associated.find(q("associatedPerson")), org)
+            _related(ctx, associated.get("classCode") or "PRS", associated, child(associated, "associatedPerson"), org)
         )
     return patient, tuple(related)
 
@@ -237,7 +236,7 @@ def _related(
 ) -> RelatedPerson:
     entry = ctx.mappings.code("related-person").lookup(class_code)
     names = ctx.names(person)
-    own_code = ctx.concept(entity.find(q("code")))
+    own_code = ctx.concept(child(entity, "code"))
     if isinstance(entry, dict):
         kind = RelationKind(entry["kind"])
         base = Code(entry["system"], entry["code"], entry.get("display"))
@@ -256,28 +255,28 @@ def _related(
 
 def _gp(root: etree._Element, ctx: CdaContext) -> Practitioner | None:
     """The médecin traitant: participant with functionCode PCP (CI-SIS) or serviceEvent performer PCP."""
-    for participant in root.findall(q("participant")):
-        function = participant.find(q("functionCode"))
+    for participant in children(root, "participant"):
+        function = child(participant, "functionCode")
         if function is not None and function.get("code") == PCP:
-            entity = participant.find(q("associatedEntity"))
+            entity = child(participant, "associatedEntity")
             gp = ctx.practitioner(entity, person_tag="associatedPerson")
             if gp is not None and entity is not None and gp.organization is None:
-                org = ctx.organization(entity.find(q("scopingOrganization")))
+                org = ctx.organization(child(entity, "scopingOrganization"))
                 gp = Practitioner(gp.ids, gp.name, gp.role, gp.telecoms, gp.addresses, org)
             return gp
-    for performer in root.findall(f"{q('documentationOf')}/{q('serviceEvent')}/{q('performer')}"):
-        function = performer.find(q("functionCode"))
+    for performer in children(root, "documentationOf", "serviceEvent", "performer"):
+        function = child(performer, "functionCode")
         if function is not None and function.get("code") == PCP:
-            return ctx.practitioner(performer.find(q("assignedEntity")))
+            return ctx.practitioner(child(performer, "assignedEntity"))
     return None
 
 
 def _stay(root: etree._Element, ctx: CdaContext, parts: _Parts) -> Stay | None:
-    encounter = root.find(f"{q('componentOf')}/{q('encompassingEncounter')}")
-    service = root.find(f"{q('documentationOf')}/{q('serviceEvent')}/{q('effectiveTime')}")
+    encounter = child(root, "componentOf", "encompassingEncounter")
+    service = child(root, "documentationOf", "serviceEvent", "effectiveTime")
     if encounter is None and service is None:
         return None
-    start, end = ctx.interval(encounter.find(q("effectiveTime")) if encounter is not None else None)
+    start, end = ctx.interval(child(encounter, "effectiveTime") if encounter is not None else None)
     if start is None and end is None:
         start, end = ctx.interval(service)
     facility = None
@@ -286,18 +285,18 @@ def _stay(root: etree._Element, ctx: CdaContext, parts: _Parts) -> Stay | None:
     discharge = parts.discharge_mode
     if encounter is not None:
         ids = ctx.idents(encounter)
-        hcf = encounter.find(f"{q('location')}/{q('healthCareFacility')}")
+        hcf = child(encounter, "location", "healthCareFacility")
         if hcf is not None:
-            facility_type = ctx.concept(hcf.find(q("code")))
-            facility = ctx.organization(hcf.find(q("serviceProviderOrganization")))
+            facility_type = ctx.concept(child(hcf, "code"))
+            facility = ctx.organization(child(hcf, "serviceProviderOrganization"))
         if facility is None:
             facility = ctx.organization(
-                encounter.find(f"{q('responsibleParty')}/{q('assignedEntity')}/{q('representedOrganization')}")
+                child(encounter, "responsibleParty", "assignedEntity", "representedOrganization")
             )
         if not discharge:
-            discharge = ctx.concept(encounter.find(q("dischargeDispositionCode")))
+            discharge = ctx.concept(child(encounter, "dischargeDispositionCode"))
     klass = "IMP"
-    code_el = encounter.find(q("code")) if encounter is not None else None
+    code_el = child(encounter, "code") if encounter is not None else None
     if (
         code_el is not None
         and code_el.get("codeSystem") == "2.16.840.1.113883.5.4"
@@ -314,12 +313,12 @@ _ENCOUNTER_CLASSES = {"IMP", "EMER", "AMB", "ACUTE", "NONAC", "SS", "HH", "OBSEN
 
 
 def _walk(section: etree._Element, table: str, ctx: CdaContext, parts: _Parts, key: str) -> None:
-    template_ids = [t.get("root") or "" for t in section.findall(q("templateId"))]
-    code_el = section.find(q("code"))
+    template_ids = [t.get("root") or "" for t in children(section, "templateId")]
+    code_el = child(section, "code")
     loinc = code_el.get("code") if code_el is not None else None
     rule = ctx.mappings.section_rule(table, template_ids, loinc)
     if section.get("nullFlavor") is not None:
-        title = text_of(section.find(q("title"))) or loinc or "section"
+        title = text_of(child(section, "title")) or loinc or "section"
         ctx.note(
             "information",
             "informational",
@@ -329,18 +328,18 @@ def _walk(section: etree._Element, table: str, ctx: CdaContext, parts: _Parts, k
         return
     if rule is None:
         _keep_narrative(section, ctx, parts)
-        for index, sub in enumerate(section.findall(f"{q('component')}/{q('section')}")):
+        for index, sub in enumerate(children(section, "component", "section")):
             _walk(sub, table, ctx, parts, f"{key}.{index}")
         return
     _TRANSLATORS[rule.translator](section, rule, ctx, parts, key)
 
 
 def _keep_narrative(section: etree._Element, ctx: CdaContext, parts: _Parts) -> None:
-    text = text_of(section.find(q("text")))
+    text = text_of(child(section, "text"))
     if not text:
         return
-    code_el = section.find(q("code"))
-    title = text_of(section.find(q("title"))) or (code_el.get("displayName") if code_el is not None else "") or ""
+    code_el = child(section, "code")
+    title = text_of(child(section, "title")) or (code_el.get("displayName") if code_el is not None else "") or ""
     code = Code(
         ctx.system(code_el.get("codeSystem")) or "http://loinc.org" if code_el is not None else "http://loinc.org",
         (code_el.get("code") if code_el is not None else None) or "unknown",
@@ -355,7 +354,7 @@ def _narrative(section: etree._Element, rule: SectionRule, ctx: CdaContext, part
 
 def _subsections(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     table = _table_of(ctx, rule)
-    subs = section.findall(f"{q('component')}/{q('section')}")
+    subs = children(section, "component", "section")
     if not subs:
         _keep_narrative(section, ctx, parts)
     for index, sub in enumerate(subs):
@@ -372,8 +371,8 @@ def _table_of(ctx: CdaContext, rule: SectionRule) -> str:
 def _document_status(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     """CI-SIS "Statut du document": a provisional letter is flagged to every reader."""
     for obs in section.iter(q("observation")):
-        value = ctx.concept(obs.find(q("value")))
-        label = value.text or text_of(section.find(q("text"))) or "?"
+        value = ctx.concept(child(obs, "value"))
+        label = value.text or text_of(child(section, "text")) or "?"
         table = ctx.mappings.code("document-status")
         status = next(
             (table.lookup(f"{c.system}|{c.code}") for c in value.codings if table.lookup(f"{c.system}|{c.code}")), None
@@ -391,11 +390,11 @@ def _document_status(section: etree._Element, rule: SectionRule, ctx: CdaContext
 def _stay_observations(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     found = False
     for index, obs in enumerate(section.iter(q("observation"))):
-        code = ctx.concept(obs.find(q("code")))
+        code = ctx.concept(child(obs, "code"))
         if not code.codings:
             continue
         found = True
-        value_el = obs.find(q("value"))
+        value_el = child(obs, "value")
         value = _value(value_el, ctx)
         first = code.codings[0].code
         if first == rule.args.get("admit_mode", "ORG-070") and isinstance(value, Concept):
@@ -404,7 +403,7 @@ def _stay_observations(section: etree._Element, rule: SectionRule, ctx: CdaConte
         if first == rule.args.get("discharge_mode", "ORG-074") and isinstance(value, Concept):
             parts.discharge_mode = value
             continue
-        ref = obs.find(f"{q('text')}/{q('reference')}")
+        ref = child(obs, "text", "reference")
         text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else None
         parts.observations.append(Observation(f"{key}.o{index}", code, value, text or None))
     if not found:
@@ -425,7 +424,7 @@ def _value(element: etree._Element | None, ctx: CdaContext) -> str | bool | Conc
         return f"{element.get('value', '')} {element.get('unit', '')}".strip() or None
     text = text_of(element)
     if not text:
-        ref = element.find(q("reference"))
+        ref = child(element, "reference")
         text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
     return text or None
 
@@ -433,16 +432,19 @@ def _value(element: etree._Element | None, ctx: CdaContext) -> str | bool | Conc
 # -- medications -----------------------------------------------------------------------------------
 
 
-def _table_headers(row: etree._Element) -> list[str]:
-    table = next((a for a in row.iterancestors(q("table"))), None)
+def _table_headers(row: etree._Element, ctx: CdaContext) -> tuple[str, ...]:
+    """The folded header cells of the row's table, read once per table (every drug row asks)."""
+    table = next(row.iterancestors(q("table")), None)
     if table is None:
-        return []
-    head = table.find(f"{q('thead')}/{q('tr')}")
-    if head is None:
-        head = next(iter(table.iter(q("tr"))), None)
-    if head is None:
-        return []
-    return [fold(text_of(cell)) for cell in head if isinstance(cell.tag, str) and cell.tag in (q("th"), q("td"))]
+        return ()
+    headers = ctx.table_headers.get(table)
+    if headers is None:
+        head = child(table, "thead", "tr")
+        if head is None:
+            head = next(iter(table.iter(q("tr"))), None)
+        headers = () if head is None else tuple(fold(text_of(cell)) for cell in head if cell.tag in _CELL_TAGS)
+        ctx.table_headers[table] = headers
+    return headers
 
 
 def _row_of(element: etree._Element | None) -> etree._Element | None:
@@ -453,11 +455,11 @@ def _row_of(element: etree._Element | None) -> etree._Element | None:
     return next(element.iterancestors(q("tr")), None)
 
 
-def _row_narrative(row: etree._Element | None) -> Narrative:
+def _row_narrative(row: etree._Element | None, ctx: CdaContext) -> Narrative:
     if row is None:
         return Narrative()
-    headers = _table_headers(row)
-    cells = [c for c in row if isinstance(c.tag, str) and c.tag in (q("td"), q("th"))]
+    headers = _table_headers(row, ctx)
+    cells = [c for c in row if c.tag in _CELL_TAGS]
     pairs = tuple((headers[i] if i < len(headers) else f"col{i}", text_of(cell)) for i, cell in enumerate(cells))
     return Narrative(pairs, " | ".join(text for _, text in pairs if text))
 
@@ -465,13 +467,13 @@ def _row_narrative(row: etree._Element | None) -> Narrative:
 def _substance_administrations(section: etree._Element) -> list[etree._Element]:
     """Top-level medication entries: the entry's own, or wrapped in an act (C-CDA discharge meds)."""
     found: list[etree._Element] = []
-    for entry in section.findall(q("entry")):
-        direct = entry.find(q("substanceAdministration"))
+    for entry in children(section, "entry"):
+        direct = child(entry, "substanceAdministration")
         if direct is not None:
             found.append(direct)
             continue
-        for act in entry.findall(q("act")):
-            found.extend(act.findall(f"{q('entryRelationship')}/{q('substanceAdministration')}"))
+        for act in children(entry, "act"):
+            found.extend(children(act, "entryRelationship", "substanceAdministration"))
     return found
 
 
@@ -486,7 +488,7 @@ def _medications(section: etree._Element, rule: SectionRule, ctx: CdaContext, pa
             parts.medications.append(line)
     if not entries:
         _keep_narrative(section, ctx, parts)
-        text = text_of(section.find(q("text")))
+        text = text_of(child(section, "text"))
         if text:
             ctx.note(
                 "warning",
@@ -504,13 +506,13 @@ def _medication(
     section: etree._Element,
     rows_used: list[etree._Element],
 ) -> MedicationLine | None:
-    material = sa.find(f"{q('consumable')}/{q('manufacturedProduct')}/{q('manufacturedMaterial')}")
-    product = ctx.concept(material.find(q("code")) if material is not None else None)
-    name = text_of(material.find(q("name"))) if material is not None else ""
-    reference = sa.find(f"{q('text')}/{q('reference')}")
+    material = child(sa, "consumable", "manufacturedProduct", "manufacturedMaterial")
+    product = ctx.concept(child(material, "code") if material is not None else None)
+    name = text_of(child(material, "name")) if material is not None else ""
+    reference = child(sa, "text", "reference")
     if reference is None and material is not None:
         # some letters link the row only through the product's originalText
-        reference = material.find(f"{q('code')}/{q('originalText')}/{q('reference')}")
+        reference = child(material, "code", "originalText", "reference")
     ref_value = reference.get("value") if reference is not None else None
     target = ctx.narrative(ref_value)
     if ref_value and target is None:
@@ -525,7 +527,7 @@ def _medication(
             ctx.note("information", "informational", f"narrative row for {name!r} found by drug name", sa)
     if row is not None:
         rows_used.append(row)
-    narrative = _row_narrative(row)
+    narrative = _row_narrative(row, ctx)
     if not name:
         name = narrative.cell("medicament", "medication", "medicaments", "drug") or text_of(target) or ""
     if not name and not product.codings:
@@ -533,17 +535,17 @@ def _medication(
         return None
     start = end = None
     timing: Timing | None = None
-    for eff in sa.findall(q("effectiveTime")):
+    for eff in children(sa, "effectiveTime"):
         kind = (eff.get(XSI_TYPE) or "").split(":")[-1]
         if eff.get("operator") == "A" or kind in ("PIVL_TS", "EIVL_TS"):
             timing = ctx.timing(eff) or timing
         elif kind in ("IVL_TS", "") and start is None and end is None:
             start, end = ctx.interval(eff)
-    dose_el = sa.find(q("doseQuantity"))
+    dose_el = child(sa, "doseQuantity")
     dose = dose_high = None
     if dose_el is not None:
-        if dose_el.find(q("low")) is not None or dose_el.find(q("high")) is not None:
-            dose, dose_high = ctx.dose(dose_el.find(q("low"))), ctx.dose(dose_el.find(q("high")))
+        if child(dose_el, "low") is not None or child(dose_el, "high") is not None:
+            dose, dose_high = ctx.dose(child(dose_el, "low")), ctx.dose(child(dose_el, "high"))
             dose = dose or dose_high
             if dose_high is not None and dose is not None and dose_high.value == dose.value:
                 dose_high = None
@@ -552,16 +554,16 @@ def _medication(
     comment = narrative.cell(*_COMMENT_HEADERS)
     instructions = None
     indication = Concept()
-    for rel in sa.findall(q("entryRelationship")):
-        act = rel.find(q("act"))
+    for rel in children(sa, "entryRelationship"):
+        act = child(rel, "act")
         if rel.get("typeCode") == "SUBJ" and act is not None:
-            ref = act.find(f"{q('text')}/{q('reference')}")
-            instructions = text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(act.find(q("text")))
+            ref = child(act, "text", "reference")
+            instructions = text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(child(act, "text"))
         elif rel.get("typeCode") == "RSON":
-            target_el = act if act is not None else rel.find(q("observation"))
+            target_el = act if act is not None else child(rel, "observation")
             if target_el is not None:
-                indication = ctx.concept(target_el.find(q("code")))
-                value = target_el.find(q("value"))
+                indication = ctx.concept(child(target_el, "code"))
+                value = child(target_el, "value")
                 if not indication.codings and value is not None:
                     indication = ctx.concept(value)
     return MedicationLine(
@@ -573,10 +575,10 @@ def _medication(
         dose=dose,
         dose_high=dose_high,
         timing=timing,
-        route=ctx.concept(sa.find(q("routeCode"))),
+        route=ctx.concept(child(sa, "routeCode")),
         start=start,
         end=end,
-        max_dose=ctx.ratio(sa.find(q("maxDoseQuantity"))),
+        max_dose=ctx.ratio(child(sa, "maxDoseQuantity")),
         comment=comment,
         instructions=instructions or None,
         narrative=narrative,
@@ -593,7 +595,7 @@ def _row_by_name(section: etree._Element, name: str, used: list[etree._Element])
     hits = [
         row
         for row in section.iter(q("tr"))
-        if not any(row is u for u in used) and row.find(q("td")) is not None and wanted and wanted in fold(text_of(row))
+        if not any(row is u for u in used) and child(row, "td") is not None and wanted and wanted in fold(text_of(row))
     ]
     return hits[0] if len(hits) == 1 else None
 
@@ -612,7 +614,7 @@ _PLAN_KINDS = {
 
 def _plan(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     _keep_narrative(section, ctx, parts)
-    entries = section.findall(q("entry"))
+    entries = children(section, "entry")
     for index, entry in enumerate(entries):
         element = next((e for e in entry if isinstance(e.tag, str) and e.tag.rsplit("}", 1)[-1] in _PLAN_KINDS), None)
         if element is None:
@@ -622,7 +624,7 @@ def _plan(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _P
         if item is not None:
             parts.plan.append(item)
     if not entries:
-        text_el = section.find(q("text"))
+        text_el = child(section, "text")
         blocks = (
             []
             if text_el is None
@@ -635,28 +637,28 @@ def _plan(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _P
 
 
 def _plan_item(element: etree._Element, kind: str, key: str, ctx: CdaContext) -> PlanItem | None:
-    code = ctx.concept(element.find(q("code")))
-    ref = element.find(f"{q('text')}/{q('reference')}")
-    text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(element.find(q("text")))
-    value = _value(element.find(q("value")), ctx)
+    code = ctx.concept(child(element, "code"))
+    ref = child(element, "text", "reference")
+    text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(child(element, "text"))
+    value = _value(child(element, "value"), ctx)
     if isinstance(value, str) and value and value not in text:
         text = f"{text} — {value}" if text else value
     if not text:
         text = code.text or (code.codings[0].display if code.codings and code.codings[0].display else "") or ""
     if not text and not code.codings:
         return None
-    start, end = ctx.interval(element.find(q("effectiveTime")))
+    start, end = ctx.interval(child(element, "effectiveTime"))
     performer: Practitioner | Organization | None = None
-    perf = element.find(f"{q('performer')}/{q('assignedEntity')}")
+    perf = child(element, "performer", "assignedEntity")
     if perf is not None:
-        if perf.find(q("assignedPerson")) is not None or (
-            perf.find(q("id")) is not None and perf.find(q("representedOrganization")) is None
+        if child(perf, "assignedPerson") is not None or (
+            child(perf, "id") is not None and child(perf, "representedOrganization") is None
         ):
             performer = ctx.practitioner(perf)
         else:
-            performer = ctx.organization(perf.find(q("representedOrganization")))
+            performer = ctx.organization(child(perf, "representedOrganization"))
     if performer is None:
-        participant = element.find(f"{q('participant')}/{q('participantRole')}")
+        participant = child(element, "participant", "participantRole")
         if participant is not None:
             performer = ctx.practitioner(participant, person_tag="playingEntity")
     return PlanItem(
@@ -664,7 +666,7 @@ def _plan_item(element: etree._Element, kind: str, key: str, ctx: CdaContext) ->
         key,
         text or code.codings[0].code,
         code,
-        ctx.concept(element.find(q("priorityCode"))),
+        ctx.concept(child(element, "priorityCode")),
         start,
         end,
         performer,
@@ -678,16 +680,16 @@ def _allergies(section: etree._Element, rule: SectionRule, ctx: CdaContext, part
     found = False
     none_table = ctx.mappings.code("no-known-allergy")
     for index, obs in enumerate(section.iter(q("observation"))):
-        templates = {t.get("root") for t in obs.findall(q("templateId"))}
-        playing = obs.find(f"{q('participant')}/{q('participantRole')}/{q('playingEntity')}")
+        templates = {t.get("root") for t in children(obs, "templateId")}
+        playing = child(obs, "participant", "participantRole", "playingEntity")
         if playing is None and not templates & _ALLERGY_TEMPLATES:
             continue
         found = True
-        substance = ctx.concept(playing.find(q("code")) if playing is not None else None)
+        substance = ctx.concept(child(playing, "code") if playing is not None else None)
         if not substance and playing is not None:
-            substance = Concept((), text_of(playing.find(q("name"))) or None)
-        value = ctx.concept(obs.find(q("value")))
-        ref = obs.find(f"{q('text')}/{q('reference')}")
+            substance = Concept((), text_of(child(playing, "name")) or None)
+        value = ctx.concept(child(obs, "value"))
+        ref = child(obs, "text", "reference")
         text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
         says_none = obs.get("negationInd") == "true" or any(
             none_table.lookup(f"{c.system}|{c.code}") for c in (*substance.codings, *value.codings)
@@ -699,8 +701,8 @@ def _allergies(section: etree._Element, rule: SectionRule, ctx: CdaContext, part
             continue
         reaction = next(
             (
-                ctx.concept(r.find(f"{q('observation')}/{q('value')}")).text
-                for r in obs.findall(q("entryRelationship"))
+                ctx.concept(child(r, "observation", "value")).text
+                for r in children(obs, "entryRelationship")
                 if r.get("typeCode") == "MFST"
             ),
             None,
@@ -709,7 +711,7 @@ def _allergies(section: etree._Element, rule: SectionRule, ctx: CdaContext, part
         if not described:
             ctx.note("warning", "incomplete", "allergy entry names neither substance nor description", obs)
         parts.allergies.append(
-            Allergy(f"{key}.a{index}", ctx.concept(obs.find(q("code"))), described, text or None, reaction)
+            Allergy(f"{key}.a{index}", ctx.concept(child(obs, "code")), described, text or None, reaction)
         )
     if not found:
         _keep_narrative(section, ctx, parts)
@@ -722,14 +724,14 @@ NO_KNOWN_ALLERGY = Concept((Code("http://snomed.info/sct", "716186003", "No know
 def _devices(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     found = False
     for index, role in enumerate(section.iter(q("participantRole"))):
-        device = role.find(q("playingDevice"))
+        device = child(role, "playingDevice")
         if device is None:
             continue
         found = True
-        code = ctx.concept(device.find(q("code")))
-        udi = next((i.get("extension") for i in role.findall(q("id")) if i.get("extension")), None)
+        code = ctx.concept(child(device, "code"))
+        udi = next((i.get("extension") for i in children(role, "id") if i.get("extension")), None)
         supply = next(role.iterancestors(q("supply"), q("procedure")), None)
-        ref = supply.find(f"{q('text')}/{q('reference')}") if supply is not None else None
+        ref = child(supply, "text", "reference") if supply is not None else None
         text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
         parts.devices.append(Device(f"{key}.d{index}", code, text or code.text, udi))
     if not found:

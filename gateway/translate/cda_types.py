@@ -8,7 +8,7 @@ leniency as an :class:`~gateway.model.Issue` so the output says what was assumed
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -34,7 +34,7 @@ from gateway.model import (
     Timing,
 )
 
-__all__ = ["CdaContext", "q", "text_of"]
+__all__ = ["CdaContext", "child", "children", "q", "text_of"]
 
 NS = {"h": CDA_NS, "xsi": "http://www.w3.org/2001/XMLSchema-instance"}
 XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
@@ -47,10 +47,37 @@ def q(tag: str) -> str:
     return f"{{{CDA_NS}}}{tag}"
 
 
+def child(element: etree._Element, *path: str) -> etree._Element | None:
+    """The first element at a path of CDA tags: ``child(e, "a", "b")`` is ``e.find("{ns}a/{ns}b")``.
+
+    Walking the children directly is several times cheaper than ``find``, which parses its ElementPath
+    on every call; a letter makes hundreds of these lookups.
+    """
+    if len(path) == 1:
+        return next(element.iterchildren(q(path[0])), None)
+    return next(_descend(element, path), None)
+
+
+def children(element: etree._Element, *path: str) -> list[etree._Element]:
+    """Every element at a path of CDA tags, in document order: ``e.findall("{ns}a/{ns}b")``."""
+    if len(path) == 1:
+        return list(element.iterchildren(q(path[0])))
+    return list(_descend(element, path))
+
+
+def _descend(element: etree._Element, path: tuple[str, ...]) -> Iterator[etree._Element]:
+    found: Iterator[etree._Element] = element.iterchildren(q(path[0]))
+    if len(path) == 1:
+        return found
+    return (deeper for el in found for deeper in _descend(el, path[1:]))
+
+
 def text_of(element: etree._Element | None) -> str:
     """All text under an element, whitespace collapsed (narrative markup flattened)."""
     if element is None:
         return ""
+    if len(element) == 0:  # a leaf (most calls): its own text, without the itertext generator
+        return " ".join((element.text or "").split())
     texts: Iterable[str] = element.itertext()  # type: ignore[assignment]  # lxml yields str for a parsed tree
     return " ".join("".join(texts).split())
 
@@ -69,6 +96,7 @@ class CdaContext:
     default_zone: str = "Europe/Paris"
     issues: list[Issue] = field(default_factory=list)
     _ids: dict[str, etree._Element] | None = None
+    table_headers: dict[etree._Element, tuple[str, ...]] = field(default_factory=dict)  # memo of the CDA reader
     _zone_warned: bool = False
 
     # -- issues ------------------------------------------------------------------------------------
@@ -82,12 +110,12 @@ class CdaContext:
         if not reference:
             return None
         if self._ids is None:
+            # one pass in document order (the first element wins), cheaper than the XPath //*[@ID]
             self._ids = {}
-            found = self.root.xpath("//*[@ID]")
-            assert isinstance(found, list)
-            for el in found:
-                if isinstance(el, etree._Element):
-                    self._ids.setdefault(el.get("ID") or "", el)
+            for el in self.root.iter(etree.Element):
+                found = el.get("ID")
+                if found is not None:
+                    self._ids.setdefault(found, el)
         key = reference.strip()
         key = key[1:] if key.startswith("#") else key
         return self._ids.get(key)
@@ -111,7 +139,7 @@ class CdaContext:
     def idents(self, parent: etree._Element | None, tag: str = "id") -> tuple[Ident, ...]:
         if parent is None:
             return ()
-        found = (self.ident(e) for e in parent.findall(q(tag)))
+        found = (self.ident(e) for e in children(parent, tag))
         out: list[Ident] = []
         for ident in found:
             if ident is None:
@@ -131,14 +159,14 @@ class CdaContext:
         if element is None:
             return Concept()
         codings: list[Code] = []
-        for el in (element, *element.findall(q("translation"))):
+        for el in (element, *children(element, "translation")):
             code, system = el.get("code"), self.system(el.get("codeSystem"))
             if code and system and el.get("nullFlavor") is None:
                 codings.append(Code(system, code.strip(), el.get("displayName")))
         text = None
-        original = element.find(q("originalText"))
+        original = child(element, "originalText")
         if original is not None:
-            ref = original.find(q("reference"))
+            ref = child(original, "reference")
             text = text_of(self.narrative(ref.get("value"))) if ref is not None else None
             text = text or text_of(original) or None
         if text is None and codings and codings[0].display:
@@ -193,13 +221,13 @@ class CdaContext:
         if element.get("value"):
             point = self.ts(element)
             return point, None
-        return self.ts(element.find(q("low"))), self.ts(element.find(q("high")))
+        return self.ts(child(element, "low")), self.ts(child(element, "high"))
 
     def timing(self, element: etree._Element) -> Timing | None:
         """PIVL_TS (every n units) or EIVL_TS (event-related) with operator A, as a FHIR Timing."""
         kind = (element.get(XSI_TYPE) or "").split(":")[-1]
         if kind == "PIVL_TS":
-            period = element.find(q("period"))
+            period = child(element, "period")
             if period is None or period.get("value") is None:
                 return None
             value = _decimal(period.get("value"))
@@ -213,7 +241,7 @@ class CdaContext:
             text = f"1 fois par {entry['one']}" if value == 1 else f"toutes les {value.normalize():f} {entry['many']}"
             return Timing(period=value, period_unit=str(entry["unit"]), frequency=1, text=text)
         if kind == "EIVL_TS":
-            event = element.find(q("event"))
+            event = child(element, "event")
             code = event.get("code") if event is not None else None
             return Timing(when=(code,), text=code) if code else None
         return None
@@ -227,9 +255,9 @@ class CdaContext:
             return None
         unit = element.get("unit")
         text = None
-        translation = element.find(q("translation"))
+        translation = child(element, "translation")
         if translation is not None:
-            original = translation.find(q("originalText"))
+            original = child(translation, "originalText")
             text = text_of(original) or None
             if text and unit in (None, "1"):
                 text = f"{value.normalize():f} {text}"
@@ -242,15 +270,15 @@ class CdaContext:
     def ratio(self, element: etree._Element | None) -> Ratio | None:
         if element is None:
             return None
-        num, den = self.dose(element.find(q("numerator"))), self.dose(element.find(q("denominator")))
+        num, den = self.dose(child(element, "numerator")), self.dose(child(element, "denominator"))
         return Ratio(num, den) if num and den else None
 
     # -- people and organisations -----------------------------------------------------------------
     def name(self, element: etree._Element | None) -> Name | None:
         if element is None or element.get("nullFlavor") is not None:
             return None
-        families = element.findall(q("family"))
-        givens = element.findall(q("given"))
+        families = children(element, "family")
+        givens = children(element, "given")
         if not families and not givens:
             text = text_of(element)
             return Name("usual", text=text) if text else None
@@ -259,28 +287,26 @@ class CdaContext:
         use = table.lookup(qualifier) if qualifier else None
         if use is None and element.get("use"):
             use = table.lookup(element.get("use", "").split()[0])
-        family = " ".join(text_of(f) for f in families if text_of(f)) or None
-        given = tuple(text_of(g) for g in givens if text_of(g))
-        prefix = tuple(text_of(p) for p in element.findall(q("prefix")) if text_of(p))
+        family = " ".join(t for t in map(text_of, families) if t) or None
+        given = tuple(t for t in map(text_of, givens) if t)
+        prefix = tuple(t for t in map(text_of, children(element, "prefix")) if t)
         return Name(str(use) if use else "usual", family, given, prefix)
 
     def names(self, parent: etree._Element | None) -> tuple[Name, ...]:
         if parent is None:
             return ()
-        return tuple(n for n in (self.name(e) for e in parent.findall(q("name"))) if n is not None)
+        return tuple(n for n in (self.name(e) for e in children(parent, "name")) if n is not None)
 
     def telecoms(self, parent: etree._Element | None) -> tuple[Telecom, ...]:
         if parent is None:
             return ()
         out: list[Telecom] = []
-        for element in parent.findall(q("telecom")):
+        for element in children(parent, "telecom"):
             value = (element.get("value") or "").strip()
             if not value or element.get("nullFlavor"):
                 continue
             scheme, _, rest = value.partition(":")
-            system = {"tel": "phone", "fax": "fax", "mailto": "email", "http": "url", "https": "url"}.get(
-                scheme.lower()
-            )
+            system = _TELECOM_SCHEMES.get(scheme.lower())
             if system is None:
                 system, rest = "other", value
             if system == "url":
@@ -294,13 +320,13 @@ class CdaContext:
         if parent is None:
             return ()
         out: list[Address] = []
-        for element in parent.findall(q("addr")):
+        for element in children(parent, "addr"):
             if element.get("nullFlavor"):
                 continue
-            lines = [text_of(e) for e in element if _local(e) in _ADDRESS_LINES and text_of(e)]
-            city = text_of(element.find(q("city"))) or None
-            postal = text_of(element.find(q("postalCode"))) or None
-            country = text_of(element.find(q("country"))) or None
+            lines = [t for t in (text_of(e) for e in element if _local(e) in _ADDRESS_LINES) if t]
+            city = text_of(child(element, "city")) or None
+            postal = text_of(child(element, "postalCode")) or None
+            country = text_of(child(element, "country")) or None
             if not lines and not city and not postal:
                 flat = text_of(element)
                 lines = [flat] if flat else []
@@ -312,8 +338,8 @@ class CdaContext:
         if element is None:
             return None
         ids = self.idents(element)
-        name = text_of(element.find(q("name"))) or None
-        kind = self.concept(element.find(q("standardIndustryClassCode")))
+        name = text_of(child(element, "name")) or None
+        kind = self.concept(child(element, "standardIndustryClassCode"))
         if not ids and not name:
             return None
         return Organization(ids, name, kind, self.telecoms(element), self.addresses(element))
@@ -324,13 +350,13 @@ class CdaContext:
         """An assignedAuthor / assignedEntity / intendedRecipient as a Practitioner (or None)."""
         if assigned is None:
             return None
-        person = assigned.find(q(person_tag))
+        person = child(assigned, person_tag)
         if person is None:
-            person = assigned.find(q("informationRecipient"))
+            person = child(assigned, "informationRecipient")
         names = self.names(person)
-        org_el = assigned.find(q("representedOrganization"))
+        org_el = child(assigned, "representedOrganization")
         if org_el is None:
-            org_el = assigned.find(q("receivedOrganization"))
+            org_el = child(assigned, "receivedOrganization")
         organization = self.organization(org_el)
         ids = self.idents(assigned)
         if not ids and not names and organization is None:
@@ -338,13 +364,14 @@ class CdaContext:
         return Practitioner(
             ids,
             names[0] if names else None,
-            self.concept(assigned.find(q("code"))),
+            self.concept(child(assigned, "code")),
             self.telecoms(assigned),
             self.addresses(assigned),
             organization,
         )
 
 
+_TELECOM_SCHEMES = {"tel": "phone", "fax": "fax", "mailto": "email", "http": "url", "https": "url"}
 _ADDRESS_LINES = {
     "streetAddressLine",
     "houseNumber",
