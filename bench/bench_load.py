@@ -168,6 +168,11 @@ class Rig:
         for url in self.urls:
             _wait(f"{url}/healthz")
 
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds used so far by the gateway processes and by the receiver."""
+        gateways = sum(_cpu_seconds(p.pid) for p in self.procs[1:])
+        return gateways, _cpu_seconds(self.procs[0].pid)
+
     def close(self) -> None:
         for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
@@ -203,6 +208,26 @@ class Rig:
                 start, end = done.get(r.id, (_dt(r.received_at), _dt(r.acknowledged_at)))
                 done[r.id] = (start, max(end, _dt(r.acknowledged_at)))
         return [(_dt(end) - _dt(start)).total_seconds() * 1000 for start, end in done.values()]
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def _cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of ``root`` and its live children (the workers of ``serve --processes``)."""
+    pids = [root] + [
+        int(e.name)
+        for e in Path("/proc").iterdir()
+        if e.name.isdigit() and (f := _stat(int(e.name))) and int(f[1]) == root
+    ]
+    return sum((int(f[11]) + int(f[12])) / _TICK for pid in pids if (f := _stat(pid)))
 
 
 def _dt(value: Any) -> datetime:
@@ -276,14 +301,22 @@ def main() -> int:
             asyncio.run(_push(rig.urls, 20, 0, "warm"))
             _drain(rig, set())
             time.sleep(1)
+            cpu_before, own_before = rig.cpu(), time.process_time()
             ids, started = asyncio.run(_push(rig.urls, args.letters, 0, "burst"))
             accepted = time.perf_counter()
             finished = _drain(rig, ids)
+            (gw_after, rx_after), own_after = rig.cpu(), time.process_time()
             print(
                 f"[{args.db}, {args.gateways} gateway(s) × {args.processes} process(es), 3 recipients/letter] throughput: {args.letters} letters "
                 f"accepted in {accepted - started:.2f} s ({args.letters / (accepted - started):.0f}/s), all acknowledged "
                 f"after {finished - started:.2f} s → {args.letters / (finished - started):.0f} letters/s end to end "
                 f"({3 * args.letters / (finished - started):.0f} messages/s)"
+            )
+            per = 1000 / args.letters
+            print(
+                f"[{args.db}] CPU per letter: gateway {(gw_after - cpu_before[0]) * per:.1f} ms, receiver "
+                f"{(rx_after - cpu_before[1]) * per:.1f} ms, load client {(own_after - own_before) * per:.1f} ms "
+                f"(2 cores = {2000 * (finished - started) / args.letters:.1f} ms of CPU per letter at this rate)"
             )
             count = int(args.rate * args.seconds)
             ids, started = asyncio.run(_push(rig.urls, count, args.rate, "paced"))

@@ -137,7 +137,7 @@ def create_receiver(
                         bundle_id=str(bundle.get("id", "")),
                         received_at=datetime.now(UTC),
                         response=orjson.dumps(response).decode(),
-                        body=orjson.dumps(bundle).decode(),
+                        body=body.decode(),  # as received (decrypted): what was verified, byte for byte
                     )
                 )
             except IntegrityError:  # a concurrent duplicate won the race: answer as it was answered
