@@ -32,6 +32,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     func,
     or_,
     select,
@@ -143,6 +144,38 @@ def _delivery(row: Any) -> Delivery:
         _maybe(row.sent_at),
         _maybe(row.acknowledged_at),
     )
+
+
+def _finish_statement(stamps: Sequence[str]) -> Any:
+    """The UPDATE recording an attempt, built once (a worker records thousands): only by the worker
+    holding the claim; ``stamps`` are the columns set to the attempt's time too."""
+    claimed = and_(
+        _deliveries.c.message_id == bindparam("m"),
+        _deliveries.c.claimed_by == bindparam("w"),
+        _deliveries.c.status == "sending",
+    )
+    return (
+        update(_deliveries)
+        .where(claimed)
+        .values(
+            status=bindparam("s"),
+            attempts=_deliveries.c.attempts + 1,
+            updated_at=bindparam("t"),
+            last_error=bindparam("e"),
+            due_at=bindparam("d"),
+            claimed_by=None,
+            claimed_at=None,
+            **{column: bindparam("t") for column in stamps},
+        )
+    )
+
+
+# per status reached: a hand-over stamps sent_at, an acknowledgement acknowledged_at as well
+_FINISH = {
+    "sent": _finish_statement(("sent_at",)),
+    "acknowledged": _finish_statement(("sent_at", "acknowledged_at")),
+}
+_FINISH_OTHER = _finish_statement(())
 
 
 class Outbox:
@@ -347,6 +380,10 @@ class Outbox:
                 and_(_deliveries.c.status == "sending", _deliveries.c.claimed_at < now - lease),
             )
         pick = select(_deliveries.c.message_id).where(due).order_by(_deliveries.c.due_at).limit(limit)
+        if not letters:  # an idle poll reads, and writes nothing (no write lock, no commit)
+            with self.reader.connect() as conn:
+                if conn.execute(pick.limit(1)).first() is None:
+                    return []
         if self.engine.dialect.name == "postgresql":
             pick = pick.with_for_update(skip_locked=True)  # workers in other processes skip what this one takes
         picked = pick.cte("picked")  # a CTE runs once: a subquery could be rescanned per row and take more
@@ -391,30 +428,16 @@ class Outbox:
         with self.engine.begin() as conn:
             for outcome in outcomes:
                 assert outcome.status in STATES
-                stamps: dict[str, datetime] = {}
-                if outcome.status in ("sent", "acknowledged"):
-                    stamps["sent_at"] = now
-                if outcome.status == "acknowledged":
-                    stamps["acknowledged_at"] = now
                 result = conn.execute(
-                    update(_deliveries)
-                    .where(
-                        and_(
-                            _deliveries.c.message_id == outcome.message_id,
-                            _deliveries.c.claimed_by == worker,
-                            _deliveries.c.status == "sending",
-                        )
-                    )
-                    .values(
-                        status=outcome.status,
-                        attempts=_deliveries.c.attempts + 1,
-                        updated_at=now,
-                        last_error=outcome.error,
-                        due_at=outcome.due_at or now,
-                        claimed_by=None,
-                        claimed_at=None,
-                        **stamps,
-                    )
+                    _FINISH.get(outcome.status, _FINISH_OTHER),
+                    {
+                        "m": outcome.message_id,
+                        "w": worker,
+                        "s": outcome.status,
+                        "t": now,
+                        "e": outcome.error,
+                        "d": outcome.due_at or now,
+                    },
                 )
                 done.append(result.rowcount == 1)
                 if result.rowcount == 1:
