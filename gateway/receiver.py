@@ -125,12 +125,9 @@ def create_receiver(
                 verify(bundle, keys)
             except SealError as exc:
                 raise ApiError(400, "security", exc.message) from None
-        with engine.begin() as conn:
-            seen = conn.execute(select(_received.c.response).where(_received.c.message_id == header["id"])).scalar()
-            if seen is not None:
-                return _json(orjson.loads(seen))  # a resend: the original answer, nothing processed again
-            response = _response_message(header, endpoint)
-            try:
+        response = _response_message(header, endpoint)
+        try:  # the first time: one statement; the primary key catches a resend, even a concurrent one
+            with engine.begin() as conn:
                 conn.execute(
                     _received.insert().values(
                         message_id=header["id"],
@@ -140,11 +137,10 @@ def create_receiver(
                         body=body.decode(),  # as received (decrypted): what was verified, byte for byte
                     )
                 )
-            except IntegrityError:  # a concurrent duplicate won the race: answer as it was answered
-                conn.rollback()
-                with engine.connect() as again:
-                    first = again.execute(select(_received.c.response).where(_received.c.message_id == header["id"]))
-                    return _json(orjson.loads(first.scalar_one()))
+        except IntegrityError:  # a resend: the original answer, nothing processed again
+            with engine.connect() as conn:
+                first = conn.execute(select(_received.c.response).where(_received.c.message_id == header["id"]))
+                return _json(orjson.loads(first.scalar_one()))
         return _json(response)
 
     @app.get("/messages")
