@@ -225,27 +225,26 @@ def decide(
     ids = set(patient_ids)
     care_team = policy.in_care_team(recipient.kind)
     defaults = policy.without_consent.for_kind(recipient.kind, care_team)
+    # one (immutable) Basis per rule, shared by the categories it decides: they are compared by value
+    label = policy.label(recipient.kind)
+    by_default = (True, Basis("policy:care-team", f"{label}: équipe de soins (L.1110-12)"))
+    outside = (
+        False,
+        Basis("policy:consent-required", f"{label}: hors équipe de soins, consentement requis (L.1110-4)"),
+    )
     state: dict[str, tuple[bool, Basis]] = {}
     for category in CATEGORIES:
         if category in defaults:
-            state[category] = (
-                True,
-                Basis("policy:care-team", f"{policy.label(recipient.kind)}: équipe de soins (L.1110-12)"),
-            )
+            state[category] = by_default
         elif care_team:
             state[category] = (False, Basis("policy:care-team-limit", f"policy gives the care team no {category} data"))
         else:
-            state[category] = (
-                False,
-                Basis(
-                    "policy:consent-required",
-                    f"{policy.label(recipient.kind)}: hors équipe de soins, consentement requis (L.1110-4)",
-                ),
-            )
+            state[category] = outside
     sensitive: dict[str, tuple[bool, Basis]] = {}
+    team_sensitive = (True, Basis("policy:care-team", "équipe de soins"))
     for code in policy.sensitive:
         if care_team:
-            sensitive[code] = (True, Basis("policy:care-team", "équipe de soins"))
+            sensitive[code] = team_sensitive
         else:
             sensitive[code] = (False, Basis("policy:sensitive", f"{code}: consentement explicite requis"))
     ignored: list[Basis] = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -68,51 +68,131 @@ class View:
     checked: set[str] = field(default_factory=set)  # of those, the ones redaction already proved valid
 
 
+class _RulesMemo:
+    """One letter's verdicts under one set of label rules: every recipient of the letter asks the same."""
+
+    __slots__ = ("mask", "rules", "scrubbed", "texts", "verdicts")
+
+    def __init__(self, rules: LabelRules) -> None:
+        self.rules = rules  # held, so the id it is found by stays its own
+        self.mask = rules.compiled.mask_borderline  # reached once: pydantic's private attributes are slow
+        self.texts: dict[str, str | None] = {}  # a string -> its verdict
+        self.verdicts: dict[tuple[int, str], str | None] = {}  # (shared resource, element) -> verdict
+        self.scrubbed: dict[int, _Trim | None] = {}  # shared resource -> what its free text costs it
+
+
+# what a resource's medical free text costs it: (element -> verdict, the trimmed copy or None when withheld whole)
+_Trim = tuple[dict[str, str], Json | None]
+
+
 class MedicalScanner:
-    """Finds medical content in free text (compiled once per mapping set, plus the letter's drugs)."""
+    """Finds medical content in free text (compiled once per mapping set, plus the letter's drugs).
+
+    The scanner :meth:`with_drugs` makes for a letter also remembers, for that letter only, what its
+    recipients' cuts ask again and again (verdicts, labels, references, trimmed and pruned copies).
+    It lives as long as the letter's :class:`~gateway.pipeline.Prepared`, and may be used from several
+    threads: each table is only read or filled with ``setdefault`` (atomic), and a race only computes the
+    same pure value twice.  Memoised copies are shared by the letter's views, which never mutate them.
+    """
 
     def __init__(self, terms: Iterable[str], patterns: Mapping[str, str]) -> None:
         self._terms = Lexicon(terms)
         self._drugs = Lexicon(())
         self._patterns = [(name, re.compile(p, re.IGNORECASE)) for name, p in patterns.items()]
-        # per-letter memo (see with_drugs): every recipient of a letter asks the same questions
-        self._verdicts: dict[tuple[int, str], str | None] = {}
+        self._any_pattern = _union(patterns.values())
+        self._letter = False  # True for the scanner of one letter (with_drugs): only that one memoises
+        self._shared: dict[int, Mapping[str, Any]] = {}  # the letter's resources (and memoised copies) by id
         self._references: dict[int, frozenset[str]] = {}
-        self._shared: dict[int, Mapping[str, Any]] = {}
         self._labels: dict[int, tuple[frozenset[str], frozenset[str]]] = {}
+        self._pruned: dict[tuple[int, frozenset[str]], Json | None] = {}
+        self._by_rules: dict[int, _RulesMemo] = {}
+
+    def _is_shared(self, resource: Mapping[str, Any]) -> bool:
+        return self._shared.get(id(resource)) is resource
+
+    def _share(self, resource: Json) -> Json:
+        """Hold a memoised copy like the letter's own resources (so its id keys memos too)."""
+        self._shared.setdefault(id(resource), resource)
+        return resource
+
+    def _memo(self, rules: LabelRules) -> _RulesMemo:
+        found = self._by_rules.get(id(rules))
+        if found is None:
+            found = _RulesMemo(rules)
+            if self._letter:  # never the mapping set's scanner: its memo would outlive the letter
+                found = self._by_rules.setdefault(id(rules), found)
+        return found
 
     def labels(self, resource: Mapping[str, Any], system: str) -> tuple[frozenset[str], frozenset[str]]:
         """(data categories, sensitivity codes) of a resource (memoised for the letter's shared resources)."""
-        found = self._labels.get(id(resource)) if self._shared.get(id(resource)) is resource else None
+        found = self._labels.get(id(resource)) if self._is_shared(resource) else None
         if found is None:
             found = (frozenset(categories_of(resource, system)), frozenset(_sensitivity(resource)))
-            if self._shared.get(id(resource)) is resource:
-                self._labels[id(resource)] = found
+            if self._is_shared(resource):
+                found = self._labels.setdefault(id(resource), found)
         return found
+
+    def text_verdict(self, text: str, rules: LabelRules) -> str | None:
+        """Medical content in one piece of free text (borderline terms its context allows are ignored)."""
+        return self._text_verdict(self._memo(rules), text)
+
+    def _text_verdict(self, memo: _RulesMemo, text: str) -> str | None:
+        texts = memo.texts
+        if text in texts:
+            return texts[text]
+        return texts.setdefault(text, self.hit(memo.mask(fold(text))))
 
     def element_verdict(self, owner: Mapping[str, Any], key: str, rules: LabelRules) -> str | None:
         """Medical content in ``owner[key]`` (memoised for the letter: resources are shared, not mutated)."""
+        return self._element_verdict(self._memo(rules), owner, key, self._is_shared(owner))
+
+    def _element_verdict(self, memo: _RulesMemo, owner: Mapping[str, Any], key: str, shared: bool) -> str | None:
         memo_key = (id(owner), key)
-        if memo_key not in self._verdicts or self._shared.get(id(owner)) is not owner:
-            # one fold for the whole element: a phrase straddling two of its strings only errs on the safe side
-            found = self.hit(rules.compiled.mask_borderline(fold(" ".join(_strings(owner[key])))))
-            if self._shared.get(id(owner)) is not owner:
-                return found
-            self._verdicts[memo_key] = found
-        return self._verdicts[memo_key]
+        if shared and memo_key in memo.verdicts:
+            return memo.verdicts[memo_key]
+        # one fold for the whole element: a phrase straddling two of its strings only errs on the safe side
+        found = self._text_verdict(memo, " ".join(_strings(owner[key])))
+        if shared:
+            memo.verdicts[memo_key] = found
+        return found
+
+    def scrubbed(self, resource: Json, rules: LabelRules) -> _Trim | None:
+        """What medical free text costs a resource (None: nothing), the same for every recipient of the letter."""
+        memo = self._memo(rules)
+        if not self._is_shared(resource):
+            return _trim(resource, self, rules)
+        if id(resource) in memo.scrubbed:
+            return memo.scrubbed[id(resource)]
+        found = memo.scrubbed.setdefault(id(resource), _trim(resource, self, rules))
+        if found is not None and found[1] is not None:
+            self._share(found[1])
+        return found
 
     def references(self, resource: Mapping[str, Any]) -> frozenset[str]:
         """Every reference inside a resource (memoised for the letter)."""
-        if self._shared.get(id(resource)) is not resource:
+        if not self._is_shared(resource):
             return frozenset(_all_references(resource))
         found = self._references.get(id(resource))
         if found is None:
-            found = frozenset(_all_references(resource))
-            self._references[id(resource)] = found
+            found = self._references.setdefault(id(resource), frozenset(_all_references(resource)))
         return found
 
+    def pruned(self, resource: Json, gone: frozenset[str]) -> Json | None:
+        """The resource without its references to ``gone`` (None: not valid without them).
+
+        ``gone`` is exactly the removed resources it refers to, so the answer is the same whatever else
+        a recipient lost: memoised for the letter.
+        """
+        if not self._is_shared(resource):
+            return _pruned_valid(resource, gone)
+        key = (id(resource), gone)
+        if key in self._pruned:
+            return self._pruned[key]
+        found = self._pruned.setdefault(key, _pruned_valid(resource, gone))
+        return found if found is None else self._share(found)
+
     def with_drugs(self, resources: Sequence[Mapping[str, Any]]) -> MedicalScanner:
-        """A scanner that also knows every drug name of this letter."""
+        """A scanner for one letter: it also knows every drug name of the letter, and remembers for it."""
         names: set[str] = set()
         for res in resources:
             if res["resourceType"] != "MedicationStatement":
@@ -124,9 +204,11 @@ class MedicalScanner:
                     w for w in fold(text).split() if len(w) >= 4 and not w.isdigit() and w not in _DOSAGE_FORM_WORDS
                 )
         scanner = copy.copy(self)
-        scanner._verdicts = {}
+        scanner._letter = True
         scanner._references = {}
         scanner._labels = {}
+        scanner._pruned = {}
+        scanner._by_rules = {}
         scanner._shared = {id(r): r for r in resources}  # held, so their ids stay unique while memoised
         if names:
             scanner._drugs = Lexicon(sorted(names))
@@ -134,13 +216,30 @@ class MedicalScanner:
 
     def hit(self, folded: str) -> str | None:
         """The kind of medical content in already folded text ('lexicon', 'letter-drug', 'atc'...), or None."""
-        if self._terms.hit(folded):
+        tokens = folded.split()
+        if self._terms.hit(folded, tokens):
             return "lexicon"
-        if self._drugs.hit(folded):
+        if self._drugs.hit(folded, tokens):
             return "letter-drug"
+        if self._any_pattern is not None and self._any_pattern.search(folded) is None:
+            return None  # one search says none of the patterns is there (most text)
         for name, pattern in self._patterns:
             if pattern.search(folded):
                 return name
+        return None
+
+
+def _union(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """One regex matching wherever one of the patterns would (None when they cannot be safely joined).
+
+    Joined as alternatives, group numbers shift: patterns that refer to a group are left alone.
+    """
+    texts = list(patterns)
+    if not texts or any(re.search(r"\\[0-9]|\(\?P=|\(\?\(", p) for p in texts):
+        return None
+    try:
+        return re.compile("|".join(f"(?:{p})" for p in texts), re.IGNORECASE)
+    except re.error:
         return None
 
 
@@ -209,50 +308,96 @@ def _strings(node: Any) -> list[str]:
     return strings_in(node, _SKIP)
 
 
-def _prune_references(node: Any, removed: set[str]) -> Any:
+def _prune_references(node: Any, removed: Set[str]) -> Any:
     """A copy of ``node`` without what refers to a removed resource.
 
     A list item that refers to one anywhere inside goes whole (a List entry, an activity, a
     participant); a single element that is such a reference goes; the caller validates the result.
+    Every dict and list of the result is new.
+    """
+    return _pruned_node(node, removed)[0]
+
+
+def _pruned_node(node: Any, removed: Set[str]) -> tuple[Any, bool]:
+    """(:func:`_prune_references` of ``node``, whether ``node`` refers to a removed resource anywhere).
+
+    One walk for both: a list needs to know which items refer to one before keeping the others.
     """
     if isinstance(node, dict):
+        ref = node.get("reference")
+        refers = isinstance(ref, str) and ref in removed
         out = {}
         for key, value in node.items():
-            if isinstance(value, dict) and isinstance(value.get("reference"), str) and value["reference"] in removed:
+            if type(value) in _ATOMS:  # most values: kept as they are, no call
+                out[key] = value
                 continue
-            pruned = _prune_references(value, removed)
+            if isinstance(value, dict) and isinstance(value.get("reference"), str) and value["reference"] in removed:
+                refers = True
+                continue
+            pruned, inner = _pruned_node(value, removed)
+            refers = refers or inner
             if pruned not in ([], {}):
                 out[key] = pruned
-        return out
+        return out, refers
     if isinstance(node, list):
-        return [_prune_references(item, removed) for item in node if not _refers_to(item, removed)]
-    return node
+        items = []
+        refers = False
+        for item in node:
+            if type(item) in _ATOMS:
+                items.append(item)
+                continue
+            pruned, inner = _pruned_node(item, removed)
+            if inner:
+                refers = True
+            else:
+                items.append(pruned)
+        return items, refers
+    return node, False
+
+
+def _pruned_valid(resource: Json, gone: Set[str]) -> Json | None:
+    """The resource without its references to ``gone``, or None when that leaves it invalid."""
+    from gateway import validate
+
+    pruned: Json = _prune_references(resource, gone)
+    return None if validate.problems(pruned, fhir_json=True) else pruned
 
 
 def _all_references(node: Any) -> list[str]:
     found: list[str] = []
     stack = [node]
+    pop, push = stack.pop, stack.append
     while stack:
-        item = stack.pop()
+        item = pop()
         if isinstance(item, dict):
             ref = item.get("reference")
             if isinstance(ref, str):
                 found.append(ref)
-            stack.extend(v for v in item.values() if isinstance(v, dict | list))
+            values: Iterable[Any] = item.values()
         elif isinstance(item, list):
-            stack.extend(v for v in item if isinstance(v, dict | list))
+            values = item
+        else:
+            continue
+        for value in values:
+            if isinstance(value, _CONTAINERS):
+                push(value)
     return found
 
 
-def _refers_to(node: Any, removed: set[str]) -> bool:
-    if isinstance(node, dict):
-        ref = node.get("reference")
-        if isinstance(ref, str) and ref in removed:
-            return True
-        return any(_refers_to(v, removed) for v in node.values())
-    if isinstance(node, list):
-        return any(_refers_to(v, removed) for v in node)
-    return False
+_CONTAINERS = (dict, list)
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
+def _copy_json(node: Any) -> Any:
+    """``copy.deepcopy`` for JSON values, without its memo (several times faster); other values go to it."""
+    kind = type(node)
+    if kind is dict:
+        return {key: value if type(value) in _ATOMS else _copy_json(value) for key, value in node.items()}
+    if kind is list:
+        return [value if type(value) in _ATOMS else _copy_json(value) for value in node]
+    if kind in _ATOMS:
+        return node
+    return copy.deepcopy(node)
 
 
 def _urn(resource: Mapping[str, Any]) -> str:
@@ -280,10 +425,12 @@ class _Cutter:
         self.view.withheld.append(Withheld(what, rtype, category, basis.rule, reason or basis.text, basis.consent))
 
     def blocked(self, categories: Iterable[str], sensitivity: Iterable[str]) -> str | None:
-        for category in categories:
+        """The first category, then sensitivity code, this recipient may not see — in sorted order, so
+        that the audit names the same one on every run (the labels come as sets)."""
+        for category in sorted(categories):
             if category not in self.decision.categories:
                 return category
-        for code in sensitivity:
+        for code in sorted(sensitivity):
             if code not in self.decision.sensitive:
                 return code
         return None
@@ -293,7 +440,7 @@ class _Cutter:
         if self.medical:
             return None
         for text in _strings(element):
-            found = self.scanner.hit(self.rules.compiled.mask_borderline(fold(text)))
+            found = self.scanner.text_verdict(text, self.rules)
             if found:
                 return found
         return None
@@ -357,34 +504,46 @@ _KEEP_KEYS = ("resourceType", "id", "meta", "text")
 
 def _scrub(res: Json, c: _Cutter) -> Json | None:
     """The resource without the elements whose free text looks medical (None: withheld whole)."""
-    from gateway import validate
-
-    rtype = res["resourceType"]
-    hits = {
-        key: found
-        for key in res
-        if key not in _KEEP_KEYS
-        for found in [c.scanner.element_verdict(res, key, c.rules)]
-        if found
-    }
-    specialty = rtype == "PractitionerRole" and "code" in res
-    if not hits and not specialty:
+    trim = c.scanner.scrubbed(res, c.rules)
+    if trim is None:
         return res
-    trimmed = {k: v for k, v in res.items() if k not in hits}  # shallow: views never mutate shared values
+    hits, trimmed = trim
+    rtype = res["resourceType"]
     for key, found in hits.items():
         c.withhold(f"{rtype}/{res['id']}.{key}", rtype, "free-text", f"free text suggests medical content ({found})")
-    if specialty:
-        # a specialty ("cardiologie") says why someone is involved: medical context
-        trimmed.pop("code", None)
-    trimmed["text"] = nv.generated(nv.dl(_summary(trimmed)))
-    dropped = [*hits, *(["code"] if specialty else [])]
-    if not validate.droppable(rtype, dropped) and validate.problems(trimmed, fhir_json=True):
+    if trimmed is None:
         c.withhold(f"{rtype}/{res['id']}", rtype, "free-text", "medical free text in a required element")
         c.removed.add(_urn(res))
         return None
     c.view.changed.add(res["id"])
     c.view.checked.add(res["id"])
     return trimmed
+
+
+def _trim(res: Json, scanner: MedicalScanner, rules: LabelRules) -> _Trim | None:
+    """:func:`_scrub`'s answer for a resource, which depends on the resource alone (and the letter's rules)."""
+    from gateway import validate
+
+    rtype = res["resourceType"]
+    memo, shared = scanner._memo(rules), scanner._is_shared(res)
+    hits: dict[str, str] = {}
+    for key in res:
+        if key not in _KEEP_KEYS:
+            found = scanner._element_verdict(memo, res, key, shared)
+            if found:
+                hits[key] = found
+    specialty = rtype == "PractitionerRole" and "code" in res
+    if not hits and not specialty:
+        return None
+    trimmed = {k: v for k, v in res.items() if k not in hits}  # shallow: views never mutate shared values
+    if specialty:
+        # a specialty ("cardiologie") says why someone is involved: medical context
+        trimmed.pop("code", None)
+    trimmed["text"] = nv.generated(nv.dl(_summary(trimmed)))
+    dropped = [*hits, *(["code"] if specialty else [])]
+    if not validate.droppable(rtype, dropped) and validate.problems(trimmed, fhir_json=True):
+        return hits, None
+    return hits, trimmed
 
 
 def _summary(resource: Mapping[str, Any]) -> list[tuple[str, str | None]]:
@@ -400,8 +559,6 @@ def _summary(resource: Mapping[str, Any]) -> list[tuple[str, str | None]]:
 
 
 def _without_dangling(kept: list[Json], c: _Cutter) -> list[Json]:
-    from gateway import validate
-
     if not c.removed:
         return list(kept)
     current = list(kept)
@@ -409,11 +566,12 @@ def _without_dangling(kept: list[Json], c: _Cutter) -> list[Json]:
         again = False
         result: list[Json] = []
         for res in current:
-            if not (c.scanner.references(res) & c.removed):
+            gone = c.scanner.references(res) & c.removed
+            if not gone:
                 result.append(res)
                 continue
-            pruned = _prune_references(res, c.removed)
-            if validate.problems(pruned, fhir_json=True):
+            pruned = c.scanner.pruned(res, gone)
+            if pruned is None:
                 c.view.withheld.append(
                     Withheld(
                         f"{res['resourceType']}/{res['id']}",
@@ -474,8 +632,8 @@ def _careplan(plan: Json, c: _Cutter) -> Json | None:
         return None
     if len(activities) == len(plan.get("activity", [])):
         return plan
-    out = copy.deepcopy({k: v for k, v in plan.items() if k != "activity"})
-    out["activity"] = copy.deepcopy(activities)
+    out: Json = _copy_json({k: v for k, v in plan.items() if k != "activity"})
+    out["activity"] = _copy_json(activities)
     _relabel(
         out,
         [inline_category(a, c.rules.system) or c.rules.fallback for a in activities],
@@ -544,14 +702,15 @@ def _communication(source: Json, c: _Cutter, kept: Sequence[Json]) -> Json:
         "meta": {"security": list(source.get("meta", {}).get("security", []))},
     }
     skip = ("resourceType", "id", "meta", "text", "payload", "about", "recipient")
-    out.update(copy.deepcopy({k: v for k, v in source.items() if k not in skip}))
+    # no copy first: pruning builds every dict and list of ``out`` anew
+    out.update({k: v for k, v in source.items() if k not in skip})
     about = [a for a in source.get("about", []) if a.get("reference") in present]
     if about:
-        out["about"] = copy.deepcopy(about)
+        out["about"] = about
     out = _prune_references(out, c.removed)  # subject, encounter, sender may have been withheld
     out["recipient"] = [{"reference": recipient.ref, "display": recipient.display}]
     if payload:
-        out["payload"] = copy.deepcopy(payload)
+        out["payload"] = _copy_json(payload)
     _relabel(
         out,
         [inline_category(p, c.rules.system) or c.rules.fallback for p in payload] or ["logistics"],
@@ -586,7 +745,7 @@ def _retag(element: Json, target: Mapping[str, Any], rules: LabelRules) -> Json:
     current = sorted(inline_sensitivity(element, SENSITIVITY_SYSTEM))
     if wanted == current:
         return element
-    out = copy.deepcopy(element)
+    out: Json = _copy_json(element)
     out["extension"] = [
         e
         for e in out.get("extension", [])
