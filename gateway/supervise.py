@@ -52,14 +52,10 @@ def settle_heap() -> None:
     way (``gc.freeze``) and collect the young generation less often — a letter allocates tens of
     thousands of short-lived dicts, and each default-threshold collection rescanned the survivors."""
     import gc
-    import sys
 
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    # a thread back from the network or the disk waits for the GIL at most this long (default 5 ms):
-    # a delivery thread with its receiver's answer should not wait behind a translation
-    sys.setswitchinterval(0.001)
 
 
 def _die_with_parent() -> None:
