@@ -8,6 +8,13 @@ happened (``Disposition``).  ``processed`` / ``displayed`` / ``dispatched`` ackn
 an ``/error`` modifier (ANS: ``processed/Error: code^libellé``), ``deleted`` or ``failed``
 dead-letter it with the error text.  The MDN must come from the mailbox the message was sent to.
 
+A bounce — a Delivery Status Notification (RFC 3464, ``multipart/report;
+report-type=delivery-status``) whose ``Action`` is ``failed`` for our mailbox — dead-letters the
+delivery at once with its ``Status`` and ``Diagnostic-Code`` (an unknown MSSanté mailbox, a full
+box), instead of leaving it to wait for a receipt that will never come; ``delayed``, ``delivered``
+and ``relayed`` notices change nothing (the relay keeps trying; the MDN will follow).  The bounced
+message is recognised by the headers the DSN returns (its ``Message-ID``).
+
 Mail is outside input: nothing here raises on a malformed, hostile or unrelated mail — every mail
 gets an :class:`MdnResult` (``refused`` with the reason, or ``ignored`` for mail that is not an MDN,
 or an MDN for no delivery awaiting one: duplicates change nothing).  :class:`MdnInbox` is an
@@ -66,6 +73,7 @@ class Mdn:
     disposition: str  # the Disposition field as received
     ok: bool
     detail: str
+    kind: Literal["MDN", "DSN"] = "MDN"  # a disposition notification, or a bounce
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,12 +151,14 @@ def parse_mdn(raw: bytes) -> Mdn:
     if mail.get_content_type() != "multipart/report":
         raise NotAnMdn(f"a {mail.get_content_type()} mail, not a report")
     report_type = str(mail.get_param("report-type", "") or "").lower()
-    if report_type != "disposition-notification":
-        raise NotAnMdn(f"a {report_type or 'untyped'} report, not a disposition notification")
+    if report_type not in ("disposition-notification", "delivery-status"):
+        raise NotAnMdn(f"a {report_type or 'untyped'} report, not a disposition or delivery status notification")
     payload = mail.get_payload()
     parts = [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else []
     if not parts:
         raise MalformedMdn("multipart/report without parts")
+    if report_type == "delivery-status":
+        return _bounce(parts)
     machine_part = next((p for p in parts if p.get_content_type() == "message/disposition-notification"), None)
     if machine_part is None:
         raise MalformedMdn("no message/disposition-notification part")
@@ -167,6 +177,55 @@ def parse_mdn(raw: bytes) -> Mdn:
         raise MalformedMdn("no Final-Recipient mailbox")
     ok, detail = _disposition(str(disposition), machine)
     return Mdn(match.group(1), match.group(2).lower(), recipients, _clean(str(disposition)), ok, detail)
+
+
+def _status_groups(part: Message) -> list[Message]:
+    """The field groups of a ``message/delivery-status`` part: per message, then one per recipient."""
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return [g for g in payload if isinstance(g, Message)]
+    if isinstance(payload, str):
+        blocks = [b for b in re.split(r"\r?\n\s*\r?\n", payload.strip()) if b.strip()]
+        return [HeaderParser(policy=policy.compat32).parsestr(b) for b in blocks]
+    raise MalformedMdn("unreadable message/delivery-status part")
+
+
+def _bounce(parts: list[Message]) -> Mdn:
+    """A DSN: a negative acknowledgement when delivery ``failed`` for a recipient; other actions are
+    notices (:class:`NotAnMdn`, ignored).  The message is named by the returned original's Message-ID."""
+    status_part = next((p for p in parts if p.get_content_type() == "message/delivery-status"), None)
+    if status_part is None:
+        raise MalformedMdn("no message/delivery-status part")
+    groups = _status_groups(status_part)[1:]  # the first group is about the message, not a recipient
+    failed = [g for g in groups if str(g.get("Action", "")).strip().lower() == "failed"]
+    if not failed:
+        actions = sorted({_clean(str(g.get("Action", "none")), 20).lower() for g in groups}) or ["none"]
+        raise NotAnMdn(f"a delivery status notification ({', '.join(actions)}): nothing to apply")
+    recipients = tuple(
+        a for g in failed for a in (_address(g.get("Final-Recipient")), _address(g.get("Original-Recipient"))) if a
+    )
+    if not recipients:
+        raise MalformedMdn("a failed delivery status without a Final-Recipient mailbox")
+    original = next(
+        (
+            str(_fields(p)["Message-ID"])
+            for p in parts
+            if p.get_content_type() in ("message/rfc822", "text/rfc822-headers") and _fields(p).get("Message-ID")
+        ),
+        None,
+    )
+    if original is None:
+        raise MalformedMdn("a bounce that returns no Message-ID of the bounced mail")
+    match = _MSG_ID.match(original)
+    if match is None:
+        raise MalformedMdn(f"the bounced Message-ID is not <id@domain>: {_clean(original, 80)!r}")
+    first = failed[0]
+    status = _clean(str(first.get("Status", "")), 20)
+    diagnostic = _clean(
+        str(first.get("Diagnostic-Code", "")).partition(";")[2] or str(first.get("Diagnostic-Code", ""))
+    )
+    detail = f"bounced ({status or 'no status'}): {diagnostic or 'no diagnostic'}"
+    return Mdn(match.group(1), match.group(2).lower(), recipients, f"failed {status}".strip(), False, detail, "DSN")
 
 
 def apply_mdn(outbox: Outbox, raw: bytes, now: datetime, *, domain: str | None = None) -> MdnResult:
@@ -199,9 +258,13 @@ def apply_mdn(outbox: Outbox, raw: bytes, now: datetime, *, domain: str | None =
             "refused", f"MDN from {', '.join(mdn.recipients)} for a message sent to {sent_to}", mdn.message_id
         )
     event = acknowledgement_event(
-        mdn.message_id, mdn.ok, f"MDN {mdn.disposition}", delivery.recipient_ref, now.isoformat(timespec="seconds")
+        mdn.message_id,
+        mdn.ok,
+        f"{mdn.kind} {mdn.disposition}",
+        delivery.recipient_ref,
+        now.isoformat(timespec="seconds"),
     )
-    if not outbox.acknowledge(mdn.message_id, mdn.ok, now, detail=f"MDN: {mdn.detail}", audit_events=[event]):
+    if not outbox.acknowledge(mdn.message_id, mdn.ok, now, detail=f"{mdn.kind}: {mdn.detail}", audit_events=[event]):
         return MdnResult("ignored", "already acknowledged", mdn.message_id)
     return MdnResult("acknowledged" if mdn.ok else "dead-lettered", mdn.detail, mdn.message_id)
 

@@ -759,16 +759,81 @@ def test_dispositions(disposition: str, extra: str, ok: bool, detail: str) -> No
     )
 
 
+def build_dsn(original: Received, action: str, *, final_recipient: str | None = None) -> bytes:
+    """What the recipient's relay sends back when it cannot deliver (RFC 3464), returning the headers."""
+    mail = original.message
+    recipient = final_recipient or original.rcpt_tos[0]
+    report = EmailMessage(policy=policy.SMTP)
+    report["From"] = "MAILER-DAEMON@relay.partenaires.mssante.fr"
+    report["To"] = GATEWAY
+    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Message-ID"] = f"<dsn-{action}@relay.partenaires.mssante.fr>"
+    report.set_type("multipart/report")
+    report.set_param("report-type", "delivery-status")
+    human = EmailMessage(policy=policy.SMTP)
+    human.set_content("Votre message n'a pas pu être remis.")
+    per_message, per_recipient = Message(), Message()
+    per_message["Reporting-MTA"] = "dns; relay.partenaires.mssante.fr"
+    per_recipient["Final-Recipient"] = f"rfc822; {recipient}"
+    per_recipient["Action"] = action
+    per_recipient["Status"] = "5.1.1" if action == "failed" else "4.4.1"
+    per_recipient["Diagnostic-Code"] = "smtp; 550 5.1.1 <boite inconnue>: Recipient address rejected"
+    status = Message()
+    status.set_type("message/delivery-status")
+    status.set_payload([per_message, per_recipient])
+    returned = Message()
+    returned.set_type("text/rfc822-headers")
+    returned.set_payload("".join(f"{k}: {v}\r\n" for k, v in mail.items() if k in ("Message-ID", "From", "To")))
+    report.set_payload([human, status, returned])
+    return report.as_bytes(policy=policy.SMTP)
+
+
+def test_a_bounce_dead_letters_the_delivery_with_its_reason(world: dict[str, Any], pki: Pki) -> None:
+    """An unknown MSSanté mailbox: the relay's DSN dead-letters the delivery at once (visible, audited,
+    replayable after the directory is fixed) instead of leaving it to wait a day for an MDN."""
+    client, outbox, worker, relay, inbox = (world[k] for k in ("client", "outbox", "worker", "relay", "inbox"))
+    answer = client.post(
+        "/letters",
+        content=(FIXTURES / "dispatch" / "ldl-ses-s1-pharmacy.xml").read_bytes(),
+        headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
+    )
+    assert answer.status_code == 202, answer.text
+    assert worker.run_once() == 6
+
+    def state(mailbox: str) -> tuple[str, str | None]:
+        found = next(d for d in outbox.deliveries() if d.endpoint == f"mailto:{mailbox}")
+        return found.status, found.last_error
+
+    daemon = "MAILER-DAEMON@relay.partenaires.mssante.fr"
+    code, text = to_inbox(pki, inbox, build_dsn(relay.to(GP), "delayed"), daemon)
+    assert code == 250 and "ignored" in text and state(GP) == ("sent", None), "a delay notice changes nothing"
+    forged = build_dsn(relay.to(GP), "failed", final_recipient="someone-else@partenaires.mssante.fr")
+    code, text = to_inbox(pki, inbox, forged, daemon)
+    assert code == 550 and "for a message sent to" in text and state(GP)[0] == "sent"
+
+    audit_before = len(outbox.audit_events())
+    code, text = to_inbox(pki, inbox, build_dsn(relay.to(GP), "failed"), daemon)
+    status, error = state(GP)
+    assert code == 250 and status == "dead-lettered", text
+    assert error is not None and "5.1.1" in error and "Recipient address rejected" in error
+    [event] = outbox.audit_events()[audit_before:]
+    assert event["outcome"] == "8" and "DSN failed 5.1.1" in event["outcomeDesc"]
+    validate.check(event, fhir_json=True)
+    code, text = to_inbox(pki, inbox, build_dsn(relay.to(GP), "failed"), daemon)
+    assert code == 250 and "ignored" in text, "the same bounce again changes nothing"
+    assert {d.status for d in outbox.deliveries() if d.endpoint != f"mailto:{GP}"} == {"sent"}
+
+
 def test_mails_that_are_not_usable_mdns_get_a_reason(tmp_path: Path) -> None:
     outbox = Outbox(create_engine(f"sqlite:///{tmp_path / 'o.db'}"))
     now = datetime.now(UTC)
     for raw, status, words in [
         (b"Subject: hello\r\n\r\nbonjour", "ignored", "not an MDN"),
         (b"", "ignored", "not an MDN"),
-        (
+        (  # a bounce (DSN) is read too: one without its machine part cannot be
             _raw_mdn("processed").replace(b'disposition-notification"', b'delivery-status"'),
-            "ignored",
-            "delivery-status",
+            "refused",
+            "no message/delivery-status part",
         ),
         (_raw_mdn("denied"), "refused", "unknown disposition type"),
         (_raw_mdn("processed", message_id="abc"), "refused", "not <id@domain>"),
