@@ -28,10 +28,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_load import _consent  # noqa: E402
-
 from gateway import seal  # noqa: E402
 from gateway.consent import MemoryConsentStore  # noqa: E402
+from gateway.demo import social_permit  # noqa: E402
 from gateway.directory import load_directory  # noqa: E402
 from gateway.mappings import load_mappings  # noqa: E402
 from gateway.pipeline import cut_for, prepare  # noqa: E402
@@ -54,7 +53,7 @@ def measure(rounds: int, profile: bool, fresh: bool) -> dict[str, float]:
     prepared = prepare(raw, name="s6.xml", mappings=mappings, settings=settings, now=AT)
     directory = load_directory(orjson.loads((FIXTURES / "directory.json").read_bytes()), prepared.policy)
     store = MemoryConsentStore()
-    consent = _consent()
+    consent = social_permit(rid="bench-permit")
     consent["meta"] = {"lastUpdated": "2026-10-28T15:00:00+01:00"}
     store.add(consent)
     signer = seal.Signer(seal.generate_key())

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.demo import seed_store  # noqa: E402
+from gateway.demo import seed_store, social_permit  # noqa: E402
 from gateway.seal import generate_key  # noqa: E402
 from gateway.store import ResourceStore, make_engine  # noqa: E402
 
@@ -66,41 +66,6 @@ def _wait(url: str, seconds: float = 60) -> None:
         except httpx.TransportError:
             time.sleep(0.05)
     raise SystemExit(f"{url} did not come up")
-
-
-def _consent() -> dict[str, Any]:
-    return {
-        "resourceType": "Consent",
-        "id": "bench-permit",
-        "status": "active",
-        "scope": {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.10", "value": "248057511410235"}},
-        "dateTime": "2026-10-28T15:00:00+01:00",
-        "provision": {
-            "type": "permit",
-            "actor": [
-                {
-                    "role": {
-                        "coding": [
-                            {
-                                "system": "https://fhir.discharge-gateway.fr/CodeSystem/actor-kind",
-                                "code": "outside-care-team",
-                            }
-                        ]
-                    },
-                    "reference": {"display": "hors équipe de soins"},
-                }
-            ],
-            "securityLabel": [
-                {"system": "https://fhir.discharge-gateway.fr/CodeSystem/data-category", "code": "logistics"},
-                {"system": "https://fhir.discharge-gateway.fr/CodeSystem/data-category", "code": "social"},
-            ],
-            "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "COC"}],
-        },
-    }
 
 
 class Rig:
@@ -145,7 +110,12 @@ class Rig:
         self.engine = make_engine(self.url)
         store = ResourceStore(engine=self.engine)
         seed_store(store, lambda ep: f"http://127.0.0.1:{rx_port}/fhir/{ep}", consents=())
-        store.put("Consent", "bench-permit", _consent(), at=datetime.fromisoformat("2026-10-28T15:00:00+01:00"))
+        store.put(
+            "Consent",
+            "bench-permit",
+            social_permit(rid="bench-permit"),
+            at=datetime.fromisoformat("2026-10-28T15:00:00+01:00"),
+        )
         env = {
             **os.environ,
             "GATEWAY_DATABASE_URL": self.url,

@@ -67,6 +67,41 @@ def seed_store(
             store.put("Consent", res["id"], res, at=datetime.fromisoformat(res["meta"]["lastUpdated"]))
 
 
+def social_permit(status: str = "active", rid: str = "social-permit") -> dict[str, Any]:
+    """A Consent of the S6 patient letting actors outside the care team (social worker, home help)
+    receive logistics and social data — what the load benchmark and the tests of send-time consent use."""
+    category = "https://fhir.discharge-gateway.fr/CodeSystem/data-category"
+    return {
+        "resourceType": "Consent",
+        "id": rid,
+        "status": status,
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.10", "value": "248057511410235"}},
+        "dateTime": "2026-10-28T15:00:00+01:00",
+        "provision": {
+            "type": "permit",
+            "actor": [
+                {
+                    "role": {
+                        "coding": [
+                            {
+                                "system": "https://fhir.discharge-gateway.fr/CodeSystem/actor-kind",
+                                "code": "outside-care-team",
+                            }
+                        ]
+                    },
+                    "reference": {"display": "hors équipe de soins"},
+                }
+            ],
+            "securityLabel": [{"system": category, "code": "logistics"}, {"system": category, "code": "social"}],
+            "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "COC"}],
+        },
+    }
+
+
 def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 

@@ -626,23 +626,31 @@ def world(tmp_path: Path, pki: Pki, signer: seal.Signer, serve: Callable[..., in
     engine.dispose()
 
 
-def test_mdns_acknowledge_or_dead_letter_deliveries_once(world: dict[str, Any], pki: Pki) -> None:
-    client, outbox, worker, relay, inbox = (world[k] for k in ("client", "outbox", "worker", "relay", "inbox"))
-    answer = client.post(
+def _sent_s1(world: dict[str, Any]) -> Callable[[str], tuple[str, str | None]]:
+    """Push the S1 letter and hand its 6 messages to the relay; returns state(mailbox) → (status, error)."""
+    answer = world["client"].post(
         "/letters",
         content=(FIXTURES / "dispatch" / "ldl-ses-s1-pharmacy.xml").read_bytes(),
         headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
     )
     assert answer.status_code == 202, answer.text
-    assert worker.run_once() == 6
-    status = {d.endpoint: d for d in outbox.deliveries()}
-    assert {d.status for d in status.values()} == {"sent"} and len(relay.mails) == 6
-    assert all(m.tls is not None for m in relay.mails)
-    assert worker.run_once() == 0, "a sent delivery waits for its MDN, it is not re-sent"
+    assert world["worker"].run_once() == 6
+    outbox: Outbox = world["outbox"]
 
     def state(mailbox: str) -> tuple[str, str | None]:
         found = next(d for d in outbox.deliveries() if d.endpoint == f"mailto:{mailbox}")
         return found.status, found.last_error
+
+    return state
+
+
+def test_mdns_acknowledge_or_dead_letter_deliveries_once(world: dict[str, Any], pki: Pki) -> None:
+    outbox, worker, relay, inbox = (world[k] for k in ("outbox", "worker", "relay", "inbox"))
+    state = _sent_s1(world)
+    status = {d.endpoint: d for d in outbox.deliveries()}
+    assert {d.status for d in status.values()} == {"sent"} and len(relay.mails) == 6
+    assert all(m.tls is not None for m in relay.mails)
+    assert worker.run_once() == 0, "a sent delivery waits for its MDN, it is not re-sent"
 
     gp_mail = relay.to(GP)
     assert gp_mail.message["X-Gateway-Message-Id"] in {d.message_id for d in status.values()}
@@ -791,18 +799,8 @@ def build_dsn(original: Received, action: str, *, final_recipient: str | None = 
 def test_a_bounce_dead_letters_the_delivery_with_its_reason(world: dict[str, Any], pki: Pki) -> None:
     """An unknown MSSanté mailbox: the relay's DSN dead-letters the delivery at once (visible, audited,
     replayable after the directory is fixed) instead of leaving it to wait a day for an MDN."""
-    client, outbox, worker, relay, inbox = (world[k] for k in ("client", "outbox", "worker", "relay", "inbox"))
-    answer = client.post(
-        "/letters",
-        content=(FIXTURES / "dispatch" / "ldl-ses-s1-pharmacy.xml").read_bytes(),
-        headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
-    )
-    assert answer.status_code == 202, answer.text
-    assert worker.run_once() == 6
-
-    def state(mailbox: str) -> tuple[str, str | None]:
-        found = next(d for d in outbox.deliveries() if d.endpoint == f"mailto:{mailbox}")
-        return found.status, found.last_error
+    outbox, relay, inbox = (world[k] for k in ("outbox", "relay", "inbox"))
+    state = _sent_s1(world)
 
     daemon = "MAILER-DAEMON@relay.partenaires.mssante.fr"
     code, text = to_inbox(pki, inbox, build_dsn(relay.to(GP), "delayed"), daemon)

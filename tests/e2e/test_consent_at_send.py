@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from gateway.deliver import Deliverer
-from gateway.demo import seed_store
+from gateway.demo import seed_store, social_permit
 from gateway.intake import Intake
 from gateway.mappings import load_mappings
 from gateway.outbox import Outbox
@@ -24,7 +23,6 @@ from tests.conftest import FIXTURES
 from tests.fuzz.world import Recording
 
 LETTER = (FIXTURES / "dispatch" / "ldl-ses-s6-objection.xml").read_bytes()
-CATEGORY = "https://fhir.discharge-gateway.fr/CodeSystem/data-category"
 
 
 def _letter(tag: str) -> bytes:
@@ -33,43 +31,11 @@ def _letter(tag: str) -> bytes:
     return LETTER[:start] + f'<id root="1.2.250.1.213.1.1.9.1.3" extension="AT-SEND-{tag}"/>'.encode() + LETTER[end:]
 
 
-def _permit(status: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Consent",
-        "id": "social-permit",
-        "status": status,
-        "scope": {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.10", "value": "248057511410235"}},
-        "dateTime": "2026-10-28T15:00:00+01:00",
-        "provision": {
-            "type": "permit",
-            "actor": [
-                {
-                    "role": {
-                        "coding": [
-                            {
-                                "system": "https://fhir.discharge-gateway.fr/CodeSystem/actor-kind",
-                                "code": "outside-care-team",
-                            }
-                        ]
-                    },
-                    "reference": {"display": "hors équipe de soins"},
-                }
-            ],
-            "securityLabel": [{"system": CATEGORY, "code": "logistics"}, {"system": CATEGORY, "code": "social"}],
-            "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "COC"}],
-        },
-    }
-
-
 def test_a_withdrawal_stored_after_acceptance_applies_to_the_next_batch(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
     store, outbox = ResourceStore(engine=engine), Outbox(engine)
     seed_store(store, lambda ep: f"https://{ep}.example.fr/fhir", consents=())
-    store.put("Consent", "social-permit", _permit("active"), at=datetime(2026, 10, 28, 14, tzinfo=UTC))
+    store.put("Consent", "social-permit", social_permit("active"), at=datetime(2026, 10, 28, 14, tzinfo=UTC))
     settings, mappings, transport = Settings(), load_mappings(), Recording()
     worker = Deliverer(
         outbox=outbox,
@@ -85,7 +51,7 @@ def test_a_withdrawal_stored_after_acceptance_applies_to_the_next_batch(tmp_path
         while worker.run_once():
             pass
         second = intake.accept(_letter("2"), "application/hl7-cda+xml", "test", datetime.now(UTC)).letter_id
-        store.put("Consent", "social-permit", _permit("inactive"))  # withdrawn, after the acceptance
+        store.put("Consent", "social-permit", social_permit("inactive"))  # withdrawn, after the acceptance
         while worker.run_once():
             pass
         states: dict[str, dict[str, str]] = {}

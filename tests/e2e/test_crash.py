@@ -130,27 +130,35 @@ def crash_world(tmp_path: Path, database_url: str) -> Iterator[dict[str, Any]]:
         engine.dispose()
 
 
+def push_until_answered(url: str, n: int, stop: threading.Event | None = None) -> tuple[str, int] | None:
+    """The hospital side: push letter ``n`` until it gets an answer (resending after a lost one or a 5xx
+    while the gateway dies); (letter id, resends), or None if stopped first."""
+    tries = 0
+    while stop is None or not stop.is_set():
+        tries += 1
+        try:
+            answer = httpx.post(
+                f"{url}/letters",
+                content=_letter(n),
+                headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
+                timeout=10,
+            )
+        except httpx.TransportError:
+            time.sleep(0.05)
+            continue
+        if answer.status_code in (200, 202):
+            return str(answer.json()["letterId"]), tries - 1
+        time.sleep(0.05)
+    return None
+
+
 def _push_all(gateway: Gateway, answers: dict[int, str], stop: threading.Event, resends: list[int]) -> None:
-    """The hospital side: push each letter until it gets an answer (resending after a lost one)."""
     for n in range(LETTERS):
-        tries = 0
-        while not stop.is_set():
-            tries += 1
-            try:
-                answer = httpx.post(
-                    f"{gateway.url}/letters",
-                    content=_letter(n),
-                    headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
-                    timeout=10,
-                )
-            except httpx.TransportError:
-                time.sleep(0.05)
-                continue
-            if answer.status_code in (200, 202):
-                answers[n] = answer.json()["letterId"]
-                resends.append(tries - 1)
-                break
-            time.sleep(0.05)  # e.g. 5xx while dying: resend
+        found = push_until_answered(gateway.url, n, stop)
+        if found is None:
+            return
+        answers[n], again = found
+        resends.append(again)
 
 
 def test_kill_9_at_random_moments_loses_nothing_and_duplicates_nothing(crash_world: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from gateway.outbox import Outbox
-from tests.e2e.test_crash import HIS, Gateway, _letter, crash_world
+from tests.e2e.test_crash import Gateway, crash_world, push_until_answered
 
 __all__ = ["crash_world"]  # the fixture, shared with the crash test
 
@@ -59,21 +59,9 @@ def _wait(check: Any, seconds: float, what: str) -> Any:
 
 
 def _push(gateway: Gateway, n: int) -> str:
-    for _ in range(100):  # a connection cut by the killed worker: push again (idempotent)
-        try:
-            answer = httpx.post(
-                f"{gateway.url}/letters",
-                content=_letter(n),
-                headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
-                timeout=10,
-            )
-        except httpx.TransportError:
-            time.sleep(0.1)
-            continue
-        if answer.status_code in (200, 202):
-            return str(answer.json()["letterId"])
-        time.sleep(0.1)
-    raise AssertionError(f"letter {n} never accepted")
+    found = push_until_answered(gateway.url, n)  # a connection cut by the killed worker: pushed again
+    assert found is not None
+    return found[0]
 
 
 def _accepted(gateway: Gateway) -> float:

@@ -63,9 +63,12 @@ time.sleep(120)
 """
 
 
-def _accept(outbox: Outbox, letters: int, recipients: int, now: datetime) -> set[str]:
+def accept_letters(
+    outbox: Outbox, letters: int, recipients: int, now: datetime, hold: timedelta = timedelta(0), first: int = 0
+) -> set[str]:
+    """``letters`` letters of ``recipients`` deliveries each, straight into the outbox; their message ids."""
     ids: set[str] = set()
-    for n in range(letters):
+    for n in range(first, first + letters):
         deliveries = [
             (str(uuid.uuid4()), f"recipient-{r}", f"Practitioner/p{r}", "https://127.0.0.1:9/fhir")
             for r in range(recipients)
@@ -81,6 +84,7 @@ def _accept(outbox: Outbox, letters: int, recipients: int, now: datetime) -> set
             deliveries=deliveries,
             audit_events=[],
             now=now,
+            hold=hold,
         )
     return ids
 
@@ -92,7 +96,7 @@ def test_three_processes_share_the_outbox_and_send_each_message_exactly_once(
     outbox = Outbox(engine)
     with engine.begin() as conn:  # no unique key: a message handed over twice must show as two rows
         conn.execute(text("CREATE TABLE sent_log (seq SERIAL PRIMARY KEY, message_id TEXT, worker TEXT)"))
-    expected = _accept(outbox, LETTERS, RECIPIENTS, datetime.now(UTC) - timedelta(seconds=1))
+    expected = accept_letters(outbox, LETTERS, RECIPIENTS, datetime.now(UTC) - timedelta(seconds=1))
     go = tmp_path / "go"
     workers = [
         subprocess.Popen(
@@ -139,7 +143,7 @@ def outbox(database_url: str) -> Iterator[Outbox]:
 
 def test_a_crashed_workers_expired_lease_is_taken_back_by_another(outbox: Outbox, database_url: str) -> None:
     start = datetime.now(UTC)
-    expected = _accept(outbox, 1, 5, start - timedelta(seconds=1))
+    expected = accept_letters(outbox, 1, 5, start - timedelta(seconds=1))
     crashing = subprocess.Popen(
         [sys.executable, "-c", CRASHING, database_url, start.isoformat()],
         cwd=ROOT,

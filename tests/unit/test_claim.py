@@ -7,7 +7,6 @@ hold is over; a crashed worker's claim is retaken after its lease.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -15,6 +14,7 @@ import pytest
 
 from gateway.outbox import Outbox
 from gateway.store import make_engine
+from tests.e2e.test_workers_pg import accept_letters
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -28,29 +28,8 @@ def outbox(database_url: str) -> Iterator[Outbox]:
     engine.dispose()
 
 
-def _accept(outbox: Outbox, n: int, recipients: int = 3, hold: timedelta = timedelta(0)) -> tuple[str, set[str]]:
-    deliveries = [
-        (str(uuid.uuid4()), f"recipient-{r}", f"Practitioner/p{r}", "https://127.0.0.1:9/fhir")
-        for r in range(recipients)
-    ]
-    letter_id, created = outbox.accept(
-        document_key=f"urn:oid:1.2.250.1.999|claim-{n}",
-        set_key=None,
-        version=None,
-        client="test",
-        media_type="application/hl7-cda+xml",
-        body=b"<ClinicalDocument/>",
-        deliveries=deliveries,
-        audit_events=[],
-        now=NOW,
-        hold=hold,
-    )
-    assert created
-    return letter_id, {d[0] for d in deliveries}
-
-
 def test_a_claim_takes_at_most_its_limit_and_never_what_another_holds(outbox: Outbox) -> None:
-    expected = set().union(*(_accept(outbox, n)[1] for n in range(5)))
+    expected = accept_letters(outbox, 5, 3, NOW)
     first = outbox.claim("w1", NOW, limit=2)
     second = outbox.claim("w2", NOW, limit=4)
     assert len(first) == 2 and len(second) == 4
@@ -68,8 +47,9 @@ def test_a_claim_takes_at_most_its_limit_and_never_what_another_holds(outbox: Ou
 
 def test_held_deliveries_go_to_the_accepting_worker_first(outbox: Outbox) -> None:
     hold = timedelta(seconds=5)
-    mine, my_messages = _accept(outbox, 1, hold=hold)
-    _other, other_messages = _accept(outbox, 2, hold=hold)
+    my_messages = accept_letters(outbox, 1, 3, NOW, hold=hold)
+    other_messages = accept_letters(outbox, 1, 3, NOW, hold=hold, first=1)
+    mine = next(d.letter_id for d in outbox.deliveries() if d.message_id in my_messages)
     assert outbox.claim("another-process", NOW, limit=100) == [], "held for the process that accepted them"
     taken = outbox.claim("accepting-process", NOW, limit=100, letters=[mine])
     assert {d.message_id for d in taken} == my_messages, "by letter: exactly that letter's deliveries"
