@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -34,6 +34,12 @@ __all__ = ["api_key", "create_app"]
 _PROJECT = "https://fhir.discharge-gateway.fr"
 
 Json = dict[str, Any]
+
+# the FHIR types served by the generic routes, as OpenAPI declares them (so that a client, or a
+# fuzzer, does not take /deliveries for a search of type "deliveries"); others get a 404 outcome
+ResourceType = Annotated[
+    str, Path(description="a stored FHIR resource type", json_schema_extra={"enum": list(STORED_TYPES)})
+]
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -159,7 +165,7 @@ def create_app(
         return body
 
     @app.post("/{resource_type}", status_code=201)
-    async def create(resource_type: str, request: Request, _: frozenset[str] = writer) -> Response:
+    async def create(resource_type: ResourceType, request: Request, _: frozenset[str] = writer) -> Response:
         body = await _body(request, _type(resource_type), None)
         if body.get("id") and store.read(resource_type, str(body["id"])) is not None:
             raise ApiError(409, "duplicate", f"{resource_type}/{body['id']} exists: update it with PUT")
@@ -168,7 +174,7 @@ def create_app(
         return _json(stored, 201, {"Location": location, "ETag": f'W/"{stored["meta"]["versionId"]}"'})
 
     @app.put("/{resource_type}/{rid}")
-    async def update(resource_type: str, rid: str, request: Request, _: frozenset[str] = writer) -> Response:
+    async def update(resource_type: ResourceType, rid: str, request: Request, _: frozenset[str] = writer) -> Response:
         body = await _body(request, _type(resource_type), rid)
         existed = store.read(resource_type, rid) is not None
         interaction = "update" if existed else "create"
@@ -176,14 +182,14 @@ def create_app(
         return _json(stored, 200 if existed else 201, {"ETag": f'W/"{stored["meta"]["versionId"]}"'})
 
     @app.get("/{resource_type}/{rid}")
-    def read(resource_type: str, rid: str, _: frozenset[str] = reader) -> Response:
+    def read(resource_type: ResourceType, rid: str, _: frozenset[str] = reader) -> Response:
         found = store.read(_type(resource_type), rid)
         if found is None:
             raise ApiError(404, "not-found", f"{resource_type}/{rid} not found (or deleted)")
         return _json(found, headers={"ETag": f'W/"{found["meta"]["versionId"]}"'})
 
     @app.delete("/{resource_type}/{rid}", status_code=204)
-    def delete(resource_type: str, rid: str, request: Request, _: frozenset[str] = writer) -> Response:
+    def delete(resource_type: ResourceType, rid: str, request: Request, _: frozenset[str] = writer) -> Response:
         def audited(conn: Any, version: Json) -> None:
             changed(request, "delete", version)(conn)
 
@@ -192,7 +198,7 @@ def create_app(
         return Response(status_code=204)
 
     @app.get("/{resource_type}/{rid}/_history")
-    def history(resource_type: str, rid: str, _: frozenset[str] = reader) -> Response:
+    def history(resource_type: ResourceType, rid: str, _: frozenset[str] = reader) -> Response:
         versions = store.history(_type(resource_type), rid)
         if not versions:
             raise ApiError(404, "not-found", f"{resource_type}/{rid} not found")
@@ -213,7 +219,7 @@ def create_app(
         return _json({"resourceType": "Bundle", "type": "history", "total": len(entries), "entry": entries})
 
     @app.get("/{resource_type}/{rid}/_history/{version}")
-    def vread(resource_type: str, rid: str, version: int, _: frozenset[str] = reader) -> Response:
+    def vread(resource_type: ResourceType, rid: str, version: int, _: frozenset[str] = reader) -> Response:
         found = store.vread(_type(resource_type), rid, version)
         if found is None:
             raise ApiError(404, "not-found", f"{resource_type}/{rid} version {version} not found")
@@ -221,7 +227,7 @@ def create_app(
 
     @app.get("/{resource_type}")
     def search(
-        resource_type: str,
+        resource_type: ResourceType,
         _: frozenset[str] = reader,
         patient: str | None = None,
         identifier: str | None = None,
