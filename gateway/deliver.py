@@ -15,13 +15,14 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 from tenacity import wait_exponential_jitter
 
-from gateway import audit, crypt, seal
+from gateway import audit, crypt, package, seal, validate
 from gateway.consent import ConsentStore
-from gateway.directory import Directory, Endpoint
+from gateway.directory import Directory, Endpoint, Recipient
 from gateway.errors import GatewayError
 from gateway.logs import get_logger
 from gateway.mappings import Mappings
@@ -241,30 +242,34 @@ class Deliverer:
         self, delivery: Delivery, directory: Directory, consents: ConsentStore, routings: dict[str, Routing]
     ) -> Finish:
         now = self.clock()
-        prepared = self._letter(delivery.letter_id)
         recipient = directory.get(delivery.recipient_id)
         if recipient is None or recipient.endpoint is None:
             return self._failed(delivery, "dead-lettered", "recipient no longer in the directory, or without endpoint")
-        routing = routings.get(delivery.letter_id)
-        if routing is None:
-            routing = routings[delivery.letter_id] = route(prepared.resources, directory, prepared.policy)
-        routed = next(
-            (r for r in routing.routed if r.recipient.id == recipient.id),
-            Routed(recipient, ("destinataire",)),
-        )
-        cut = cut_for(prepared, routed, now, consents, self.settings, replaces=delivery.replaces)
-        if cut.message is None:
-            return Finish(
-                delivery.message_id,
-                delivery.letter_id,
-                "withheld",
-                delivery.recipient_id,
-                error="consent allows nothing at send time",
-                audit_events=[cut.event],
+        prepared = self._letter(delivery.letter_id)
+        if delivery.kind == "withdrawal":
+            message, audited = self._withdrawal(delivery, prepared, recipient, now)
+        else:
+            routing = routings.get(delivery.letter_id)
+            if routing is None:
+                routing = routings[delivery.letter_id] = route(prepared.resources, directory, prepared.policy)
+            routed = next(
+                (r for r in routing.routed if r.recipient.id == recipient.id),
+                Routed(recipient, ("destinataire",)),
             )
-        if cut.message["entry"][0]["resource"]["id"] != delivery.message_id:
+            cut = cut_for(prepared, routed, now, consents, self.settings, replaces=delivery.replaces)
+            if cut.message is None:
+                return Finish(
+                    delivery.message_id,
+                    delivery.letter_id,
+                    "withheld",
+                    delivery.recipient_id,
+                    error="consent allows nothing at send time",
+                    audit_events=[cut.event],
+                )
+            message, audited = cut.message, cut.event
+        if message["entry"][0]["resource"]["id"] != delivery.message_id:
             raise AssertionError("message identity must be stable across attempts")
-        sealed = seal.sign(cut.message, self.signer, now.isoformat(timespec="seconds"))
+        sealed = seal.sign(message, self.signer, now.isoformat(timespec="seconds"))
         outcome, protection = _send_sealed(
             transport_for(recipient.endpoint.address, self.transports),
             orjson.dumps(sealed),
@@ -273,8 +278,8 @@ class Deliverer:
             now,
         )
         event = {
-            **cut.event,
-            "outcomeDesc": f"{cut.event['outcomeDesc']}; attempt {delivery.attempts + 1}: {outcome.detail}; {protection}",
+            **audited,
+            "outcomeDesc": f"{audited['outcomeDesc']}; attempt {delivery.attempts + 1}: {outcome.detail}; {protection}",
         }
         if outcome.kind in ("transient", "permanent"):
             event["outcome"] = "4" if outcome.kind == "transient" else "8"
@@ -306,6 +311,32 @@ class Deliverer:
             error=reason,
             audit_events=[event],
         )
+
+    def _withdrawal(
+        self, delivery: Delivery, prepared: Prepared, recipient: Recipient, now: datetime
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The notice telling a recipient of an earlier version to set it aside (no patient data, so no
+        consent decision: it only names the earlier message), and its AuditEvent."""
+        assert delivery.replaces is not None, "a withdrawal always names the message it withdraws"
+        recorded = now.isoformat(timespec="seconds")
+        message = package.withdrawal(
+            recipient,
+            prepared.letter_key,
+            recorded,
+            package.Sender(endpoint=self.settings.public_url),
+            prepared.rules.system,
+            delivery.replaces,
+        )
+        for entry in message["entry"]:
+            validate.check(entry["resource"], fhir_json=True)
+        event = audit.operation_event(
+            f"MessageHeader/{delivery.message_id}",
+            f"withdrawal notice to {recipient.display}: message {delivery.replaces} of an earlier version is "
+            "to be set aside (the new version is not addressed to this recipient); no patient data sent",
+            "delivery worker",
+            recorded,
+        )
+        return message, event
 
     def expire_unacknowledged(self, now: datetime | None = None) -> list[str]:
         """Give up waiting for the receipts older than ``GATEWAY_ACK_TIMEOUT_SECONDS`` (audited, dead-lettered)."""

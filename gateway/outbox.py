@@ -46,6 +46,7 @@ from gateway.logs import get_logger
 from gateway.metrics import Metrics, refusal_reason
 from gateway.seal import Signer
 from gateway.store import reader_for
+from gateway.translate.ids import resource_id
 
 __all__ = ["STATES", "UNACKNOWLEDGED", "Delivery", "Finish", "Outbox"]
 
@@ -85,6 +86,8 @@ _deliveries = Table(
     Column("queued_at", DateTime(timezone=True), nullable=True),
     Column("sent_at", DateTime(timezone=True), nullable=True),  # last hand-over to the transport
     Column("acknowledged_at", DateTime(timezone=True), nullable=True),
+    # "letter", or "withdrawal": tells a recipient of an earlier version that the new one is not for it
+    Column("kind", String(16), nullable=False, default="letter", server_default="letter"),
 )
 
 
@@ -104,6 +107,7 @@ class Delivery:
     queued_at: datetime | None = None
     sent_at: datetime | None = None
     acknowledged_at: datetime | None = None
+    kind: str = "letter"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,7 @@ def _delivery(row: Any) -> Delivery:
         _maybe(row.queued_at),
         _maybe(row.sent_at),
         _maybe(row.acknowledged_at),
+        row.kind,
     )
 
 
@@ -253,9 +258,16 @@ class Outbox:
                     replaces=earlier,
                 )
             )
-            replaced = self._supersede(conn, earlier, version, now) if earlier else {}
+            left = self._supersede(conn, earlier, version, now) if earlier else {}
+            replaced = {recipient: sent[0] for recipient, sent in left.items()}
             stale = f"superseded: version {later} of this letter was received first" if later else None
-            if deliveries:
+            routed = {recipient_id for _, recipient_id, _, _ in deliveries}
+            withdrawals = [
+                (resource_id("MessageHeader", document_key, recipient_id, "withdrawal"), recipient_id, ref, endpoint)
+                for recipient_id, (_, ref, endpoint) in sorted(left.items())
+                if recipient_id not in routed and not stale
+            ]  # had an earlier version, not addressed by this one: told to set it aside
+            if deliveries or withdrawals:
                 conn.execute(
                     _deliveries.insert(),
                     [
@@ -271,13 +283,15 @@ class Outbox:
                             "updated_at": now,
                             "queued_at": now,
                             "last_error": stale,
-                            "replaces": replaced.get(recipient_id),
                             "claimed_by": None,
                             "claimed_at": None,
                             "sent_at": None,
                             "acknowledged_at": None,
+                            "kind": kind,
+                            "replaces": replaced.get(recipient_id),
                         }
-                        for message_id, recipient_id, recipient_ref, endpoint in deliveries
+                        for kind, batch in (("letter", deliveries), ("withdrawal", withdrawals))
+                        for message_id, recipient_id, recipient_ref, endpoint in batch
                     ],
                 )
             self._append_audit(conn, audit_events, letter_id, now)
@@ -293,16 +307,23 @@ class Outbox:
         )
         return letter_id, True
 
-    def _supersede(self, conn: Connection, letter_id: str, version: int | None, now: datetime) -> dict[str, str]:
+    def _supersede(
+        self, conn: Connection, letter_id: str, version: int | None, now: datetime
+    ) -> dict[str, tuple[str, str, str]]:
         """A new version arrived: cancel what of the earlier one has not left yet; what left is replaced.
 
-        Returns, per recipient, the message id the new message must reference (only messages that were
-        handed over or may be in flight — a message never sent needs no replacement, it is withheld).
+        Returns, per recipient, (the message id the new message must reference, recipient reference,
+        endpoint) — only for messages that were handed over or may be in flight: a message never sent
+        needs no replacement, it is withheld.
         """
         rows = conn.execute(
-            select(_deliveries.c.recipient_id, _deliveries.c.message_id, _deliveries.c.status).where(
-                _deliveries.c.letter_id == letter_id
-            )
+            select(
+                _deliveries.c.recipient_id,
+                _deliveries.c.message_id,
+                _deliveries.c.status,
+                _deliveries.c.recipient_ref,
+                _deliveries.c.endpoint,
+            ).where(and_(_deliveries.c.letter_id == letter_id, _deliveries.c.kind == "letter"))
         ).all()
         pending = [r.message_id for r in rows if r.status in ("queued", "failed-retrying", "dead-lettered")]
         if pending:
@@ -311,7 +332,11 @@ class Outbox:
                 .where(and_(_deliveries.c.message_id.in_(pending), _deliveries.c.status != "sending"))
                 .values(status="withheld", updated_at=now, last_error=f"superseded by version {version} before it left")
             )
-        return {r.recipient_id: r.message_id for r in rows if r.status in ("sending", "sent", "acknowledged")}
+        return {
+            r.recipient_id: (r.message_id, r.recipient_ref, r.endpoint)
+            for r in rows
+            if r.status in ("sending", "sent", "acknowledged")
+        }
 
     def _append_audit(
         self,

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import __version__
-from gateway.label import CONFIDENTIALITY
+from gateway.directory import Recipient
+from gateway.label import CONFIDENTIALITY, INLINE_LABEL
 from gateway.redact import View
 from gateway.translate import narrative as nv
 from gateway.translate.build import PROJECT
 from gateway.translate.ids import resource_id, urn
 
-__all__ = ["EVENT", "EXT_REPLACES", "Sender", "message"]
+__all__ = ["EVENT", "EXT_REPLACES", "WITHDRAWAL", "Sender", "message", "withdrawal"]
 
 EXT_REPLACES = f"{PROJECT}/StructureDefinition/replaces-message"
 
@@ -28,6 +29,13 @@ EVENT = {
     "system": f"{PROJECT}/CodeSystem/message-event",
     "code": "discharge-notification",
     "display": "Discharge notification",
+}
+
+
+WITHDRAWAL = {
+    "system": f"{PROJECT}/CodeSystem/message-event",
+    "code": "discharge-withdrawal",
+    "display": "Discharge letter withdrawn",
 }
 
 
@@ -114,3 +122,68 @@ def message(
 def _sender_ids(communication: Mapping[str, Any]) -> list[str]:
     ref = (communication.get("sender") or {}).get("reference", "")
     return [ref.removeprefix("urn:uuid:")] if ref else []
+
+
+def withdrawal(
+    recipient: Recipient, letter_key: str, timestamp: str, sender: Sender, category_system: str, replaces: str
+) -> Json:
+    """The notice for a recipient of an earlier version that the new version is no longer addressed to:
+    set message ``replaces`` aside.  It names the earlier message only — no patient, no content: the
+    recipient may no longer be entitled to any of it (a corrected médecin traitant, a withdrawn
+    consent)."""
+    assert recipient.endpoint is not None, "only a recipient reached before is told"
+    label = {"system": category_system, "code": "logistics"}
+    text = (
+        f"Le message {replaces} (compte rendu de sortie) a été remplacé par une nouvelle version qui ne vous "
+        "est pas adressée : ne le prenez plus en compte."
+    )
+    communication: Json = {
+        "resourceType": "Communication",
+        "id": resource_id("Communication", letter_key, recipient.id, "withdrawal"),
+        "meta": {"security": [label]},
+        "text": nv.generated(nv.dl([("Retrait", text)])),
+        "status": "completed",
+        "sent": timestamp,
+        "recipient": [{"display": recipient.display}],
+        "payload": [
+            {"extension": [{"url": INLINE_LABEL, "valueCoding": label}], "contentString": text}
+        ],  # labelled inline like every payload: logistics
+    }
+    header: Json = {
+        "resourceType": "MessageHeader",
+        "id": resource_id("MessageHeader", letter_key, recipient.id, "withdrawal"),
+        "meta": {"security": [label]},
+        "text": nv.generated(
+            nv.dl(
+                [
+                    ("Message", WITHDRAWAL["display"]),
+                    ("Destinataire", recipient.display),
+                    ("Retire", f"le message {replaces} (version précédente de la lettre)"),
+                ]
+            )
+        ),
+        "extension": [{"url": EXT_REPLACES, "valueId": replaces}],
+        "eventCoding": WITHDRAWAL,
+        "destination": [
+            {
+                "name": recipient.display,
+                "endpoint": recipient.endpoint.address,
+                "receiver": {"reference": recipient.ref, "display": recipient.display},
+            }
+        ],
+        "source": {
+            "name": sender.name,
+            "software": "discharge-gateway",
+            "version": __version__,
+            "endpoint": sender.endpoint,
+        },
+        "focus": [{"reference": urn(communication["id"])}],
+    }
+    return {
+        "resourceType": "Bundle",
+        "id": resource_id("Bundle", letter_key, recipient.id, "withdrawal"),
+        "meta": {"security": [label]},
+        "type": "message",
+        "timestamp": timestamp,
+        "entry": [{"fullUrl": urn(r["id"]), "resource": r} for r in (header, communication)],
+    }

@@ -607,6 +607,7 @@ def _delivery_json(d: Delivery) -> Json:
         "nextAttempt": d.due_at.isoformat() if d.status == "failed-retrying" else None,
         "lastError": d.last_error,
         "replaces": d.replaces,
+        "kind": d.kind,
     }
 
 

@@ -67,6 +67,11 @@ SCHEMAS: dict[str, Json] = {
             "nextAttempt": _TIME,
             "lastError": {"type": ["string", "null"]},
             "replaces": {"type": ["string", "null"]},
+            "kind": {
+                "type": "string",
+                "enum": ["letter", "withdrawal"],
+                "description": "the letter, or a notice to set an earlier version aside (`replaces`)",
+            },
         },
     },
     "LetterStatus": {

@@ -15,6 +15,7 @@ import orjson
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from gateway import invariants, validate
 from gateway.package import EXT_REPLACES
 from tests.e2e.test_service import DISPATCH, HIS, world
 
@@ -94,3 +95,55 @@ def test_an_older_version_arriving_late_is_stored_but_never_sent(world: dict[str
     }
     assert worker.run_once() == 0
     assert len(_received_headers(tmp_path)) == 6
+
+
+PHARMACIST = b"<!-- Destinataire 3 : pharmacien d'officine"
+
+
+def _without_pharmacist(body: bytes) -> bytes:
+    """The letter without its third intended recipient (the pharmacist): a correction of the list."""
+    start = body.index(PHARMACIST)
+    end = body.index(b"</informationRecipient>\n\n", body.index(b"<informationRecipient>", start)) + len(
+        b"</informationRecipient>"
+    )
+    return body[:start] + body[end:]
+
+
+def test_a_recipient_the_new_version_drops_is_told_to_set_the_earlier_one_aside(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """The pharmacist got version 1; version 2 is no longer addressed to him: he receives a withdrawal
+    notice naming the message to set aside — and nothing about the patient."""
+    client, worker = world["client"], world["worker"]
+    first = _push(client, V1)
+    assert worker.run_once() == 6
+    earlier = {d["recipient"]: d["messageHeader"] for d in _status(client, first)["deliveries"]}
+    second = _push(client, _without_pharmacist(_version(2)))
+    deliveries = {d["recipient"]: d for d in _status(client, second)["deliveries"]}
+    withdrawals = [r for r, d in deliveries.items() if d["kind"] == "withdrawal"]
+    assert len(withdrawals) == 1 and len(deliveries) == 6, deliveries
+    [dropped] = withdrawals
+    assert deliveries[dropped]["replaces"] == earlier[dropped]
+    assert worker.run_once() == 6
+    assert {d["status"] for d in _status(client, second)["deliveries"]} == {"acknowledged"}
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'rx.db'}")
+    with engine.connect() as conn:
+        bodies = {
+            orjson.loads(r.body)["entry"][0]["resource"]["id"]: r.body
+            for r in conn.execute(text("SELECT body FROM received_message"))
+        }
+    engine.dispose()
+    notice = orjson.loads(bodies[deliveries[dropped]["messageHeader"]])
+    header = notice["entry"][0]["resource"]
+    assert header["eventCoding"]["code"] == "discharge-withdrawal"
+    assert header["extension"] == [{"url": EXT_REPLACES, "valueId": earlier[dropped]}]
+    assert [e["resource"]["resourceType"] for e in notice["entry"]] == ["MessageHeader", "Communication"]
+    assert not [p for e in notice["entry"] for p in validate.check_with_models(e["resource"])], "valid FHIR R4"
+    assert not invariants.violations(notice)
+    original = orjson.loads(bodies[earlier[dropped]])
+    patient = next(e["resource"] for e in original["entry"] if e["resource"]["resourceType"] == "Patient")
+    raw = bodies[deliveries[dropped]["messageHeader"]]
+    for value in [i["value"] for i in patient["identifier"]] + [n["family"] for n in patient["name"]]:
+        assert value not in raw, f"the withdrawal notice carries the patient's {value!r}"
+    assert patient["birthDate"] not in raw
