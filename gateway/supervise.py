@@ -58,20 +58,24 @@ def settle_heap() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the supervisor dies (elsewhere: best effort, nothing)."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when the supervisor dies (elsewhere: best effort, nothing) — and
+    leave at once if it died between the fork and this call."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _fork(index: int, run: Callable[[int], int]) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the worker: run, then leave without running the supervisor's exit handlers
         code = 1
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            _die_with_parent()
+            _die_with_parent(parent)
             code = run(index)
         except BaseException:  # a worker's failure is logged, then its exit code says it
             _log.exception("gateway worker failed", worker=index)
