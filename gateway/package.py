@@ -67,40 +67,12 @@ def message(
         ),
         None,
     )
-    header: Json = {
-        "resourceType": "MessageHeader",
-        "id": header_id,
-        "meta": {"security": [{"system": category_system, "code": "logistics"}]},
-        "text": nv.generated(
-            nv.dl(
-                [
-                    ("Message", EVENT["display"]),
-                    ("Destinataire", recipient.display),
-                    ("Adresse", recipient.endpoint.address),
-                    *([("Remplace", f"le message {replaces} (version précédente de la lettre)")] if replaces else []),
-                ]
-            )
-        ),
-        "eventCoding": EVENT,
-        "destination": [
-            {
-                "name": recipient.display,
-                "endpoint": recipient.endpoint.address,
-                "receiver": {"reference": recipient.ref, "display": recipient.display},
-            }
-        ],
-        "source": {
-            "name": sender.name,
-            "software": "discharge-gateway",
-            "version": __version__,
-            "endpoint": sender.endpoint,
-        },
-        "focus": [{"reference": urn(view.communication["id"])}],
-    }
-    if author:
-        header["sender"] = {"reference": author}
+    lines = [("Adresse", recipient.endpoint.address)]
     if replaces:
-        header["extension"] = [{"url": EXT_REPLACES, "valueId": replaces}]
+        lines.append(("Remplace", f"le message {replaces} (version précédente de la lettre)"))
+    label = {"system": category_system, "code": "logistics"}
+    focus = view.communication["id"]
+    header = _header(header_id, EVENT, recipient, sender, focus, label, lines, author=author, replaces=replaces)
     entries = [header, *view.resources]
     labels: dict[tuple[str, str], Json] = {}
     for res in entries:
@@ -117,6 +89,48 @@ def message(
         "timestamp": timestamp,
         "entry": [{"fullUrl": urn(r["id"]), "resource": r} for r in entries],
     }
+
+
+def _header(
+    header_id: str,
+    event: Json,
+    recipient: Recipient,
+    sender: Sender,
+    focus: str,
+    label: Json,
+    lines: list[tuple[str, str]],
+    *,
+    author: str | None = None,
+    replaces: str | None = None,
+) -> Json:
+    """A MessageHeader to one recipient (its narrative: the event, the recipient, then ``lines``)."""
+    assert recipient.endpoint is not None
+    header: Json = {
+        "resourceType": "MessageHeader",
+        "id": header_id,
+        "meta": {"security": [label]},
+        "text": nv.generated(nv.dl([("Message", event["display"]), ("Destinataire", recipient.display), *lines])),
+        "eventCoding": event,
+        "destination": [
+            {
+                "name": recipient.display,
+                "endpoint": recipient.endpoint.address,
+                "receiver": {"reference": recipient.ref, "display": recipient.display},
+            }
+        ],
+        "source": {
+            "name": sender.name,
+            "software": "discharge-gateway",
+            "version": __version__,
+            "endpoint": sender.endpoint,
+        },
+        "focus": [{"reference": urn(focus)}],
+    }
+    if author:
+        header["sender"] = {"reference": author}
+    if replaces:
+        header["extension"] = [{"url": EXT_REPLACES, "valueId": replaces}]
+    return header
 
 
 def _sender_ids(communication: Mapping[str, Any]) -> list[str]:
@@ -149,36 +163,16 @@ def withdrawal(
             {"extension": [{"url": INLINE_LABEL, "valueCoding": label}], "contentString": text}
         ],  # labelled inline like every payload: logistics
     }
-    header: Json = {
-        "resourceType": "MessageHeader",
-        "id": resource_id("MessageHeader", letter_key, recipient.id, "withdrawal"),
-        "meta": {"security": [label]},
-        "text": nv.generated(
-            nv.dl(
-                [
-                    ("Message", WITHDRAWAL["display"]),
-                    ("Destinataire", recipient.display),
-                    ("Retire", f"le message {replaces} (version précédente de la lettre)"),
-                ]
-            )
-        ),
-        "extension": [{"url": EXT_REPLACES, "valueId": replaces}],
-        "eventCoding": WITHDRAWAL,
-        "destination": [
-            {
-                "name": recipient.display,
-                "endpoint": recipient.endpoint.address,
-                "receiver": {"reference": recipient.ref, "display": recipient.display},
-            }
-        ],
-        "source": {
-            "name": sender.name,
-            "software": "discharge-gateway",
-            "version": __version__,
-            "endpoint": sender.endpoint,
-        },
-        "focus": [{"reference": urn(communication["id"])}],
-    }
+    header = _header(
+        resource_id("MessageHeader", letter_key, recipient.id, "withdrawal"),
+        WITHDRAWAL,
+        recipient,
+        sender,
+        communication["id"],
+        label,
+        [("Retire", f"le message {replaces} (version précédente de la lettre)")],
+        replaces=replaces,
+    )
     return {
         "resourceType": "Bundle",
         "id": resource_id("Bundle", letter_key, recipient.id, "withdrawal"),
