@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from tenacity import wait_exponential_jitter
 
-from gateway import audit, crypt, package, seal, validate
+from gateway import audit, crypt, label, package, seal, validate
 from gateway.consent import ConsentStore
 from gateway.directory import Directory, Endpoint, Recipient
 from gateway.errors import GatewayError
@@ -245,10 +245,10 @@ class Deliverer:
         recipient = directory.get(delivery.recipient_id)
         if recipient is None or recipient.endpoint is None:
             return self._failed(delivery, "dead-lettered", "recipient no longer in the directory, or without endpoint")
-        prepared = self._letter(delivery.letter_id)
         if delivery.kind == "withdrawal":
-            message, audited = self._withdrawal(delivery, prepared, recipient, now)
+            message, audited = self._withdrawal(delivery, recipient, now)
         else:
+            prepared = self._letter(delivery.letter_id)
             routing = routings.get(delivery.letter_id)
             if routing is None:
                 routing = routings[delivery.letter_id] = route(prepared.resources, directory, prepared.policy)
@@ -313,18 +313,21 @@ class Deliverer:
         )
 
     def _withdrawal(
-        self, delivery: Delivery, prepared: Prepared, recipient: Recipient, now: datetime
+        self, delivery: Delivery, recipient: Recipient, now: datetime
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The notice telling a recipient of an earlier version to set it aside (no patient data, so no
-        consent decision: it only names the earlier message), and its AuditEvent."""
+        consent decision: it only names the earlier message), and its AuditEvent.  The letter is not
+        translated for it: its document key (the message identity) is read from the outbox."""
         assert delivery.replaces is not None, "a withdrawal always names the message it withdraws"
+        letter = self.outbox.letter(delivery.letter_id)
+        assert letter is not None, "a delivery always has its letter"
         recorded = now.isoformat(timespec="seconds")
         message = package.withdrawal(
             recipient,
-            prepared.letter_key,
+            str(letter["document"]),
             recorded,
             package.Sender(endpoint=self.settings.public_url),
-            prepared.rules.system,
+            label.rules_from(self.mappings).system,
             delivery.replaces,
         )
         for entry in message["entry"]:
