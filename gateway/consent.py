@@ -281,7 +281,8 @@ def decide(
             continue
         valid.append((given, version))
 
-    def apply(provision: Mapping[str, Any], version: ConsentVersion, inherited: bool) -> None:
+    def apply(provision: Mapping[str, Any], version: ConsentVersion, inherited: bool) -> bool:
+        """Apply one provision (not its nested ones); whether it applies, for them to inherit."""
         actors = provision.get("actor") or []
         applies = any(_actor_matches(a, recipient, policy) for a in actors) if actors else inherited
         purposes = {p.get("code") for p in provision.get("purpose", [])}
@@ -316,13 +317,18 @@ def decide(
                 state[category] = (permit, basis)
             for code in sens if not everything else (set(policy.sensitive) if not permit else set()):
                 sensitive[code] = (permit, basis)
-        for nested in provision.get("provision", []):
-            apply(nested, version, applies)
+        return applies
 
     for _, version in sorted(valid, key=lambda item: item[0]):
         provision = version.resource.get("provision")
         if isinstance(provision, Mapping):
-            apply(provision, version, True)
+            # depth first, each provision before its nested ones, in order (a later one overrides); a
+            # loop, not recursion: a closure calling itself is a reference cycle only the collector frees
+            pending: list[tuple[Mapping[str, Any], bool]] = [(provision, True)]
+            while pending:
+                node, inherited = pending.pop()
+                applies = apply(node, version, inherited)
+                pending.extend((nested, applies) for nested in reversed(node.get("provision", [])))
         else:
             ignored.append(Basis("consent:no-provision", "consent without provision: nothing to apply", version.ref))
 
