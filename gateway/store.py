@@ -8,6 +8,8 @@ and ``meta.lastUpdated`` are set here, never trusted from the client).
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import uuid
 import weakref
@@ -82,11 +84,41 @@ def make_engine(url: str) -> Engine:
             url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=1, max_overflow=0, pool_timeout=60
         )
         event.listen(engine, "connect", _sqlite_pragmas)
+        if engine.url.database and engine.url.database != ":memory:" and not engine.url.database.startswith("file:"):
+            _one_writer_at_a_time(engine, engine.url.database + "-writer")
         return engine
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return create_engine(parsed, pool_pre_ping=True)
+
+
+def _one_writer_at_a_time(engine: Engine, lock_path: str) -> None:
+    """Processes sharing a SQLite file take turns on its one writer connection through a lock file.
+
+    Without it, two gateway processes meet in SQLite's busy handler, which sleeps 1, 2, 5, 10, 25 …
+    ms between tries while holding the process's only connection: hundreds of such sleeps a minute
+    under load (measured with strace), each one stalling that process's commits.  ``flock`` queues
+    the waiter in the kernel and wakes it the moment the holder checks its connection back in; the
+    kernel drops the lock of a process that dies.  The lock is held from checkout to checkin of the
+    writer connection (the commit included); the read-only pool (:func:`reader_for`) never takes it."""
+    opened: dict[str, int] = {}  # pid → descriptor: a forked worker opens its own (a shared one would not exclude)
+
+    def descriptor() -> int:
+        key = str(os.getpid())
+        if key not in opened:
+            opened.clear()
+            opened[key] = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return opened[key]
+
+    def take(*_args: Any) -> None:
+        fcntl.flock(descriptor(), fcntl.LOCK_EX)
+
+    def give_back(*_args: Any) -> None:
+        fcntl.flock(descriptor(), fcntl.LOCK_UN)
+
+    event.listen(engine, "checkout", take)
+    event.listen(engine, "checkin", give_back)
 
 
 _readers: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
