@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 from joserfc.jwk import ECKey
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, select
+from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.api.auth import StrPath, uvicorn_tls_options
@@ -48,13 +48,16 @@ _received = Table(
     Column("response", Text, nullable=False),
     Column("body", Text, nullable=False),
 )
+# built once: ``insert().values(...)`` per message was a new statement and a new cache key each time
+_INSERT = _received.insert()
+_FIRST_RESPONSE = select(_received.c.response).where(_received.c.message_id == bindparam("message_id"))
 
 
 def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type=FHIR_JSON)
 
 
-def _response_message(request_header: Json, endpoint: str) -> Json:
+def _response_message(request_header: Json, endpoint: str, now: datetime) -> Json:
     header = {
         "resourceType": "MessageHeader",
         "id": str(uuid.uuid4()),
@@ -66,7 +69,7 @@ def _response_message(request_header: Json, endpoint: str) -> Json:
         "resourceType": "Bundle",
         "id": str(uuid.uuid4()),
         "type": "message",
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "timestamp": now.isoformat(timespec="seconds"),
         "entry": [{"fullUrl": f"urn:uuid:{header['id']}", "resource": header}],
     }
 
@@ -125,23 +128,25 @@ def create_receiver(
                 verify(bundle, keys)
             except SealError as exc:
                 raise ApiError(400, "security", exc.message) from None
-        response = _response_message(header, endpoint)
+        now = datetime.now(UTC)
+        response = orjson.dumps(_response_message(header, endpoint, now))
         try:  # the first time: one statement; the primary key catches a resend, even a concurrent one
             with engine.begin() as conn:
                 conn.execute(
-                    _received.insert().values(
-                        message_id=header["id"],
-                        bundle_id=str(bundle.get("id", "")),
-                        received_at=datetime.now(UTC),
-                        response=orjson.dumps(response).decode(),
-                        body=body.decode(),  # as received (decrypted): what was verified, byte for byte
-                    )
+                    _INSERT,
+                    {
+                        "message_id": header["id"],
+                        "bundle_id": str(bundle.get("id", "")),
+                        "received_at": now,
+                        "response": response.decode(),
+                        "body": body.decode(),  # as received (decrypted): what was verified, byte for byte
+                    },
                 )
         except IntegrityError:  # a resend: the original answer, nothing processed again
             with engine.connect() as conn:
-                first = conn.execute(select(_received.c.response).where(_received.c.message_id == header["id"]))
-                return _json(orjson.loads(first.scalar_one()))
-        return _json(response)
+                first = conn.execute(_FIRST_RESPONSE, {"message_id": header["id"]}).scalar_one()
+                return Response(first.encode(), media_type=FHIR_JSON)
+        return Response(response, media_type=FHIR_JSON)
 
     @app.get("/messages")
     def messages() -> Response:

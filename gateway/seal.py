@@ -22,7 +22,7 @@ import orjson
 from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey
-from joserfc.util import json_b64encode
+from joserfc.util import json_b64decode, json_b64encode, urlsafe_b64decode
 
 from gateway.errors import GatewayError
 
@@ -113,29 +113,47 @@ def sign(bundle: Mapping[str, Any], signer: Signer, when: str) -> Json:
 
 
 def verify(bundle: Mapping[str, Any], keys: Iterable[ECKey]) -> str:
-    """Check the Bundle's signature against trusted public keys; returns the signing ``kid``."""
+    """Check the Bundle's signature against trusted public keys; returns the signing ``kid``.
+
+    What ``jws.deserialize_compact(head..sig, key, algorithms=["ES256"], payload=...)`` checks — joserfc's
+    header size and parameter checks, its key check and its ES256 — plus a refusal of ``b64``/``crit``
+    (RFC 7797 would sign the payload unencoded: never what :func:`sign` writes).  The signing input is
+    built as :func:`sign` builds it, with the registry built once and the header decoded once.
+    """
     signature = bundle.get("signature")
     if not isinstance(signature, Mapping) or signature.get("sigFormat") != "application/jose":
         raise SealError("the message carries no JWS signature")
     try:
-        detached = base64.b64decode(str(signature.get("data", "")), validate=True).decode("ascii")
-        head, empty, sig = detached.split(".")
-    except (ValueError, UnicodeDecodeError):
+        head, empty, sig = base64.b64decode(str(signature.get("data", "")), validate=True).split(b".")
+    except ValueError:
         raise SealError("the message signature is malformed") from None
     if empty:
         raise SealError("the JWS is not detached: refusing a signature that carries its own payload")
     try:
-        header = orjson.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, orjson.JSONDecodeError):
-        raise SealError("the JWS header is malformed") from None
+        _REGISTRY.validate_header_size(head)
+        header = json_b64decode(head)  # joserfc's strict base64url (no padding, canonical last character)
+    except (ValueError, TypeError, JoseError):
+        header = None
+    if not isinstance(header, dict):
+        raise SealError("the JWS header is malformed")
     trusted = {str(k.kid): k for k in keys}
     key = trusted.get(str(header.get("kid")))
     if key is None:
         raise SealError(f"the message is signed by an unknown key {header.get('kid')!r}")
-    unsigned = {k: v for k, v in bundle.items() if k != "signature"}
+    if header.get("alg") != "ES256" or "b64" in header or "crit" in header:
+        raise SealError(f"the JWS header is not accepted: only ES256, no b64/crit (alg {header.get('alg')!r})")
     try:
-        # the detached form (RFC 7515 appendix F): the payload is given beside the compact value
-        jws.deserialize_compact(f"{head}..{sig}", key, algorithms=["ES256"], payload=canonical(unsigned))
-    except JoseError:
+        _REGISTRY.check_header(header)  # joserfc's: value types, registered parameters only
+        _ES256.check_key(key)  # an EC P-256 key whose use/alg allow ES256 signatures
+        _REGISTRY.validate_signature_size(sig)
+        raw = urlsafe_b64decode(sig)
+    except (ValueError, TypeError, JoseError):
         raise SealError("the signature does not match the message: it was altered or signed by another key") from None
+    unsigned = {k: v for k, v in bundle.items() if k != "signature"}
+    try:  # the detached form (RFC 7515 appendix F): the payload is the canonical JSON beside the compact value
+        valid = _ES256.verify(head + b"." + _b64url(canonical(unsigned)), raw, key)
+    except JoseError:  # e.g. a trusted key whose key_ops exclude "verify"
+        valid = False
+    if not valid:
+        raise SealError("the signature does not match the message: it was altered or signed by another key")
     return str(key.kid)
