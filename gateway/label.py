@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from gateway.mappings import Mappings, load_model
-from gateway.text import Lexicon, fold, strings_in
+from gateway.text import Lexicon, fold, fold_joined, strings_in
 
 __all__ = [
     "CONFIDENTIALITY",
@@ -76,7 +76,7 @@ class Sensitivity(_Strict):
 class Compiled:
     """The label rules' lexicons, compiled once; a plain object so hot loops avoid pydantic's attribute hooks."""
 
-    __slots__ = ("any_sensitive", "borderline", "coded", "displays", "lexicons", "sensitive")
+    __slots__ = ("any_sensitive", "borderline", "coded", "displays", "lexicons", "payload", "sensitive")
 
     def __init__(self, rules: LabelRules) -> None:
         self.lexicons = {name: Lexicon(terms) for name, terms in rules.lexicons.items()}
@@ -89,6 +89,9 @@ class Compiled:
         for r in rules.sensitivity.rules:
             self.displays.setdefault(r.code, r.display)
         self.borderline = [(Lexicon(b.terms), b.logistics_in) for b in rules.borderline]
+        # payload patterns in order, each with whether it is a plain id (fnmatch of a pattern without
+        # * ? [ is equality: no fnmatch call for those)
+        self.payload = [(p, c, not any(ch in p for ch in "*?[")) for p, c in rules.payload.items()]
 
     def hits(self, lexicon: str, folded_text: str) -> bool:
         return self.lexicons[lexicon].hit(folded_text)
@@ -100,10 +103,16 @@ class Compiled:
         return folded_text
 
     def sensitive_in_text(self, folded_text: str) -> list[str]:
-        tokens = folded_text.split()
-        if not self.any_sensitive.hit(folded_text, tokens):
+        # (the text is not split here: on folded text a lexicon answers with one regex search)
+        if not self.any_sensitive.hit(folded_text):
             return []
-        return [code for code, lexicon in self.sensitive.items() if lexicon.hit(folded_text, tokens)]
+        return [code for code, lexicon in self.sensitive.items() if lexicon.hit(folded_text)]
+
+    def sensitive_in_folded(self, folded_text: str) -> list[str]:
+        """:meth:`sensitive_in_text` of what fold() returned (the labeller's own texts), without checking it."""
+        if not self.any_sensitive.hit_folded(folded_text):
+            return []
+        return [code for code, lexicon in self.sensitive.items() if lexicon.hit_folded(folded_text)]
 
 
 class LabelRules(_Strict):
@@ -158,11 +167,14 @@ def _coding(system: str, code: str, display: str | None = None) -> Json:
     return out
 
 
-def _codes(value: Any, systems: Sequence[str]) -> Iterable[str]:
-    if isinstance(value, Mapping):
-        for coding in value.get("coding", []):
-            if coding.get("system") in systems and coding.get("code"):
-                yield str(coding["code"]).upper().replace(".", "")
+def _codes(value: Any, systems: Sequence[str]) -> list[str]:
+    if type(value) is not dict and (value is None or type(value) is list or not isinstance(value, Mapping)):
+        return []
+    return [
+        str(coding["code"]).upper().replace(".", "")
+        for coding in value.get("coding", [])
+        if coding.get("system") in systems and coding.get("code")
+    ]
 
 
 def _strings(node: Any) -> list[str]:
@@ -170,20 +182,35 @@ def _strings(node: Any) -> list[str]:
 
 
 def _text(node: Any) -> str:
-    return fold(" ".join(_strings(node)))
+    return fold_joined(_strings(node))  # fold(" ".join(...))
+
+
+def _resource_text(resource: Json) -> str:
+    """``_text`` of the resource without its narrative (top-level ``text``), without copying it."""
+    # strings_in of a list walks its items as it walks an object's values: the same strings, same order
+    return fold_joined(strings_in([v for k, v in resource.items() if k != "text" and k not in _TEXT_SKIP]))
 
 
 _ICD = ("http://hl7.org/fhir/sid/icd-10", "http://hl7.org/fhir/sid/icd-10-cm")
 
 
+_ATC = ("http://www.whocc.no/atc",)
+
+
 def _coded_sensitivity(resource: Mapping[str, Any], compiled: Compiled) -> set[str]:
-    atc = list(_codes(resource.get("medicationCodeableConcept"), ("http://www.whocc.no/atc",)))
-    icd: list[str] = []
-    for key in ("code", "valueCodeableConcept"):
-        icd.extend(_codes(resource.get(key), _ICD))
+    found: set[str] = set()
+    if (
+        "medicationCodeableConcept" not in resource
+        and "code" not in resource
+        and "valueCodeableConcept" not in resource
+        and "reasonCode" not in resource
+    ):
+        return found  # nothing coded to look at (an Organization, a Patient...)
+    atc = _codes(resource.get("medicationCodeableConcept"), _ATC)
+    icd = _codes(resource.get("code"), _ICD)
+    icd.extend(_codes(resource.get("valueCodeableConcept"), _ICD))
     for reason in resource.get("reasonCode", []):
         icd.extend(_codes(reason, _ICD))
-    found = set()
     if atc or icd:  # most resources carry neither
         for code, atc_prefixes, icd_prefixes in compiled.coded:
             if any(c.startswith(atc_prefixes) for c in atc) or any(c.startswith(icd_prefixes) for c in icd):
@@ -192,11 +219,14 @@ def _coded_sensitivity(resource: Mapping[str, Any], compiled: Compiled) -> set[s
 
 
 def activity_category(activity: Mapping[str, Any], rules: LabelRules) -> Category:
+    return _activity_category(activity, rules, rules.compiled)
+
+
+def _activity_category(activity: Mapping[str, Any], rules: LabelRules, compiled: Compiled) -> Category:
     detail = activity.get("detail") or {}
     code = detail.get("code") or {}
     parts = [str(detail.get("description") or ""), str(code.get("text") or "")]
     parts.extend(str(c.get("display") or "") for c in code.get("coding", []))
-    compiled = rules.compiled
     text = compiled.mask_borderline(fold(" ".join(parts)))
     for rule in rules.activities:
         if compiled.hits(rule.when_any, text):
@@ -205,19 +235,34 @@ def activity_category(activity: Mapping[str, Any], rules: LabelRules) -> Categor
 
 
 def payload_category(payload: Mapping[str, Any], rules: LabelRules) -> Category:
+    return _payload_category(payload, rules.compiled, rules.fallback)
+
+
+def _payload_category(payload: Mapping[str, Any], compiled: Compiled, fallback: Category) -> Category:
     element_id = str(payload.get("id") or "")
-    for pattern, category in rules.payload.items():
-        if fnmatch.fnmatchcase(element_id, pattern):
+    for pattern, category, plain in compiled.payload:
+        if element_id == pattern if plain else fnmatch.fnmatchcase(element_id, pattern):
             return category
-    return rules.fallback
+    return fallback
 
 
 def _inline(element: Json, system: str, category: str, sensitivity: Iterable[str], rules: LabelRules) -> None:
+    _inline_with(element, system, category, sensitivity, rules.sensitivity.system, rules.compiled.displays)
+
+
+def _inline_with(
+    element: Json,
+    system: str,
+    category: str,
+    sensitivity: Iterable[str],
+    sensitivity_system: str,
+    displays: Mapping[str, str],
+) -> None:
     extensions = [e for e in element.get("extension", []) if e.get("url") != INLINE_LABEL]
     extensions.append({"url": INLINE_LABEL, "valueCoding": _coding(system, category)})
     for code in sorted(sensitivity):
         extensions.append(
-            {"url": INLINE_LABEL, "valueCoding": _coding(rules.sensitivity.system, code, rules.display(code))}
+            {"url": INLINE_LABEL, "valueCoding": _coding(sensitivity_system, code, displays.get(code, code))}
         )
     element["extension"] = extensions
 
@@ -251,62 +296,92 @@ _PLAN_PAYLOADS = ("follow-up-plan", "careplan")
 
 def apply(resources: Sequence[Json], rules: LabelRules, confidentiality: str | None = None) -> None:
     """Label every resource in place (the dicts are fresh from the builder and owned by this stage)."""
-    compiled = rules.compiled  # once: a pydantic private attribute is slow to reach
+    # everything the loops read, once: a pydantic private attribute (rules.compiled, behind
+    # rules.display) is slow to reach, and the rule fields are asked for every resource
+    compiled = rules.compiled
+    displays = compiled.displays
+    kinds = rules.resources
+    fallback = rules.fallback
+    system = rules.system
+    text_in = rules.sensitivity.text_in
+    sensitivity_system = rules.sensitivity.system
+    sensitive_in_text = compiled.sensitive_in_folded  # every text below is fold()'s output
     own: dict[str, set[str]] = {}
     inline: dict[int, tuple[str, set[str]]] = {}
     for res in resources:
         found = _coded_sensitivity(res, compiled)
-        kind = rules.resources.get(res["resourceType"], rules.fallback)
+        resource_type = res["resourceType"]
+        kind = kinds.get(resource_type, fallback)
         if kind == "by-element":
-            if res["resourceType"] == "CarePlan":
+            if resource_type == "CarePlan":
                 for activity in res.get("activity") or []:
-                    codes = set(compiled.sensitive_in_text(_text(activity.get("detail", {}))))
-                    inline[id(activity)] = (activity_category(activity, rules), codes)
+                    codes = set(sensitive_in_text(_text(activity.get("detail", {}))))
+                    inline[id(activity)] = (_activity_category(activity, rules, compiled), codes)
                     found |= codes
-        elif res["resourceType"] in rules.sensitivity.text_in:
-            found |= set(compiled.sensitive_in_text(_text({k: v for k, v in res.items() if k != "text"})))
+        elif resource_type in text_in:
+            found |= set(sensitive_in_text(_resource_text(res)))
         own[res["id"]] = found
     drugs = set().union(*(own[r["id"]] for r in resources if r["resourceType"] == "MedicationStatement"))
     plan = set().union(*(own[r["id"]] for r in resources if r["resourceType"] == "CarePlan"))
     letter = set().union(*own.values())
+    confidentiality_coding = _coding(CONFIDENTIALITY, confidentiality) if confidentiality else None
     for res in resources:
-        kind = rules.resources.get(res["resourceType"], rules.fallback)
+        resource_type = res["resourceType"]
+        kind = kinds.get(resource_type, fallback)
         categories: list[str] = []
         sensitivity = set(own[res["id"]])
-        if res["resourceType"] == "List":
+        if resource_type == "List":
             sensitivity |= drugs
-        elif res["resourceType"] in ("DocumentReference", "OperationOutcome"):
+        elif resource_type in ("DocumentReference", "OperationOutcome"):
             sensitivity |= letter  # the original letter and the report contain everything
         if kind == "by-element":
-            if res["resourceType"] == "CarePlan":
+            if resource_type == "CarePlan":
                 for activity in res.get("activity") or []:
                     category, codes = inline[id(activity)]
-                    _inline(activity, rules.system, category, codes, rules)
+                    _inline_with(activity, system, category, codes, sensitivity_system, displays)
                     categories.append(category)
             else:
                 for payload in res.get("payload") or []:
-                    category = payload_category(payload, rules)
+                    category = _payload_category(payload, compiled, fallback)
                     element_id = str(payload.get("id") or "")
                     if element_id in _DRUG_PAYLOADS:
                         codes = drugs if element_id != "original" else letter
                     elif element_id in _PLAN_PAYLOADS:
                         codes = plan
                     else:
-                        codes = set(compiled.sensitive_in_text(_text(payload)))
-                    _inline(payload, rules.system, category, codes, rules)
+                        codes = set(sensitive_in_text(_text(payload)))
+                    _inline_with(payload, system, category, codes, sensitivity_system, displays)
                     categories.append(category)
                     sensitivity |= codes
             if not categories:
-                categories.append(rules.fallback)
+                categories.append(fallback)
         else:
             categories.append(kind)
-        security = [_coding(rules.system, c) for c in dict.fromkeys(categories)]
-        if confidentiality:
-            security.append(_coding(CONFIDENTIALITY, confidentiality))
-        security.extend(_coding(rules.sensitivity.system, c, rules.display(c)) for c in sorted(sensitivity))
-        res["meta"] = {**res.get("meta", {}), "security": security}
-        # keep "meta" right after "id" for readable output
-        ordered: dict[str, Any] = {k: res[k] for k in ("resourceType", "id", "meta") if k in res}
-        ordered.update({k: v for k, v in res.items() if k not in ordered})
-        res.clear()
-        res.update(ordered)
+        if len(categories) == 1:  # (most resources: one category, no sensitivity)
+            security = [{"system": system, "code": categories[0]}]
+        else:
+            security = [_coding(system, c) for c in dict.fromkeys(categories)]
+        if confidentiality_coding is not None:
+            security.append(dict(confidentiality_coding))
+        if sensitivity:
+            security.extend(_coding(sensitivity_system, c, displays.get(c, c)) for c in sorted(sensitivity))
+        _set_meta(res, security)
+
+
+def _set_meta(res: Json, security: list[Json]) -> None:
+    """``res["meta"]["security"] = security``, "meta" placed right after "id" for readable output."""
+    if "meta" not in res and next(iter(res), None) == "resourceType":
+        # the builder's resources (resourceType, id, ...): rebuilt once, in that order
+        items = list(res.items())
+        if len(items) > 1 and items[1][0] == "id":
+            res.clear()
+            res["resourceType"] = items[0][1]
+            res["id"] = items[1][1]
+            res["meta"] = {"security": security}
+            res.update(items[2:])
+            return
+    res["meta"] = {**res.get("meta", {}), "security": security}
+    ordered: dict[str, Any] = {k: res[k] for k in ("resourceType", "id", "meta") if k in res}
+    ordered.update({k: v for k, v in res.items() if k not in ordered})
+    res.clear()
+    res.update(ordered)

@@ -751,7 +751,11 @@ def _walk(node: _Node, obj: dict[str, Any], strict: bool) -> _Errors | None:
             elif op == _OP_OBJECTS:
                 child = field.node
                 if type(value) is list and value and child is not None:
-                    errors = _complex_items(field, key, value, strict, errors)
+                    for item in value:  # the usual case, all objects and valid, without a call per list
+                        if type(item) is not dict or _walk(child, item, strict):
+                            # something to report: the whole list again, item by item, with the paths
+                            errors = _complex_items(field, key, value, strict, errors)
+                            break
                     continue
             elif op == _OP_PRIMITIVE:
                 if (field.strict if strict else field.lax)(value) is None:

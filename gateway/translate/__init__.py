@@ -95,8 +95,9 @@ def translate(
     changes = reconcile(letter.medications, admission)
     from dataclasses import replace
 
+    all_issues = tuple(issues)
     built, build_issues = build(
-        replace(letter, issues=tuple(issues)),
+        letter if all_issues == letter.issues else replace(letter, issues=all_issues),  # (no copy: no prior)
         changes,
         prior_letter,
         mappings,

@@ -194,6 +194,15 @@ class _Builder:
         self.careplan_res: Json | None = None
         self.docref: Json | None = None
         self.members: list[tuple[Json, tuple[str, str, str], str]] = []
+        self._dosage_texts: dict[int, tuple[MedicationLine, str]] = {}  # id(line) -> (line, its posology)
+        self._change_table: tuple[Sequence[Change], str] | None = None  # (changes, their XHTML table)
+
+    def dosage_text(self, line: MedicationLine) -> str:
+        """``line.dosage_text()``, worked out once per line (the statement, its dosage and the table ask)."""
+        found = self._dosage_texts.get(id(line))
+        if found is None or found[0] is not line:
+            found = self._dosage_texts[id(line)] = (line, line.dosage_text())
+        return found[1]
 
     def add(self, resource: Json) -> Json:
         self.out.resources.append(resource)
@@ -230,10 +239,11 @@ class _Builder:
         """A Practitioner (deduplicated) and its PractitionerRole; returns the role."""
         if person is None:
             return None
+        shown = person.name.display() if person.name else None  # (asked for four times below)
         key = (
             f"person|{person.ids[0].system}|{person.ids[0].value}"
             if person.ids
-            else f"person|name|{person.name.display() if person.name else ''}|{person.organization.name if person.organization else ''}"
+            else f"person|name|{shown or ''}|{person.organization.name if person.organization else ''}"
         )
         org = self.organization(person.organization)
         practitioner = self._by_key.get(key)
@@ -249,9 +259,7 @@ class _Builder:
             if person.addresses:
                 practitioner["address"] = [_address(a) for a in person.addresses]
             rpps = next((i.value for i in person.ids if i.type_code == "RPPS"), None)
-            practitioner["text"] = nv.generated(
-                nv.dl([("Professionnel", person.name.display() if person.name else None), ("RPPS", rpps)])
-            )
+            practitioner["text"] = nv.generated(nv.dl([("Professionnel", shown), ("RPPS", rpps)]))
             self._by_key[key] = practitioner
             self.add(practitioner)
         role_key = f"role|{key}|{org['id'] if org else ''}"
@@ -259,7 +267,7 @@ class _Builder:
         if role is None:
             role = self._new("PractitionerRole", role_key)
             role["active"] = True
-            role["practitioner"] = _ref(practitioner, person.name.display() if person.name else None)
+            role["practitioner"] = _ref(practitioner, shown)
             if org:
                 role["organization"] = _ref(org, org.get("name"))
             codes = [c for c in [_concept(person.role)] if c]
@@ -270,7 +278,7 @@ class _Builder:
             role["text"] = nv.generated(
                 nv.dl(
                     [
-                        ("Professionnel", person.name.display() if person.name else None),
+                        ("Professionnel", shown),
                         ("Rôle", person.role.text or (person.role.codings[0].code if person.role.codings else None)),
                         ("Structure", org.get("name") if org else None),
                     ]
@@ -461,7 +469,7 @@ class _Builder:
                 [
                     ("Médicament", line.name),
                     ("Liste", _SECTION_LABEL[line.section]),
-                    ("Posologie", line.dosage_text() or None),
+                    ("Posologie", self.dosage_text(line) or None),
                     ("Début", _time(line.start)),
                     ("Fin", _time(line.end)),
                     ("Commentaire", line.comment),
@@ -473,7 +481,7 @@ class _Builder:
 
     def dosage(self, line: MedicationLine) -> Json | None:
         out: Json = {}
-        text = line.dosage_text()
+        text = self.dosage_text(line)
         if text:
             out["text"] = text
         if line.instructions:
@@ -613,10 +621,10 @@ class _Builder:
         for c in changes:
             entry = self.mappings.code("medication-change").lookup(c.status.value)
             assert isinstance(entry, dict)
-            before = c.before.dosage_text() if c.before is not None else "—"
+            before = self.dosage_text(c.before) if c.before is not None else "—"
             if c.before is not None and c.before.name != c.line.name:
                 before = f"{c.before.name} : {before}"
-            after = c.after.dosage_text() if c.after is not None else "—"
+            after = self.dosage_text(c.after) if c.after is not None else "—"
             label = (
                 entry["label"] + {Basis.STATED: " (déclaré)", Basis.DERIVED: " (déduit)", Basis.UNKNOWN: ""}[c.basis]
             )
@@ -625,11 +633,16 @@ class _Builder:
         return rows
 
     def change_table(self, changes: Sequence[Change]) -> str:
-        return nv.table(
+        """The XHTML change table (made once: the List's narrative and the GP summary both show it)."""
+        if self._change_table is not None and self._change_table[0] is changes:
+            return self._change_table[1]
+        table = nv.table(
             ("Médicament", "Avant", "Après", "Changement", "Motif"),
             self.change_rows(changes),
             caption="Modifications du traitement médicamenteux",
         )
+        self._change_table = (changes, table)
+        return table
 
     # -- other clinical content --------------------------------------------------------------------
     def observation(self, obs: Observation) -> Json:

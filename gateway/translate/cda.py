@@ -36,7 +36,7 @@ from gateway.model import (
     Timing,
 )
 from gateway.text import fold
-from gateway.translate.cda_types import XSI_TYPE, CdaContext, child, children, q, text_of
+from gateway.translate.cda_types import XSI_TYPE, CdaContext, _first, q, text_of
 from gateway.translate.registry import SECTION_TRANSLATORS
 
 __all__ = ["read_cda"]
@@ -44,6 +44,15 @@ __all__ = ["read_cda"]
 LOINC = "2.16.840.1.113883.6.1"
 PCP = "PCP"
 _CELL_TAGS = frozenset({q("th"), q("td")})
+_Q_ASSIGNED_PERSON, _Q_CODE, _Q_DOSE_QUANTITY, _Q_EFFECTIVE_TIME = map(
+    q, ("assignedPerson", "code", "doseQuantity", "effectiveTime")
+)
+_Q_ENTRY_RELATIONSHIP, _Q_HIGH, _Q_ID, _Q_LOW = map(q, ("entryRelationship", "high", "id", "low"))
+_Q_MAX_DOSE_QUANTITY, _Q_NAME, _Q_PRIORITY_CODE = map(q, ("maxDoseQuantity", "name", "priorityCode"))
+_Q_REPRESENTED_ORGANIZATION, _Q_ROUTE_CODE, _Q_TEMPLATE_ID = map(
+    q, ("representedOrganization", "routeCode", "templateId")
+)
+_Q_TEXT, _Q_TH, _Q_TD, _Q_TITLE, _Q_VALUE = map(q, ("text", "th", "td", "title", "value"))
 _COMMENT_HEADERS = ("commentaire", "commentaires", "comment", "comments", "remarque", "motif")
 
 
@@ -72,15 +81,15 @@ def read_cda(root: etree._Element, kind: DocumentKind, mappings: Mappings, sourc
     version = _template_version(root, kind, ctx)
     patient, related = _patient(root, ctx, source)
     parts = _Parts()
-    body = child(root, "component", "structuredBody")
-    unstructured = child(root, "component", "nonXMLBody")
+    body = ctx.child(root, "component", "structuredBody")
+    unstructured = ctx.child(root, "component", "nonXMLBody")
     if body is None and unstructured is None:
         raise UnsupportedDocument(
             "CDA without a body (neither structuredBody nor nonXMLBody)", where=Where(source=source)
         )
     assert kind.sections is not None
     if body is not None:
-        for index, section in enumerate(children(body, "component", "section")):
+        for index, section in enumerate(ctx.children(body, "component", "section")):
             _walk(section, kind.sections, ctx, parts, f"s{index}")
     attachment = None
     if unstructured is not None:
@@ -96,37 +105,37 @@ def read_cda(root: etree._Element, kind: DocumentKind, mappings: Mappings, sourc
         )
     stay = _stay(root, ctx, parts)
     gp = _gp(root, ctx)
-    doc_id = ctx.ident(child(root, "id"))
+    doc_id = ctx.ident(ctx.child(root, "id"))
     if doc_id is None:
         raise MissingIdentity("the document has no id (ClinicalDocument/id)", where=Where(source=source))
-    set_id = ctx.ident(child(root, "setId"))
-    version_el = child(root, "versionNumber")
+    set_id = ctx.ident(ctx.child(root, "setId"))
+    version_el = ctx.child(root, "versionNumber")
     version_number = _int(version_el.get("value")) if version_el is not None else None
     author_el = next(
-        (a for a in children(root, "author", "assignedAuthor") if child(a, "assignedPerson") is not None),
-        child(root, "author", "assignedAuthor"),
+        (a for a in ctx.children(root, "author", "assignedAuthor") if ctx.child(a, "assignedPerson") is not None),
+        ctx.child(root, "author", "assignedAuthor"),
     )
-    custodian = ctx.organization(child(root, "custodian", "assignedCustodian", "representedCustodianOrganization"))
+    custodian = ctx.organization(ctx.child(root, "custodian", "assignedCustodian", "representedCustodianOrganization"))
     recipients = tuple(
         p
         for p in (
             ctx.practitioner(el, person_tag="informationRecipient")
-            for el in children(root, "informationRecipient", "intendedRecipient")
+            for el in ctx.children(root, "informationRecipient", "intendedRecipient")
         )
         if p is not None
     )
-    code_el = child(root, "code")
-    conf = child(root, "confidentialityCode")
-    lang = child(root, "languageCode")
+    code_el = ctx.child(root, "code")
+    conf = ctx.child(root, "confidentialityCode")
+    lang = ctx.child(root, "languageCode")
     return Letter(
         format=kind.format,
         doc_type=ctx.concept(code_el),
         doc_id=doc_id,
         patient=patient,
-        title=text_of(child(root, "title")) or kind.label,
+        title=text_of(ctx.child(root, "title")) or kind.label,
         set_id=set_id,
         version=version_number,
-        date=ctx.ts(child(root, "effectiveTime")),
+        date=ctx.ts(ctx.child(root, "effectiveTime")),
         confidentiality=conf.get("code") if conf is not None else None,
         status=parts.status,
         language=lang.get("code") if lang is not None else None,
@@ -134,7 +143,7 @@ def read_cda(root: etree._Element, kind: DocumentKind, mappings: Mappings, sourc
         related_persons=related,
         author=ctx.practitioner(author_el),
         custodian=custodian,
-        legal_authenticator=ctx.practitioner(child(root, "legalAuthenticator", "assignedEntity")),
+        legal_authenticator=ctx.practitioner(ctx.child(root, "legalAuthenticator", "assignedEntity")),
         recipients=recipients,
         gp=gp,
         stay=stay,
@@ -157,7 +166,7 @@ def _embedded(element: etree._Element, ctx: CdaContext) -> tuple[str, bytes] | N
     import base64
     import binascii
 
-    text = child(element, "text")
+    text = ctx.child(element, "text")
     if text is None or text.get("representation") != "B64":
         ctx.note("warning", "not-supported", "nonXMLBody content is not inline base64: not forwarded", element)
         return None
@@ -173,7 +182,7 @@ def _embedded(element: etree._Element, ctx: CdaContext) -> tuple[str, bytes] | N
 
 
 def _template_version(root: etree._Element, kind: DocumentKind, ctx: CdaContext) -> str | None:
-    for template in children(root, "templateId"):
+    for template in ctx.children(root, "templateId"):
         if template.get("root") == kind.template_id:
             version = template.get("extension")
             if kind.known_versions and version not in kind.known_versions:
@@ -189,7 +198,7 @@ def _template_version(root: etree._Element, kind: DocumentKind, ctx: CdaContext)
 
 
 def _patient(root: etree._Element, ctx: CdaContext, source: str) -> tuple[Patient, tuple[RelatedPerson, ...]]:
-    role = child(root, "recordTarget", "patientRole")
+    role = ctx.child(root, "recordTarget", "patientRole")
     if role is None:
         raise MissingIdentity("the letter has no patient (recordTarget/patientRole)", where=Where(source=source))
     ids = tuple(i for i in ctx.idents(role) if i.system != "urn:ietf:rfc:3986" or i.value)
@@ -198,31 +207,35 @@ def _patient(root: etree._Element, ctx: CdaContext, source: str) -> tuple[Patien
             "the letter has no patient identifier (recordTarget/patientRole/id: no INS, no IPP)",
             where=Where(source=source, line=role.sourceline if isinstance(role.sourceline, int) else None),
         )
-    person = child(role, "patient")
+    person = ctx.child(role, "patient")
     gender = None
     birth = None
     if person is not None:
-        gender_el = child(person, "administrativeGenderCode")
+        gender_el = ctx.child(person, "administrativeGenderCode")
         if gender_el is not None and gender_el.get("code"):
             mapped = ctx.mappings.code("gender").lookup(gender_el.get("code", ""))
             gender = str(mapped) if mapped else None
-        born = ctx.ts(child(person, "birthTime"))
+        born = ctx.ts(ctx.child(person, "birthTime"))
         birth = born.value[:10] if born else None
     patient = Patient(ids, ctx.names(person), gender, birth, ctx.telecoms(role), ctx.addresses(role))
     related: list[RelatedPerson] = []
     if person is not None:
-        for guardian in children(person, "guardian"):
-            org = ctx.organization(child(guardian, "guardianOrganization"))
-            related.append(_related(ctx, "GUARD", guardian, child(guardian, "guardianPerson"), org))
-    for entity in children(root, "informant", "relatedEntity"):
-        related.append(_related(ctx, entity.get("classCode") or "PRS", entity, child(entity, "relatedPerson"), None))
-    for participant in children(root, "participant"):
-        associated = child(participant, "associatedEntity")
+        for guardian in ctx.children(person, "guardian"):
+            org = ctx.organization(ctx.child(guardian, "guardianOrganization"))
+            related.append(_related(ctx, "GUARD", guardian, ctx.child(guardian, "guardianPerson"), org))
+    for entity in ctx.children(root, "informant", "relatedEntity"):
+        related.append(
+            _related(ctx, entity.get("classCode") or "PRS", entity, ctx.child(entity, "relatedPerson"), None)
+        )
+    for participant in ctx.children(root, "participant"):
+        associated = ctx.child(participant, "associatedEntity")
         if associated is None or associated.get("classCode") not in ("ECON", "NOK", "GUARD", "CAREGIVER", "PRS"):
             continue
-        org = ctx.organization(child(associated, "scopingOrganization"))
+        org = ctx.organization(ctx.child(associated, "scopingOrganization"))
         related.append(
-            _related(ctx, associated.get("classCode") or "PRS", associated, child(associated, "associatedPerson"), org)
+            _related(
+                ctx, associated.get("classCode") or "PRS", associated, ctx.child(associated, "associatedPerson"), org
+            )
         )
     return patient, tuple(related)
 
@@ -236,7 +249,7 @@ def _related(
 ) -> RelatedPerson:
     entry = ctx.mappings.code("related-person").lookup(class_code)
     names = ctx.names(person)
-    own_code = ctx.concept(child(entity, "code"))
+    own_code = ctx.concept(ctx.child(entity, "code"))
     if isinstance(entry, dict):
         kind = RelationKind(entry["kind"])
         base = Code(entry["system"], entry["code"], entry.get("display"))
@@ -255,28 +268,28 @@ def _related(
 
 def _gp(root: etree._Element, ctx: CdaContext) -> Practitioner | None:
     """The médecin traitant: participant with functionCode PCP (CI-SIS) or serviceEvent performer PCP."""
-    for participant in children(root, "participant"):
-        function = child(participant, "functionCode")
+    for participant in ctx.children(root, "participant"):
+        function = ctx.child(participant, "functionCode")
         if function is not None and function.get("code") == PCP:
-            entity = child(participant, "associatedEntity")
+            entity = ctx.child(participant, "associatedEntity")
             gp = ctx.practitioner(entity, person_tag="associatedPerson")
             if gp is not None and entity is not None and gp.organization is None:
-                org = ctx.organization(child(entity, "scopingOrganization"))
+                org = ctx.organization(ctx.child(entity, "scopingOrganization"))
                 gp = Practitioner(gp.ids, gp.name, gp.role, gp.telecoms, gp.addresses, org)
             return gp
-    for performer in children(root, "documentationOf", "serviceEvent", "performer"):
-        function = child(performer, "functionCode")
+    for performer in ctx.children(root, "documentationOf", "serviceEvent", "performer"):
+        function = ctx.child(performer, "functionCode")
         if function is not None and function.get("code") == PCP:
-            return ctx.practitioner(child(performer, "assignedEntity"))
+            return ctx.practitioner(ctx.child(performer, "assignedEntity"))
     return None
 
 
 def _stay(root: etree._Element, ctx: CdaContext, parts: _Parts) -> Stay | None:
-    encounter = child(root, "componentOf", "encompassingEncounter")
-    service = child(root, "documentationOf", "serviceEvent", "effectiveTime")
+    encounter = ctx.child(root, "componentOf", "encompassingEncounter")
+    service = ctx.child(root, "documentationOf", "serviceEvent", "effectiveTime")
     if encounter is None and service is None:
         return None
-    start, end = ctx.interval(child(encounter, "effectiveTime") if encounter is not None else None)
+    start, end = ctx.interval(ctx.child(encounter, "effectiveTime") if encounter is not None else None)
     if start is None and end is None:
         start, end = ctx.interval(service)
     facility = None
@@ -285,18 +298,18 @@ def _stay(root: etree._Element, ctx: CdaContext, parts: _Parts) -> Stay | None:
     discharge = parts.discharge_mode
     if encounter is not None:
         ids = ctx.idents(encounter)
-        hcf = child(encounter, "location", "healthCareFacility")
+        hcf = ctx.child(encounter, "location", "healthCareFacility")
         if hcf is not None:
-            facility_type = ctx.concept(child(hcf, "code"))
-            facility = ctx.organization(child(hcf, "serviceProviderOrganization"))
+            facility_type = ctx.concept(ctx.child(hcf, "code"))
+            facility = ctx.organization(ctx.child(hcf, "serviceProviderOrganization"))
         if facility is None:
             facility = ctx.organization(
-                child(encounter, "responsibleParty", "assignedEntity", "representedOrganization")
+                ctx.child(encounter, "responsibleParty", "assignedEntity", "representedOrganization")
             )
         if not discharge:
-            discharge = ctx.concept(child(encounter, "dischargeDispositionCode"))
+            discharge = ctx.concept(ctx.child(encounter, "dischargeDispositionCode"))
     klass = "IMP"
-    code_el = child(encounter, "code") if encounter is not None else None
+    code_el = ctx.child(encounter, "code") if encounter is not None else None
     if (
         code_el is not None
         and code_el.get("codeSystem") == "2.16.840.1.113883.5.4"
@@ -313,12 +326,13 @@ _ENCOUNTER_CLASSES = {"IMP", "EMER", "AMB", "ACUTE", "NONAC", "SS", "HH", "OBSEN
 
 
 def _walk(section: etree._Element, table: str, ctx: CdaContext, parts: _Parts, key: str) -> None:
-    template_ids = [t.get("root") or "" for t in children(section, "templateId")]
-    code_el = child(section, "code")
+    kids = ctx.kids(section)
+    template_ids = [t.get("root") or "" for t in kids.get(_Q_TEMPLATE_ID, ())]
+    code_el = _first(kids, _Q_CODE)
     loinc = code_el.get("code") if code_el is not None else None
     rule = ctx.mappings.section_rule(table, template_ids, loinc)
     if section.get("nullFlavor") is not None:
-        title = text_of(child(section, "title")) or loinc or "section"
+        title = text_of(ctx.child(section, "title")) or loinc or "section"
         ctx.note(
             "information",
             "informational",
@@ -328,18 +342,19 @@ def _walk(section: etree._Element, table: str, ctx: CdaContext, parts: _Parts, k
         return
     if rule is None:
         _keep_narrative(section, ctx, parts)
-        for index, sub in enumerate(children(section, "component", "section")):
+        for index, sub in enumerate(ctx.children(section, "component", "section")):
             _walk(sub, table, ctx, parts, f"{key}.{index}")
         return
     _TRANSLATORS[rule.translator](section, rule, ctx, parts, key)
 
 
 def _keep_narrative(section: etree._Element, ctx: CdaContext, parts: _Parts) -> None:
-    text = text_of(child(section, "text"))
+    kids = ctx.kids(section)
+    text = text_of(_first(kids, _Q_TEXT))
     if not text:
         return
-    code_el = child(section, "code")
-    title = text_of(child(section, "title")) or (code_el.get("displayName") if code_el is not None else "") or ""
+    code_el = _first(kids, _Q_CODE)
+    title = text_of(_first(kids, _Q_TITLE)) or (code_el.get("displayName") if code_el is not None else "") or ""
     code = Code(
         ctx.system(code_el.get("codeSystem")) or "http://loinc.org" if code_el is not None else "http://loinc.org",
         (code_el.get("code") if code_el is not None else None) or "unknown",
@@ -354,7 +369,7 @@ def _narrative(section: etree._Element, rule: SectionRule, ctx: CdaContext, part
 
 def _subsections(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     table = _table_of(ctx, rule)
-    subs = children(section, "component", "section")
+    subs = ctx.children(section, "component", "section")
     if not subs:
         _keep_narrative(section, ctx, parts)
     for index, sub in enumerate(subs):
@@ -371,8 +386,8 @@ def _table_of(ctx: CdaContext, rule: SectionRule) -> str:
 def _document_status(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     """CI-SIS "Statut du document": a provisional letter is flagged to every reader."""
     for obs in section.iter(q("observation")):
-        value = ctx.concept(child(obs, "value"))
-        label = value.text or text_of(child(section, "text")) or "?"
+        value = ctx.concept(ctx.child(obs, "value"))
+        label = value.text or text_of(ctx.child(section, "text")) or "?"
         table = ctx.mappings.code("document-status")
         status = next(
             (table.lookup(f"{c.system}|{c.code}") for c in value.codings if table.lookup(f"{c.system}|{c.code}")), None
@@ -390,11 +405,12 @@ def _document_status(section: etree._Element, rule: SectionRule, ctx: CdaContext
 def _stay_observations(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     found = False
     for index, obs in enumerate(section.iter(q("observation"))):
-        code = ctx.concept(child(obs, "code"))
+        kids = ctx.kids(obs)
+        code = ctx.concept(_first(kids, _Q_CODE))
         if not code.codings:
             continue
         found = True
-        value_el = child(obs, "value")
+        value_el = _first(kids, _Q_VALUE)
         value = _value(value_el, ctx)
         first = code.codings[0].code
         if first == rule.args.get("admit_mode", "ORG-070") and isinstance(value, Concept):
@@ -403,7 +419,7 @@ def _stay_observations(section: etree._Element, rule: SectionRule, ctx: CdaConte
         if first == rule.args.get("discharge_mode", "ORG-074") and isinstance(value, Concept):
             parts.discharge_mode = value
             continue
-        ref = child(obs, "text", "reference")
+        ref = ctx.child(obs, "text", "reference")
         text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else None
         parts.observations.append(Observation(f"{key}.o{index}", code, value, text or None))
     if not found:
@@ -424,7 +440,7 @@ def _value(element: etree._Element | None, ctx: CdaContext) -> str | bool | Conc
         return f"{element.get('value', '')} {element.get('unit', '')}".strip() or None
     text = text_of(element)
     if not text:
-        ref = child(element, "reference")
+        ref = ctx.child(element, "reference")
         text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
     return text or None
 
@@ -439,7 +455,7 @@ def _table_headers(row: etree._Element, ctx: CdaContext) -> tuple[str, ...]:
         return ()
     headers = ctx.table_headers.get(table)
     if headers is None:
-        head = child(table, "thead", "tr")
+        head = ctx.child(table, "thead", "tr")
         if head is None:
             head = next(iter(table.iter(q("tr"))), None)
         headers = () if head is None else tuple(fold(text_of(cell)) for cell in head if cell.tag in _CELL_TAGS)
@@ -459,28 +475,31 @@ def _row_narrative(row: etree._Element | None, ctx: CdaContext) -> Narrative:
     if row is None:
         return Narrative()
     headers = _table_headers(row, ctx)
-    cells = [c for c in row if c.tag in _CELL_TAGS]
+    kids = ctx.kids(row)
+    th, td = kids.get(_Q_TH), kids.get(_Q_TD)
+    # (one kind of cell, the usual row: already in document order)
+    cells = (td or []) if not th else th if not td else [c for c in row if c.tag in _CELL_TAGS]
     pairs = tuple((headers[i] if i < len(headers) else f"col{i}", text_of(cell)) for i, cell in enumerate(cells))
     return Narrative(pairs, " | ".join(text for _, text in pairs if text))
 
 
-def _substance_administrations(section: etree._Element) -> list[etree._Element]:
+def _substance_administrations(section: etree._Element, ctx: CdaContext) -> list[etree._Element]:
     """Top-level medication entries: the entry's own, or wrapped in an act (C-CDA discharge meds)."""
     found: list[etree._Element] = []
-    for entry in children(section, "entry"):
-        direct = child(entry, "substanceAdministration")
+    for entry in ctx.children(section, "entry"):
+        direct = ctx.child(entry, "substanceAdministration")
         if direct is not None:
             found.append(direct)
             continue
-        for act in children(entry, "act"):
-            found.extend(children(act, "entryRelationship", "substanceAdministration"))
+        for act in ctx.children(entry, "act"):
+            found.extend(ctx.children(act, "entryRelationship", "substanceAdministration"))
     return found
 
 
 def _medications(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     which = MedSection(rule.args["list"])
     parts.lists.add(which)
-    entries = _substance_administrations(section)
+    entries = _substance_administrations(section, ctx)
     rows_used: list[etree._Element] = []  # the elements themselves: lxml proxies' id() is not stable
     for index, sa in enumerate(entries):
         line = _medication(sa, which, f"{key}.{which.value}{index}", ctx, section, rows_used)
@@ -488,7 +507,7 @@ def _medications(section: etree._Element, rule: SectionRule, ctx: CdaContext, pa
             parts.medications.append(line)
     if not entries:
         _keep_narrative(section, ctx, parts)
-        text = text_of(child(section, "text"))
+        text = text_of(ctx.child(section, "text"))
         if text:
             ctx.note(
                 "warning",
@@ -506,13 +525,15 @@ def _medication(
     section: etree._Element,
     rows_used: list[etree._Element],
 ) -> MedicationLine | None:
-    material = child(sa, "consumable", "manufacturedProduct", "manufacturedMaterial")
-    product = ctx.concept(child(material, "code") if material is not None else None)
-    name = text_of(child(material, "name")) if material is not None else ""
-    reference = child(sa, "text", "reference")
+    kids = ctx.kids(sa)  # (the entry's children, read once for the lookups below)
+    material = ctx.child(sa, "consumable", "manufacturedProduct", "manufacturedMaterial")
+    material_kids = ctx.kids(material) if material is not None else None
+    product = ctx.concept(_first(material_kids, _Q_CODE) if material_kids is not None else None)
+    name = text_of(_first(material_kids, _Q_NAME)) if material_kids is not None else ""
+    reference = ctx.child(sa, "text", "reference")
     if reference is None and material is not None:
         # some letters link the row only through the product's originalText
-        reference = child(material, "code", "originalText", "reference")
+        reference = ctx.child(material, "code", "originalText", "reference")
     ref_value = reference.get("value") if reference is not None else None
     target = ctx.narrative(ref_value)
     if ref_value and target is None:
@@ -522,7 +543,7 @@ def _medication(
     row = _row_of(target)
     name = name or product.text or (product.codings[0].display if product.codings else "") or ""
     if row is None:
-        row = _row_by_name(section, name, rows_used)
+        row = _row_by_name(section, name, rows_used, ctx)
         if row is not None:
             ctx.note("information", "informational", f"narrative row for {name!r} found by drug name", sa)
     if row is not None:
@@ -535,17 +556,19 @@ def _medication(
         return None
     start = end = None
     timing: Timing | None = None
-    for eff in children(sa, "effectiveTime"):
+    for eff in kids.get(_Q_EFFECTIVE_TIME, ()):
         kind = (eff.get(XSI_TYPE) or "").split(":")[-1]
         if eff.get("operator") == "A" or kind in ("PIVL_TS", "EIVL_TS"):
             timing = ctx.timing(eff) or timing
         elif kind in ("IVL_TS", "") and start is None and end is None:
             start, end = ctx.interval(eff)
-    dose_el = child(sa, "doseQuantity")
+    dose_el = _first(kids, _Q_DOSE_QUANTITY)
     dose = dose_high = None
     if dose_el is not None:
-        if child(dose_el, "low") is not None or child(dose_el, "high") is not None:
-            dose, dose_high = ctx.dose(child(dose_el, "low")), ctx.dose(child(dose_el, "high"))
+        dose_kids = ctx.kids(dose_el)
+        low, high = _first(dose_kids, _Q_LOW), _first(dose_kids, _Q_HIGH)
+        if low is not None or high is not None:
+            dose, dose_high = ctx.dose(low), ctx.dose(high)
             dose = dose or dose_high
             if dose_high is not None and dose is not None and dose_high.value == dose.value:
                 dose_high = None
@@ -554,16 +577,18 @@ def _medication(
     comment = narrative.cell(*_COMMENT_HEADERS)
     instructions = None
     indication = Concept()
-    for rel in children(sa, "entryRelationship"):
-        act = child(rel, "act")
+    for rel in kids.get(_Q_ENTRY_RELATIONSHIP, ()):
+        act = ctx.child(rel, "act")
         if rel.get("typeCode") == "SUBJ" and act is not None:
-            ref = child(act, "text", "reference")
-            instructions = text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(child(act, "text"))
+            ref = ctx.child(act, "text", "reference")
+            instructions = (
+                text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(ctx.child(act, "text"))
+            )
         elif rel.get("typeCode") == "RSON":
-            target_el = act if act is not None else child(rel, "observation")
+            target_el = act if act is not None else ctx.child(rel, "observation")
             if target_el is not None:
-                indication = ctx.concept(child(target_el, "code"))
-                value = child(target_el, "value")
+                indication = ctx.concept(ctx.child(target_el, "code"))
+                value = ctx.child(target_el, "value")
                 if not indication.codings and value is not None:
                     indication = ctx.concept(value)
     return MedicationLine(
@@ -575,10 +600,10 @@ def _medication(
         dose=dose,
         dose_high=dose_high,
         timing=timing,
-        route=ctx.concept(child(sa, "routeCode")),
+        route=ctx.concept(_first(kids, _Q_ROUTE_CODE)),
         start=start,
         end=end,
-        max_dose=ctx.ratio(child(sa, "maxDoseQuantity")),
+        max_dose=ctx.ratio(_first(kids, _Q_MAX_DOSE_QUANTITY)),
         comment=comment,
         instructions=instructions or None,
         narrative=narrative,
@@ -587,7 +612,9 @@ def _medication(
     )
 
 
-def _row_by_name(section: etree._Element, name: str, used: list[etree._Element]) -> etree._Element | None:
+def _row_by_name(
+    section: etree._Element, name: str, used: list[etree._Element], ctx: CdaContext
+) -> etree._Element | None:
     """The one narrative row whose text names this drug; None when absent or ambiguous (never guess)."""
     if not name:
         return None
@@ -595,7 +622,10 @@ def _row_by_name(section: etree._Element, name: str, used: list[etree._Element])
     hits = [
         row
         for row in section.iter(q("tr"))
-        if not any(row is u for u in used) and child(row, "td") is not None and wanted and wanted in fold(text_of(row))
+        if not any(row is u for u in used)
+        and ctx.child(row, "td") is not None
+        and wanted
+        and wanted in fold(text_of(row))
     ]
     return hits[0] if len(hits) == 1 else None
 
@@ -614,7 +644,7 @@ _PLAN_KINDS = {
 
 def _plan(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     _keep_narrative(section, ctx, parts)
-    entries = children(section, "entry")
+    entries = ctx.children(section, "entry")
     for index, entry in enumerate(entries):
         element = next((e for e in entry if isinstance(e.tag, str) and e.tag.rsplit("}", 1)[-1] in _PLAN_KINDS), None)
         if element is None:
@@ -624,7 +654,7 @@ def _plan(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _P
         if item is not None:
             parts.plan.append(item)
     if not entries:
-        text_el = child(section, "text")
+        text_el = ctx.child(section, "text")
         blocks = (
             []
             if text_el is None
@@ -637,28 +667,31 @@ def _plan(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _P
 
 
 def _plan_item(element: etree._Element, kind: str, key: str, ctx: CdaContext) -> PlanItem | None:
-    code = ctx.concept(child(element, "code"))
-    ref = child(element, "text", "reference")
-    text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(child(element, "text"))
-    value = _value(child(element, "value"), ctx)
+    kids = ctx.kids(element)
+    code = ctx.concept(_first(kids, _Q_CODE))
+    ref = ctx.child(element, "text", "reference")
+    text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else text_of(_first(kids, _Q_TEXT))
+    value = _value(_first(kids, _Q_VALUE), ctx)
     if isinstance(value, str) and value and value not in text:
         text = f"{text} — {value}" if text else value
     if not text:
         text = code.text or (code.codings[0].display if code.codings and code.codings[0].display else "") or ""
     if not text and not code.codings:
         return None
-    start, end = ctx.interval(child(element, "effectiveTime"))
+    start, end = ctx.interval(_first(kids, _Q_EFFECTIVE_TIME))
     performer: Practitioner | Organization | None = None
-    perf = child(element, "performer", "assignedEntity")
+    perf = ctx.child(element, "performer", "assignedEntity")
     if perf is not None:
-        if child(perf, "assignedPerson") is not None or (
-            child(perf, "id") is not None and child(perf, "representedOrganization") is None
+        perf_kids = ctx.kids(perf)
+        represented = _first(perf_kids, _Q_REPRESENTED_ORGANIZATION)
+        if _first(perf_kids, _Q_ASSIGNED_PERSON) is not None or (
+            _first(perf_kids, _Q_ID) is not None and represented is None
         ):
             performer = ctx.practitioner(perf)
         else:
-            performer = ctx.organization(child(perf, "representedOrganization"))
+            performer = ctx.organization(represented)
     if performer is None:
-        participant = child(element, "participant", "participantRole")
+        participant = ctx.child(element, "participant", "participantRole")
         if participant is not None:
             performer = ctx.practitioner(participant, person_tag="playingEntity")
     return PlanItem(
@@ -666,7 +699,7 @@ def _plan_item(element: etree._Element, kind: str, key: str, ctx: CdaContext) ->
         key,
         text or code.codings[0].code,
         code,
-        ctx.concept(child(element, "priorityCode")),
+        ctx.concept(_first(kids, _Q_PRIORITY_CODE)),
         start,
         end,
         performer,
@@ -680,16 +713,16 @@ def _allergies(section: etree._Element, rule: SectionRule, ctx: CdaContext, part
     found = False
     none_table = ctx.mappings.code("no-known-allergy")
     for index, obs in enumerate(section.iter(q("observation"))):
-        templates = {t.get("root") for t in children(obs, "templateId")}
-        playing = child(obs, "participant", "participantRole", "playingEntity")
+        templates = {t.get("root") for t in ctx.children(obs, "templateId")}
+        playing = ctx.child(obs, "participant", "participantRole", "playingEntity")
         if playing is None and not templates & _ALLERGY_TEMPLATES:
             continue
         found = True
-        substance = ctx.concept(child(playing, "code") if playing is not None else None)
+        substance = ctx.concept(ctx.child(playing, "code") if playing is not None else None)
         if not substance and playing is not None:
-            substance = Concept((), text_of(child(playing, "name")) or None)
-        value = ctx.concept(child(obs, "value"))
-        ref = child(obs, "text", "reference")
+            substance = Concept((), text_of(ctx.child(playing, "name")) or None)
+        value = ctx.concept(ctx.child(obs, "value"))
+        ref = ctx.child(obs, "text", "reference")
         text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
         says_none = obs.get("negationInd") == "true" or any(
             none_table.lookup(f"{c.system}|{c.code}") for c in (*substance.codings, *value.codings)
@@ -701,8 +734,8 @@ def _allergies(section: etree._Element, rule: SectionRule, ctx: CdaContext, part
             continue
         reaction = next(
             (
-                ctx.concept(child(r, "observation", "value")).text
-                for r in children(obs, "entryRelationship")
+                ctx.concept(ctx.child(r, "observation", "value")).text
+                for r in ctx.children(obs, "entryRelationship")
                 if r.get("typeCode") == "MFST"
             ),
             None,
@@ -711,7 +744,7 @@ def _allergies(section: etree._Element, rule: SectionRule, ctx: CdaContext, part
         if not described:
             ctx.note("warning", "incomplete", "allergy entry names neither substance nor description", obs)
         parts.allergies.append(
-            Allergy(f"{key}.a{index}", ctx.concept(child(obs, "code")), described, text or None, reaction)
+            Allergy(f"{key}.a{index}", ctx.concept(ctx.child(obs, "code")), described, text or None, reaction)
         )
     if not found:
         _keep_narrative(section, ctx, parts)
@@ -724,14 +757,14 @@ NO_KNOWN_ALLERGY = Concept((Code("http://snomed.info/sct", "716186003", "No know
 def _devices(section: etree._Element, rule: SectionRule, ctx: CdaContext, parts: _Parts, key: str) -> None:
     found = False
     for index, role in enumerate(section.iter(q("participantRole"))):
-        device = child(role, "playingDevice")
+        device = ctx.child(role, "playingDevice")
         if device is None:
             continue
         found = True
-        code = ctx.concept(child(device, "code"))
-        udi = next((i.get("extension") for i in children(role, "id") if i.get("extension")), None)
+        code = ctx.concept(ctx.child(device, "code"))
+        udi = next((i.get("extension") for i in ctx.children(role, "id") if i.get("extension")), None)
         supply = next(role.iterancestors(q("supply"), q("procedure")), None)
-        ref = child(supply, "text", "reference") if supply is not None else None
+        ref = ctx.child(supply, "text", "reference") if supply is not None else None
         text = text_of(ctx.narrative(ref.get("value"))) if ref is not None else ""
         parts.devices.append(Device(f"{key}.d{index}", code, text or code.text, udi))
     if not found:

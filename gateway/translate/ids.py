@@ -19,11 +19,12 @@ _NS = NAMESPACE.bytes
 
 def resource_id(resource_type: str, *key: str) -> str:
     """``str(uuid.uuid5(NAMESPACE, "type|key..."))``, computed without the uuid module's overhead."""
-    digest = bytearray(hashlib.sha1(_NS + "|".join((resource_type, *key)).encode("utf-8")).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = hashlib.sha1(_NS + "|".join((resource_type, *key)).encode("utf-8")).hexdigest()
+    # version 5 (the 13th hex digit) and the RFC 4122 variant (the top bits of the 17th: 10xx)
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 def urn(resource_id_: str) -> str:

@@ -7,7 +7,6 @@ markup is copied, only its text, so a ``<script>`` in a CDA table can never reac
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from html import escape
 
 __all__ = ["dl", "esc", "generated", "para", "table"]
 
@@ -15,7 +14,17 @@ XHTML_NS = "http://www.w3.org/1999/xhtml"
 
 
 def esc(text: object) -> str:
-    return escape(str(text), quote=True)
+    """``html.escape(str(text), quote=True)``, inlined (the narratives escape a few hundred strings a letter)."""
+    value = text if type(text) is str else str(text)
+    if "&" in value or "<" in value or ">" in value or '"' in value or "'" in value:
+        return (
+            value.replace("&", "&amp;")
+            .replace("<", "&lt;")
+            .replace(">", "&gt;")
+            .replace('"', "&quot;")
+            .replace("'", "&#x27;")
+        )
+    return value  # (most text: nothing to escape, five scans instead of five replacements)
 
 
 def para(text: str) -> str:
