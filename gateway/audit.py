@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import Any
 
 from gateway.consent import Decision
@@ -44,7 +45,8 @@ def _patient_entity(patient: Ident) -> Json:
     }
 
 
-def _agents(recipient_ref: str | None, display: str, decision: Decision | None) -> list[Json]:
+def _agents(recipient_ref: str | None, display: str, policy: Sequence[str] = ()) -> list[Json]:
+    """The gateway as source, and the recipient with the Consent versions that decided (``policy``)."""
     source = {
         "type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
         "who": OBSERVER,
@@ -55,8 +57,8 @@ def _agents(recipient_ref: str | None, display: str, decision: Decision | None) 
         "who": {"reference": recipient_ref, "display": display} if recipient_ref else {"display": display},
         "requestor": False,
     }
-    if decision is not None and decision.consents:
-        recipient["policy"] = list(decision.consents)
+    if policy:
+        recipient["policy"] = list(policy)
     return [source, recipient]
 
 
@@ -86,25 +88,30 @@ def disclosure_event(
 ) -> Json:
     """What one recipient was sent, what it was not, and which rule or Consent version decided."""
     recipient = view.recipient
+    decided = decision.consents  # computed by the property at each use: once here
     sent: list[Json] = []
     if message is not None:
+        entries = message["entry"]
         sent.append(
             {
                 "what": {"reference": urn(message["id"]), "display": "message Bundle"},
                 "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
-                "description": f"message {message['entry'][0]['resource']['id']} (MessageHeader.id)",
+                "description": f"message {entries[0]['resource']['id']} (MessageHeader.id)",
             }
         )
-        for entry in message["entry"][1:]:
+        for entry in islice(entries, 1, None):
             res = entry["resource"]
-            labels = [s for s in res.get("meta", {}).get("security", []) if s.get("system") == CATEGORY_SYSTEM]
             item: Json = {
                 "what": {"reference": entry["fullUrl"], "display": f"{res['resourceType']}/{res['id']}"},
                 "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
                 "description": "sent",
             }
-            if labels:
-                item["securityLabel"] = labels
+            meta = res.get("meta")
+            security = meta.get("security") if meta else None
+            if security:
+                labels = [s for s in security if s.get("system") == CATEGORY_SYSTEM]
+                if labels:
+                    item["securityLabel"] = labels
             sent.append(item)
     consents = [
         {
@@ -112,7 +119,7 @@ def disclosure_event(
             "type": {"system": "http://hl7.org/fhir/resource-types", "code": "Consent"},
             "description": "consent version that decided",
         }
-        for ref in decision.consents
+        for ref in decided
     ]
     ignored = [
         {
@@ -154,12 +161,12 @@ def disclosure_event(
         "purposeOfEvent": [
             {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "COC"}]}
         ],
-        "agent": _agents(recipient.ref, recipient.display, decision),
+        "agent": _agents(recipient.ref, recipient.display, decided),
         "source": {
             "observer": OBSERVER,
             "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
         },
-        "entity": [_patient_entity(patient), *consents, *ignored, *sent, *(_withheld_entity(w) for w in view.withheld)],
+        "entity": [_patient_entity(patient), *consents, *ignored, *sent, *[_withheld_entity(w) for w in view.withheld]],
     }
     return event
 
@@ -181,7 +188,7 @@ def route_event(event: RouteEvent, patient: Ident, letter_key: str, recorded: st
         "recorded": recorded,
         "outcome": outcome,
         "outcomeDesc": event.text,
-        "agent": _agents(None, event.recipient or "destinataire non résolu", None),
+        "agent": _agents(None, event.recipient or "destinataire non résolu"),
         "source": {
             "observer": OBSERVER,
             "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
@@ -289,7 +296,7 @@ def acknowledgement_event(
         "recorded": recorded,
         "outcome": "0" if ok else "8",
         "outcomeDesc": f"acknowledgement from {recipient}: {detail}",
-        "agent": _agents(None, recipient, None),
+        "agent": _agents(None, recipient),
         "source": {
             "observer": OBSERVER,
             "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],

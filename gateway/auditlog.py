@@ -43,6 +43,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     func,
     select,
     update,
@@ -102,6 +103,17 @@ checkpoint_table = Table(
     Column("kid", String(128), nullable=False),
     Column("jws", Text, nullable=False),
 )
+# the statements of an append, built once (an append runs with every accepted letter and every batch)
+_HEAD = select(head_table.c.seq, head_table.c.hash).where(head_table.c.id == 1)
+_HEAD_LOCKED = _HEAD.with_for_update()  # PostgreSQL: appends from every process queue here, in commit order
+_PATIENT_OF = (
+    select(audit_table.c.patient)
+    .where(and_(audit_table.c.letter_id == bindparam("letter"), audit_table.c.patient.is_not(None)))
+    .limit(1)
+)
+_INSERT = audit_table.insert()
+_INSERT_HEAD = head_table.insert()
+_MOVE_HEAD = update(head_table).where(head_table.c.id == 1).values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
 _PATIENT_ROLE = ("http://terminology.hl7.org/CodeSystem/object-role", "1")
 _DESTINATION = "110152"
 
@@ -236,11 +248,9 @@ class AuditLog:
         """Chain (event, letter id, recipient id) items, in order, inside the caller's transaction."""
         if not items:
             return
-        stmt = select(head_table.c.seq, head_table.c.hash).where(head_table.c.id == 1)
-        if conn.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()  # appends from every process queue here, in commit order
-        head = conn.execute(stmt).first()
+        head = conn.execute(_HEAD_LOCKED if conn.dialect.name == "postgresql" else _HEAD).first()
         seq, prev = (int(head.seq), str(head.hash)) if head else (0, GENESIS)
+        first = seq + 1
         at = _stamp(now)
         rows = []
         patients: dict[str, str | None] = {}
@@ -248,20 +258,17 @@ class AuditLog:
             patient, agent, outcome, kind = index_of(event)
             if patient is None and letter_id is not None:
                 if letter_id not in patients:  # an acknowledgement names the message, not the patient
-                    patients[letter_id] = conn.execute(
-                        select(audit_table.c.patient)
-                        .where(and_(audit_table.c.letter_id == letter_id, audit_table.c.patient.is_not(None)))
-                        .limit(1)
-                    ).scalar()
+                    patients[letter_id] = conn.execute(_PATIENT_OF, {"letter": letter_id}).scalar()
                 patient = patients[letter_id]
             who = recipient or agent
+            id_ = event["id"]
             zbody = pack(event)
             seq += 1
-            current = digest(prev, event["id"], at, letter_id, patient, who, outcome, kind, zbody)
+            current = digest(prev, id_, at, letter_id, patient, who, outcome, kind, zbody)
             rows.append(
                 {
                     "seq": seq,
-                    "id": event["id"],
+                    "id": id_,
                     "recorded": now,
                     "letter_id": letter_id,
                     "body": "",
@@ -276,12 +283,11 @@ class AuditLog:
                 }
             )
             prev = current
-        conn.execute(audit_table.insert(), rows)
+        conn.execute(_INSERT, rows)
         if head is None:
-            conn.execute(head_table.insert().values(id=1, seq=seq, hash=prev))
+            conn.execute(_INSERT_HEAD, {"id": 1, "seq": seq, "hash": prev})
         else:
-            conn.execute(update(head_table).where(head_table.c.id == 1).values(seq=seq, hash=prev))
-        first = rows[0]["seq"]
+            conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
         if self.signer is not None and (seq // self.checkpoint_every) > ((first - 1) // self.checkpoint_every):
             self._checkpoint(conn, seq, prev, now)
 

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -151,11 +152,17 @@ def _delivery(row: Any) -> Delivery:
     )
 
 
-def _finish_statement(stamps: Sequence[str]) -> Any:
-    """The UPDATE recording an attempt, built once (a worker records thousands): only by the worker
-    holding the claim; ``stamps`` are the columns set to the attempt's time too."""
+# per status reached: a hand-over stamps sent_at, an acknowledgement acknowledged_at as well
+_STAMPS: dict[str, tuple[str, ...]] = {"sent": ("sent_at",), "acknowledged": ("sent_at", "acknowledged_at")}
+
+
+@lru_cache(maxsize=64)
+def _finish_group(stamps: tuple[str, ...], count: int) -> Any:
+    """The UPDATE recording ``count`` attempts with the same outcome at once (bound ``m0``..): each row
+    only if this worker still holds its claim; ``stamps`` are the columns set to the attempt's time too.
+    The ids it recorded come back (a row whose claim was lost is not among them)."""
     claimed = and_(
-        _deliveries.c.message_id == bindparam("m"),
+        _deliveries.c.message_id.in_([bindparam(f"m{i}") for i in range(count)]),
         _deliveries.c.claimed_by == bindparam("w"),
         _deliveries.c.status == "sending",
     )
@@ -172,15 +179,58 @@ def _finish_statement(stamps: Sequence[str]) -> Any:
             claimed_at=None,
             **{column: bindparam("t") for column in stamps},
         )
+        .returning(_deliveries.c.message_id)
     )
 
 
-# per status reached: a hand-over stamps sent_at, an acknowledgement acknowledged_at as well
-_FINISH = {
-    "sent": _finish_statement(("sent_at",)),
-    "acknowledged": _finish_statement(("sent_at", "acknowledged_at")),
-}
-_FINISH_OTHER = _finish_statement(())
+# statements the hot path runs, built once: building and hashing a statement per call costs more than
+# running it (the values travel as bound parameters)
+_FIND_LETTER = select(_letters.c.id).where(_letters.c.document_key == bindparam("key"))
+_EARLIER = (
+    select(_letters.c.id)
+    .where(and_(_letters.c.set_key == bindparam("set_key"), _letters.c.version < bindparam("version")))
+    .order_by(_letters.c.version.desc())
+)
+_LATER = (
+    select(_letters.c.version)
+    .where(and_(_letters.c.set_key == bindparam("set_key"), _letters.c.version > bindparam("version")))
+    .order_by(_letters.c.version.desc())
+)
+_INSERT_LETTER = _letters.insert()
+_INSERT_DELIVERY = _deliveries.insert()
+_PENDING = _deliveries.c.status.in_([bindparam("queued", "queued"), bindparam("retrying", "failed-retrying")])
+_DUE = or_(  # an IN of fixed parameters, not an "expanding" one: those are re-rendered at every execution
+    and_(_PENDING, _deliveries.c.due_at <= bindparam("now")),
+    and_(_deliveries.c.status == "sending", _deliveries.c.claimed_at < bindparam("expired")),
+)
+_PICK_DUE = select(_deliveries.c.message_id).where(_DUE).order_by(_deliveries.c.due_at)
+_ANY_DUE = _PICK_DUE.limit(1)
+
+
+@lru_cache(maxsize=32)
+def _claim_statement(letters: int, lock: bool) -> Any:
+    """The claim (pick, mark ``sending``, read back): of due deliveries (``letters`` 0), or of the queued
+    deliveries of ``letters`` letters (bound ``l0``..); ``lock``: PostgreSQL's ``FOR UPDATE SKIP LOCKED``."""
+    if letters:
+        due = and_(
+            _deliveries.c.status == "queued",
+            _deliveries.c.letter_id.in_([bindparam(f"l{i}") for i in range(letters)]),
+        )
+        pick = select(_deliveries.c.message_id).where(due).order_by(_deliveries.c.due_at)
+    else:
+        due, pick = _DUE, _PICK_DUE
+    pick = pick.limit(bindparam("limit", type_=Integer))
+    if lock:
+        pick = pick.with_for_update(skip_locked=True)  # workers in other processes skip what this one takes
+    picked = pick.cte("picked")  # a CTE runs once: a subquery could be rescanned per row and take more
+    return (
+        update(_deliveries)
+        .where(and_(_deliveries.c.message_id.in_(select(picked.c.message_id)), due))
+        .values(
+            status="sending", claimed_by=bindparam("worker"), claimed_at=bindparam("at"), updated_at=bindparam("at")
+        )
+        .returning(*_deliveries.c)
+    )
 
 
 class Outbox:
@@ -229,34 +279,27 @@ class Outbox:
         holds the translation, claims them at once by letter (:meth:`claim` ``letters=``); another
         process takes them after ``hold`` if this one died."""
         with self.engine.begin() as conn:
-            existing = conn.execute(select(_letters.c.id).where(_letters.c.document_key == document_key)).scalar()
+            existing = conn.execute(_FIND_LETTER, {"key": document_key}).scalar()
             if existing:
                 return str(existing), False
             earlier = later = None
             if set_key is not None and version is not None:
-                earlier = conn.execute(
-                    select(_letters.c.id)
-                    .where(and_(_letters.c.set_key == set_key, _letters.c.version < version))
-                    .order_by(_letters.c.version.desc())
-                ).scalar()
-                later = conn.execute(
-                    select(_letters.c.version)
-                    .where(and_(_letters.c.set_key == set_key, _letters.c.version > version))
-                    .order_by(_letters.c.version.desc())
-                ).scalar()
+                earlier = conn.execute(_EARLIER, {"set_key": set_key, "version": version}).scalar()
+                later = conn.execute(_LATER, {"set_key": set_key, "version": version}).scalar()
             letter_id = str(uuid.uuid4())
             conn.execute(
-                _letters.insert().values(
-                    id=letter_id,
-                    document_key=document_key,
-                    set_key=set_key,
-                    version=version,
-                    received_at=now,
-                    client=client,
-                    media_type=media_type,
-                    body=body,
-                    replaces=earlier,
-                )
+                _INSERT_LETTER,
+                {
+                    "id": letter_id,
+                    "document_key": document_key,
+                    "set_key": set_key,
+                    "version": version,
+                    "received_at": now,
+                    "client": client,
+                    "media_type": media_type,
+                    "body": body,
+                    "replaces": earlier,
+                },
             )
             left = self._supersede(conn, earlier, version, now) if earlier else {}
             replaced = {recipient: sent[0] for recipient, sent in left.items()}
@@ -268,8 +311,9 @@ class Outbox:
                 if recipient_id not in routed and not stale
             ]  # had an earlier version, not addressed by this one: told to set it aside
             if deliveries or withdrawals:
+                status, due_at = "withheld" if stale else "queued", now + hold
                 conn.execute(
-                    _deliveries.insert(),
+                    _INSERT_DELIVERY,
                     [
                         {
                             "message_id": message_id,
@@ -277,9 +321,9 @@ class Outbox:
                             "recipient_id": recipient_id,
                             "recipient_ref": recipient_ref,
                             "endpoint": endpoint,
-                            "status": "withheld" if stale else "queued",
+                            "status": status,
                             "attempts": 0,
-                            "due_at": now + hold,
+                            "due_at": due_at,
                             "updated_at": now,
                             "queued_at": now,
                             "last_error": stale,
@@ -397,29 +441,17 @@ class Outbox:
         """Due deliveries, marked ``sending`` by this worker (a crashed worker's lease expires).
 
         ``letters``: instead, the queued deliveries of these letters, due or held (see :meth:`accept`)."""
+        params: dict[str, Any] = {"worker": worker, "at": now, "limit": limit}
         if letters:
-            due = and_(_deliveries.c.status == "queued", _deliveries.c.letter_id.in_(list(letters)))
+            params.update((f"l{i}", letter) for i, letter in enumerate(letters))
         else:
-            due = or_(
-                and_(_deliveries.c.status.in_(("queued", "failed-retrying")), _deliveries.c.due_at <= now),
-                and_(_deliveries.c.status == "sending", _deliveries.c.claimed_at < now - lease),
-            )
-        pick = select(_deliveries.c.message_id).where(due).order_by(_deliveries.c.due_at).limit(limit)
-        if not letters:  # an idle poll reads, and writes nothing (no write lock, no commit)
-            with self.reader.connect() as conn:
-                if conn.execute(pick.limit(1)).first() is None:
+            params["now"], params["expired"] = now, now - lease
+            with self.reader.connect() as conn:  # an idle poll reads, and writes nothing (no write lock, no commit)
+                if conn.execute(_ANY_DUE, {"now": now, "expired": params["expired"]}).first() is None:
                     return []
-        if self.engine.dialect.name == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)  # workers in other processes skip what this one takes
-        picked = pick.cte("picked")  # a CTE runs once: a subquery could be rescanned per row and take more
-        stmt = (
-            update(_deliveries)
-            .where(and_(_deliveries.c.message_id.in_(select(picked.c.message_id)), due))
-            .values(status="sending", claimed_by=worker, claimed_at=now, updated_at=now)
-            .returning(*_deliveries.c)
-        )
+        stmt = _claim_statement(len(letters), self.engine.dialect.name == "postgresql")
         with self.engine.begin() as conn:  # one statement: pick, mark and read back
-            claimed = [_delivery(r) for r in conn.execute(stmt)]
+            claimed = [_delivery(r) for r in conn.execute(stmt, params)]
         return sorted(claimed, key=lambda d: (d.due_at, d.message_id))
 
     def finish(
@@ -448,28 +480,33 @@ class Outbox:
         message: the lease expires, the message is sent again under the same ``MessageHeader.id``, and
         the receiver's de-duplication answers as the first time.
         """
-        done: list[bool] = []
-        audited: list[tuple[dict[str, Any], str | None, str | None]] = []
+        # one UPDATE per distinct outcome (status, error, next due time) — usually one for the whole batch
+        batches: dict[tuple[str, str | None, datetime], list[int]] = {}
+        for i, outcome in enumerate(outcomes):
+            assert outcome.status in STATES
+            batches.setdefault((outcome.status, outcome.error, outcome.due_at or now), []).append(i)
+        groups = list(batches.items())
+        if len({o.message_id for o in outcomes}) < len(outcomes):  # the same delivery twice: one at a time, in order
+            groups = [(key, [i]) for key, indices in groups for i in indices]
+            groups.sort(key=lambda group: group[1][0])
+        done = [False] * len(outcomes)
         with self.engine.begin() as conn:
-            for outcome in outcomes:
-                assert outcome.status in STATES
-                result = conn.execute(
-                    _FINISH.get(outcome.status, _FINISH_OTHER),
-                    {
-                        "m": outcome.message_id,
-                        "w": worker,
-                        "s": outcome.status,
-                        "t": now,
-                        "e": outcome.error,
-                        "d": outcome.due_at or now,
-                    },
-                )
-                done.append(result.rowcount == 1)
-                if result.rowcount == 1:
-                    audited.extend((e, outcome.letter_id, outcome.recipient_id) for e in outcome.audit_events)
+            for (status, error, due_at), indices in groups:
+                params: dict[str, Any] = {"w": worker, "s": status, "t": now, "e": error, "d": due_at}
+                params.update((f"m{n}", outcomes[i].message_id) for n, i in enumerate(indices))
+                stmt = _finish_group(_STAMPS.get(status, ()), len(indices))
+                recorded = {row[0] for row in conn.execute(stmt, params)}
+                for i in indices:
+                    done[i] = outcomes[i].message_id in recorded
+            audited = [
+                (event, outcome.letter_id, outcome.recipient_id)
+                for outcome, ok in zip(outcomes, done, strict=True)
+                if ok
+                for event in outcome.audit_events
+            ]
             self.log.append_many(conn, audited, now)
-        for outcome, recorded in zip(outcomes, done, strict=True):
-            if recorded:
+        for outcome, ok in zip(outcomes, done, strict=True):
+            if ok:
                 self.metrics.attempt_recorded(outcome.status)
         return done
 

@@ -59,14 +59,13 @@ def message(
     assert recipient.endpoint is not None, "route only passes reachable recipients"
     assert view.communication is not None, "every view has its own Communication"
     header_id = resource_id("MessageHeader", letter_key, recipient.id)
-    author = next(
-        (
-            urn(r["id"])
-            for r in view.resources
-            if r["resourceType"] == "PractitionerRole" and any(u == r["id"] for u in _sender_ids(view.communication))
-        ),
-        None,
-    )
+    senders = _sender_ids(view.communication)  # the author: the PractitionerRole that sent the Communication
+    author = None
+    if senders:
+        author = next(
+            (urn(r["id"]) for r in view.resources if r["resourceType"] == "PractitionerRole" and r["id"] in senders),
+            None,
+        )
     lines = [("Adresse", recipient.endpoint.address)]
     if replaces:
         lines.append(("Remplace", f"le message {replaces} (version précédente de la lettre)"))
@@ -74,13 +73,16 @@ def message(
     focus = view.communication["id"]
     header = _header(header_id, EVENT, recipient, sender, focus, label, lines, author=author, replaces=replaces)
     entries = [header, *view.resources]
+    wanted = (category_system, CONFIDENTIALITY)
     labels: dict[tuple[str, str], Json] = {}
     for res in entries:
-        for coding in res.get("meta", {}).get("security", []):
-            if coding.get("system") in (category_system, CONFIDENTIALITY):
-                labels.setdefault(
-                    (coding["system"], coding["code"]), {"system": coding["system"], "code": coding["code"]}
-                )
+        meta = res.get("meta")
+        for coding in meta.get("security", ()) if meta else ():
+            system = coding.get("system")
+            if system in wanted:
+                key = (system, coding["code"])
+                if key not in labels:
+                    labels[key] = {"system": system, "code": coding["code"]}
     return {
         "resourceType": "Bundle",
         "id": resource_id("Bundle", letter_key, recipient.id, "message"),

@@ -1,4 +1,4 @@
-"""FHIR REST transport: ``POST {endpoint}/$process-message`` with httpx.
+"""FHIR REST transport: ``POST {endpoint}/$process-message`` with httpcore (httpx's connection pool).
 
 The response decides: HTTP 200 with a response message whose ``MessageHeader.response.code`` is
 ``ok`` → acknowledged; ``transient-error``, 429, 5xx, timeouts and connection failures → retry
@@ -23,6 +23,7 @@ from __future__ import annotations
 import ssl
 from os import PathLike
 
+import httpcore
 import httpx
 import orjson
 
@@ -55,14 +56,40 @@ def tls_context(
     return context
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
+def _seconds(value: str | None) -> float | None:
     if value is None:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
         return None  # an HTTP-date: let the backoff decide
+
+
+class _Answer:
+    """What :meth:`HttpTransport.send` reads of a response: status, ``Retry-After``, body."""
+
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], content: bytes) -> None:
+        self.status_code, self.headers, self.content = status_code, headers, content
+
+    def retry_after(self) -> float | None:
+        """``Retry-After`` in seconds, read as httpx's ``Headers.get`` reads it (several values joined)."""
+        found = [value for name, value in self.headers if name.lower() == b"retry-after"]
+        return _seconds(b", ".join(found).decode(_encoding(self.headers))) if found else None
+
+
+def _encoding(headers: list[tuple[bytes, bytes]]) -> str:
+    """The encoding httpx decodes a response's headers with: ASCII, else UTF-8, else Latin-1."""
+    for encoding in ("ascii", "utf-8"):
+        try:
+            for name, value in headers:
+                name.decode(encoding)
+                value.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        return encoding
+    return "iso-8859-1"
 
 
 def _tls_failure(exc: BaseException) -> Outcome | None:
@@ -81,37 +108,69 @@ class HttpTransport:
     media_types = frozenset({FHIR_JSON, JOSE, JOSE_JSON})
 
     def __init__(self, *, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
-        # httpx's transport (its connection pool) without the Client around it: a delivery needs no
-        # cookies, redirects or auth flow, and those layers cost a third of each send's CPU
-        self.pool = httpx.HTTPTransport(verify=tls if tls is not None else True)
+        # httpcore's connection pool, configured as httpx's HTTPTransport configures it (its default limits),
+        # without the httpx Request/Response around each send: a delivery needs no cookies, redirects, auth
+        # flow or URL parsing per request, and those layers cost half of each send's CPU
+        self.pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(verify=tls if tls is not None else True),
+            max_connections=100,  # httpx's default limits
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            http1=True,
+            http2=False,
+            retries=0,
+        )
         self.timeout = httpx.Timeout(timeout).as_dict()
+        self._targets: dict[str, tuple[httpcore.URL, bytes]] = {}  # per endpoint URL: parsed once
 
-    def _post(self, url: str, payload: bytes, content_type: str) -> httpx.Response:
-        request = httpx.Request(
-            "POST",
-            url,
-            content=payload,
-            headers={"Content-Type": content_type, "Accept": FHIR_JSON},
-            extensions={"timeout": self.timeout},
+    def _target(self, url: str) -> tuple[httpcore.URL, bytes]:
+        """The request URL and its ``Host`` header, as httpx derives them from ``url``."""
+        found = self._targets.get(url)
+        if found is None:
+            parsed = httpx.URL(url)
+            target = httpcore.URL(
+                scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port, target=parsed.raw_path
+            )
+            found = (target, parsed.netloc)
+            if len(self._targets) < 4096:  # endpoints come from the directory: a bounded set
+                self._targets[url] = found
+        return found
+
+    def _post(self, url: str, payload: bytes, content_type: str) -> _Answer:
+        """POST ``payload``: on the wire exactly what ``httpx.Request("POST", url, content=payload, headers=
+        {"Content-Type": ..., "Accept": ...})`` sends — Host, Content-Type, Accept, Content-Length, in that order
+        (an empty body: Host, Content-Length, Content-Type, Accept)."""
+        target, host = self._target(url)
+        headers = [(b"Content-Type", content_type.encode("ascii")), (b"Accept", _ACCEPT)]
+        if payload:
+            headers = [(b"Host", host), *headers, (b"Content-Length", str(len(payload)).encode("ascii"))]
+        else:  # httpx adds an empty body's length with the Host, before the given headers
+            headers = [(b"Host", host), (b"Content-Length", b"0"), *headers]
+        request = httpcore.Request(
+            b"POST", target, headers=headers, content=payload, extensions={"timeout": self.timeout}
         )
         response = self.pool.handle_request(request)
         try:
-            response.read()
+            content = response.read()
         finally:
             response.close()
-        return response
+        headers = response.headers
+        if any(name.lower() == b"content-encoding" for name, _ in headers):  # rare: let httpx decode it
+            decoded = httpx.Response(response.status, headers=headers, content=content)
+            return _Answer(response.status, headers, decoded.content)
+        return _Answer(response.status, headers, content)
 
     def send(self, payload: bytes, endpoint: str, message_id: str, content_type: str = FHIR_JSON) -> Outcome:
         url = endpoint.rstrip("/") + "/$process-message"
         try:
             response = self._post(url, payload, content_type)
-        except httpx.TimeoutException:
+        except httpcore.TimeoutException:
             return Outcome("transient", "timeout")
-        except httpx.TransportError as exc:
+        except _TRANSPORT_ERRORS as exc:
             refused = _tls_failure(exc)
             if refused is not None:
                 return refused
-            if isinstance(exc, httpx.RemoteProtocolError) and url.startswith("https:"):
+            if isinstance(exc, httpcore.RemoteProtocolError) and url.startswith("https:"):
                 return Outcome(
                     "transient",
                     "connection failed: the server closed it without answering "
@@ -119,7 +178,7 @@ class HttpTransport:
                 )
             return Outcome("transient", f"connection failed: {type(exc).__name__}")
         if response.status_code == 429 or response.status_code >= 500:
-            return Outcome("transient", f"HTTP {response.status_code}", _retry_after(response))
+            return Outcome("transient", f"HTTP {response.status_code}", response.retry_after())
         if response.status_code != 200:
             return Outcome("permanent", f"HTTP {response.status_code}: {_diagnostics(response.content)}")
         try:
@@ -134,11 +193,17 @@ class HttpTransport:
         if code == "ok":
             return Outcome("ok", "acknowledged")
         if code == "transient-error":
-            return Outcome("transient", "receiver answered transient-error", _retry_after(response))
+            return Outcome("transient", "receiver answered transient-error", response.retry_after())
         return Outcome("permanent", f"receiver answered {code}")
 
     def close(self) -> None:
         self.pool.close()
+
+
+_ACCEPT = FHIR_JSON.encode("ascii")
+# what httpx reports as a TransportError (its TimeoutException caught first), as httpcore raises it: the
+# same class names (httpx maps each httpcore error to its namesake), with the cause (an SSL error...) chained
+_TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.ProxyError, httpcore.UnsupportedProtocol)
 
 
 def _diagnostics(body: bytes) -> str:
