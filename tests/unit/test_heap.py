@@ -58,18 +58,21 @@ def test_the_letter_path_leaves_no_reference_cycle(name: str) -> None:
     assert found == 0, f"{found} objects in reference cycles: {kinds.most_common(8)}"
 
 
-def test_the_collector_thread_frees_cycles_with_automatic_collection_off() -> None:
+def _cycle_freed(settle: str, meanwhile: str = "") -> str:
+    """In a fresh process after ``settle_heap(settle)``: make a reference cycle, drop it, run ``meanwhile``,
+    and wait up to 10 s for the collector thread; "freed" or "kept"."""
     script = textwrap.dedent(
-        """
+        f"""
         import gc, time, weakref
         from gateway.supervise import settle_heap
-        settle_heap(every=0.2)
+        settle_heap({settle})
         assert not gc.isenabled()
         class Node: pass
         node = Node(); node.me = node
         freed = []
         weakref.finalize(node, freed.append, True)
         del node
+        {meanwhile}
         deadline = time.monotonic() + 10
         while not freed and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -77,26 +80,13 @@ def test_the_collector_thread_frees_cycles_with_automatic_collection_off() -> No
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "freed", out.stderr
+    return f"{out.stdout.strip()} {out.stderr}".strip()
+
+
+def test_the_collector_thread_frees_cycles_with_automatic_collection_off() -> None:
+    assert _cycle_freed("every=0.2") == "freed"
 
 
 def test_a_pile_of_allocations_is_collected_before_the_period_ends() -> None:
-    script = textwrap.dedent(
-        """
-        import gc, time, weakref
-        from gateway.supervise import settle_heap
-        settle_heap(every=3600, allocations=10_000)
-        class Node: pass
-        node = Node(); node.me = node
-        freed = []
-        weakref.finalize(node, freed.append, True)
-        del node
-        keep = [[] for _ in range(20_000)]  # live containers: the count the collector watches
-        deadline = time.monotonic() + 10
-        while not freed and time.monotonic() < deadline:
-            time.sleep(0.05)
-        print("freed" if freed else "kept")
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "freed", out.stderr
+    # live containers: the count the collector watches
+    assert _cycle_freed("every=3600, allocations=10_000", "keep = [[] for _ in range(20_000)]") == "freed"
