@@ -245,14 +245,15 @@ class AuditLog:
     def append_many(
         self, conn: Connection, items: Sequence[tuple[Json, str | None, str | None]], now: datetime
     ) -> None:
-        """Chain (event, letter id, recipient id) items, in order, inside the caller's transaction."""
+        """Chain (event, letter id, recipient id) items, in order, inside the caller's transaction.
+
+        Everything that does not depend on the chain (index columns, compressed body, the patient of an
+        acknowledgement) is done before the head is read: on PostgreSQL the head row stays locked until
+        the caller commits, and every audit-writing transaction of every process waits for it."""
         if not items:
             return
-        head = conn.execute(_HEAD_LOCKED if conn.dialect.name == "postgresql" else _HEAD).first()
-        seq, prev = (int(head.seq), str(head.hash)) if head else (0, GENESIS)
-        first = seq + 1
         at = _stamp(now)
-        rows = []
+        staged = []
         patients: dict[str, str | None] = {}
         for event, letter_id, recipient in items:
             patient, agent, outcome, kind = index_of(event)
@@ -260,9 +261,12 @@ class AuditLog:
                 if letter_id not in patients:  # an acknowledgement names the message, not the patient
                     patients[letter_id] = conn.execute(_PATIENT_OF, {"letter": letter_id}).scalar()
                 patient = patients[letter_id]
-            who = recipient or agent
-            id_ = event["id"]
-            zbody = pack(event)
+            staged.append((str(event["id"]), letter_id, patient, recipient or agent, outcome, kind, pack(event)))
+        head = conn.execute(_HEAD_LOCKED if conn.dialect.name == "postgresql" else _HEAD).first()
+        seq, prev = (int(head.seq), str(head.hash)) if head else (0, GENESIS)
+        first = seq + 1
+        rows = []
+        for id_, letter_id, patient, who, outcome, kind, zbody in staged:
             seq += 1
             current = digest(prev, id_, at, letter_id, patient, who, outcome, kind, zbody)
             rows.append(
