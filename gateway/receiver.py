@@ -15,22 +15,30 @@ Served over HTTPS with client certificates required (mutual TLS), see :func:`tls
 
 from __future__ import annotations
 
+import inspect
 import ssl
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from fastapi.telemetry import TelemetryConfig
 from joserfc.jwk import ECKey
 from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, bindparam, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api.auth import StrPath, uvicorn_tls_options
 from gateway.api.limits import BodyLimit
 from gateway.api.outcomes import FHIR_JSON, ApiError, install
 from gateway.crypt import JOSE, JOSE_JSON, CryptError, PrivateKey, decrypt
+from gateway.errors import GatewayError
 from gateway.package import EVENT
 from gateway.seal import SealError, verify
 from gateway.store import make_engine
@@ -48,9 +56,56 @@ _received = Table(
     Column("response", Text, nullable=False),
     Column("body", Text, nullable=False),
 )
-# built once: ``insert().values(...)`` per message was a new statement and a new cache key each time
 _INSERT = _received.insert()
 _FIRST_RESPONSE = select(_received.c.response).where(_received.c.message_id == bindparam("message_id"))
+_Bound = tuple[str, Any]  # SQL in the driver's paramstyle and its parameters
+
+
+def _for_driver(statement: ClauseElement, dialect: Dialect) -> Callable[[Mapping[str, Any]], _Bound]:
+    """``statement`` compiled once for the driver, and how to bind named values to it."""
+    compiled = cast(SQLCompiler, statement.compile(dialect=dialect))  # an INSERT or a SELECT
+    sql, order = compiled.string, compiled.positiontup
+    if order is None:  # a named paramstyle (psycopg): the values as they are
+        return lambda values: (sql, values)
+    return lambda values: (sql, tuple(values[name] for name in order))
+
+
+class _Messages:
+    """The INSERT and the resend lookup on a pooled DBAPI connection, compiled once.
+
+    SQLAlchemy's per-call Connection, transaction and result objects cost more CPU than SQLite's own
+    insert and commit.  The pool stays: its checkout and checkin hold the SQLite writer's lock file
+    (:func:`gateway.store.make_engine`), and a checked-in connection is rolled back as before.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        self._engine = engine
+        self._insert = _for_driver(_INSERT, dialect)
+        self._first = _for_driver(_FIRST_RESPONSE, dialect)
+        # what SQLAlchemy binds for a DateTime: SQLite stores its own text format, PostgreSQL the datetime
+        stamp = _received.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
+        self._stamp: Callable[[datetime], Any] = stamp or (lambda value: value)
+        self._duplicate: type[Exception] = dialect.loaded_dbapi.IntegrityError
+
+    def store(self, values: dict[str, Any]) -> str | None:
+        """Insert and commit ``values``; for a message already stored (the primary key refuses it, even a
+        concurrent resend) nothing is written and its first response is returned."""
+        values["received_at"] = self._stamp(values["received_at"])
+        connection = self._engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(*self._insert(values))
+                connection.commit()
+                return None
+            except self._duplicate:
+                connection.rollback()
+                cursor.execute(*self._first(values))
+                [[first]] = cursor.fetchall()
+                return str(first)
+        finally:
+            connection.close()
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -74,6 +129,37 @@ def _response_message(request_header: Json, endpoint: str, now: datetime) -> Jso
     }
 
 
+class _Shortcut:
+    """ASGI middleware: a request for ``routes`` goes straight to their ``endpoint``.
+
+    FastAPI's router, dependency solving and exception middleware around a route were a tenth of a
+    message's CPU.  The routes stay declared (``/openapi.json``, ``/docs``, 405 for another method);
+    a :class:`GatewayError` gets what the app's handler answers, as the exception middleware did, and
+    anything else goes up to the app's 500 handler (:func:`gateway.api.outcomes.install`) as before.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: list[APIRoute],
+        endpoint: Callable[[Request], Awaitable[Response]],
+        refuse: Callable[[Request, Exception], Response | Awaitable[Response]],
+    ) -> None:
+        self.app, self.routes, self.endpoint, self.refuse = app, routes, endpoint, refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not any(r.matches(scope)[0] is Match.FULL for r in self.routes):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self.endpoint(request)
+        except GatewayError as error:
+            refusal = self.refuse(request, error)
+            response = await refusal if inspect.isawaitable(refusal) else refusal
+        await response(scope, receive, send)
+
+
 def tls_server_options(cert_file: StrPath, key_file: StrPath | None, ca_file: StrPath) -> dict[str, Any]:
     """``uvicorn.run(create_receiver(...), host=..., port=..., **tls_server_options(cert, key, ca))``: HTTPS,
     and a client certificate signed by ``ca_file`` is required to connect (mutual TLS)."""
@@ -93,11 +179,14 @@ def create_receiver(
     A message over ``max_bytes`` is refused 413 before it is read (a sealed letter is well under it)."""
     engine = make_engine(database_url)  # WAL on SQLite: one fsync per message
     _metadata.create_all(engine)
+    received = _Messages(engine)
     keys = list(trusted_keys)
     private = list(decryption_keys)
-    app = FastAPI(title="Reference FHIR messaging receiver", version="0.1.0")
+    # no OpenTelemetry: FastAPI looked for configured providers on every request (5% of the receiver's CPU
+    # under load), and this project configures none
+    off: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="Reference FHIR messaging receiver", version="0.1.0", telemetry=off)
     install(app)
-    app.add_middleware(BodyLimit, max_bytes=max_bytes)
 
     @app.post("/$process-message")
     @app.post("/{mailbox:path}/$process-message")  # one receiver may serve several recipients' endpoints
@@ -130,23 +219,22 @@ def create_receiver(
                 raise ApiError(400, "security", exc.message) from None
         now = datetime.now(UTC)
         response = orjson.dumps(_response_message(header, endpoint, now))
-        try:  # the first time: one statement; the primary key catches a resend, even a concurrent one
-            with engine.begin() as conn:
-                conn.execute(
-                    _INSERT,
-                    {
-                        "message_id": header["id"],
-                        "bundle_id": str(bundle.get("id", "")),
-                        "received_at": now,
-                        "response": response.decode(),
-                        "body": body.decode(),  # as received (decrypted): what was verified, byte for byte
-                    },
-                )
-        except IntegrityError:  # a resend: the original answer, nothing processed again
-            with engine.connect() as conn:
-                first = conn.execute(_FIRST_RESPONSE, {"message_id": header["id"]}).scalar_one()
-                return Response(first.encode(), media_type=FHIR_JSON)
+        first = received.store(
+            {
+                "message_id": header["id"],
+                "bundle_id": str(bundle.get("id", "")),
+                "received_at": now,
+                "response": response.decode(),
+                "body": body.decode(),  # as received (decrypted): what was verified, byte for byte
+            }
+        )
+        if first is not None:  # a resend: the original answer, nothing processed again
+            return Response(first.encode(), media_type=FHIR_JSON)
         return Response(response, media_type=FHIR_JSON)
+
+    routes = [r for r in app.routes if isinstance(r, APIRoute) and r.endpoint is process_message]
+    app.add_middleware(_Shortcut, routes=routes, endpoint=process_message, refuse=app.exception_handlers[GatewayError])
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)  # outside the shortcut: it limits every request
 
     @app.get("/messages")
     def messages() -> Response:
