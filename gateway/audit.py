@@ -25,7 +25,7 @@ from gateway.translate import narrative as nv
 from gateway.translate.build import PROJECT
 from gateway.translate.ids import resource_id, urn
 
-__all__ = ["audit_bundle", "disclosure_event", "rest_event", "route_event"]
+__all__ = ["audit_bundle", "authentication_event", "disclosure_event", "rest_event", "route_event"]
 
 Json = dict[str, Any]
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -369,3 +369,37 @@ def rest_event(
         "entity": [entity, *([_patient_entity(patient)] if patient is not None else [])],
     }
     return event
+
+
+def authentication_event(what: str, who: str, address: str | None, text: str, recorded: str, count: int = 1) -> Json:
+    """A refused authentication (DICOM 110114 User Authentication, subtype 110122 Login, outcome 4), which a
+    REST event would not say: ``what`` the method and route template tried, ``who`` the caller as far as
+    known (never a secret), ``address`` where it called from, and ``count`` the refusals this one record
+    stands for (refusals are coalesced so that an unauthenticated caller cannot flood the log)."""
+    agent = _requestor(who)
+    if address:
+        agent["network"] = {"address": address, "type": "2"}  # network-type 2: IP address
+    return {
+        "resourceType": "AuditEvent",
+        "id": resource_id("AuditEvent", "authentication", what, who, recorded, text, str(uuid.uuid4())),
+        "meta": {"security": [{"system": CATEGORY_SYSTEM, "code": "logistics"}]},
+        "text": nv.generated(nv.para(text)),
+        "type": {"system": DCM, "code": "110114", "display": "User Authentication"},
+        "subtype": [{"system": DCM, "code": "110122", "display": "Login"}],
+        "action": "E",
+        "recorded": recorded,
+        "outcome": "4",
+        "outcomeDesc": text,
+        "agent": [agent],
+        "source": {
+            "observer": OBSERVER,
+            "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+        "entity": [
+            {
+                "what": {"display": what},
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "detail": [{"type": "refusals", "valueString": str(count)}],
+            }
+        ],
+    }

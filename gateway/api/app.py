@@ -9,7 +9,7 @@ and ``$process-message``.  Callers authenticate with an API key (``Authorization
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -17,19 +17,23 @@ import orjson
 from fastapi import Depends, FastAPI, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.routing import request_response
 
 from gateway import audit, validate
 from gateway.api import auth, ops, pages
 from gateway.api.limits import BodyLimit
+from gateway.api.logins import RefusedLogins
 from gateway.api.outcomes import FHIR_JSON, ApiError, install
 from gateway.auditlog import AuditLog, Filters, Record
 from gateway.keys import load_public_keys
 from gateway.mappings import Mappings
+from gateway.metrics import Metrics
 from gateway.outbox import STATES, Delivery, Outbox
 from gateway.settings import Settings
 from gateway.store import STORED_TYPES, ResourceStore
 
-__all__ = ["api_key", "create_app"]
+__all__ = ["CALLER", "api_key", "caller_id", "create_app"]
 
 _PROJECT = "https://fhir.discharge-gateway.fr"
 
@@ -73,28 +77,39 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_document_bytes)  # before the body is read
     keys = settings.api_keys
     audit_log = outbox.log if outbox is not None else AuditLog(store.engine, reader=store.reader)
+    metrics = outbox.metrics if outbox is not None else Metrics()
+    logins = RefusedLogins(audit_log, metrics)  # every 401, audited (coalesced) and counted
+    app.router.on_shutdown.append(logins.flush)
 
-    def caller(request: Request) -> frozenset[str]:
-        # an API key and/or a client certificate (mutual TLS), as auth.install(app, ClientAuth(...)) says
-        return auth.authenticate(request, api_key(request), keys)
+    def forbidden(request: Request, needed: str) -> None:
+        now = datetime.now(UTC)
+        event = audit.rest_event(
+            "operation",
+            f"{request.method} {request.url.path}",
+            caller_id(request),
+            now.isoformat(timespec="seconds"),
+            outcome="4",
+            text=f"refused: {request.method} {request.url.path} needs the role {needed}",
+        )
+        audit_log.record([event], now)
 
-    def who(request: Request) -> str:
-        return auth.client_id(request, api_key(request))
+    def role(*allowed: str) -> Callable[[Request], Awaitable[frozenset[str]]]:
+        """A dependency: the caller's roles, if one of ``allowed``; else a 401 or 403, audited.  A coroutine
+        on the event loop (authentication is a dictionary look-up; a sync dependency would cost a thread
+        hand-off per request): only a refusal's audit write is handed to a thread."""
+        wanted = frozenset(allowed)
+        needed = " or ".join(allowed)
 
-    def role(*allowed: str) -> Callable[..., frozenset[str]]:
-        def check(request: Request, roles: frozenset[str] = Depends(caller)) -> frozenset[str]:
-            if not roles & set(allowed):
-                needed = " or ".join(allowed)
-                now = datetime.now(UTC)
-                event = audit.rest_event(
-                    "operation",
-                    f"{request.method} {request.url.path}",
-                    who(request),
-                    now.isoformat(timespec="seconds"),
-                    outcome="4",
-                    text=f"refused: {request.method} {request.url.path} needs the role {needed}",
-                )
-                audit_log.record([event], now)
+        async def check(request: Request) -> frozenset[str]:
+            # an API key and/or a client certificate (mutual TLS), as auth.install(app, ClientAuth(...)) says
+            key = api_key(request)
+            try:
+                roles = auth.authenticate(request, key, keys)
+            except auth.Unauthenticated as refused:
+                await run_in_threadpool(logins.refused, request, refused.reason, refused.message, key)
+                raise
+            if not roles & wanted:
+                await run_in_threadpool(forbidden, request, needed)
                 raise ApiError(403, "forbidden", f"this operation needs the role {needed}")
             return roles
 
@@ -102,29 +117,29 @@ def create_app(
 
     reader = Depends(role("admin", "auditor"))
     writer = Depends(role("admin"))
-    pusher = Depends(role("his", "admin"))
     status_reader = Depends(role("his", "admin", "auditor"))
 
-    def client_of(request: Request) -> str:
-        """Who owns a letter: the API key's hash, or the client certificate's fingerprint."""
-        return who(request)
+    async def client_of(request: Request) -> str:
+        """:func:`caller_id`, as a dependency that runs on the event loop (no thread hand-off)."""
+        return caller_id(request)
 
     if outbox is not None and mappings is not None:
-        _letters(app, settings, store, outbox, mappings, pusher, status_reader, client_of, role, on_accepted)
+        _letters(app, settings, store, outbox, mappings, status_reader, client_of, role, on_accepted)
     auditor = Depends(role("auditor", "admin"))
     _audit_api(app, audit_log, auditor, client_of)
     trust = [audit_log.signer.key] if audit_log.signer is not None else []  # checks the checkpoints it signs
-    pages.install(app, log=audit_log, outbox=outbox, auditor=auditor, client_of=client_of, keys=keys, trust=trust)
+    pages.install(
+        app, log=audit_log, outbox=outbox, auditor=auditor, client_of=caller_id, keys=keys, trust=trust, logins=logins
+    )
 
     def changed(request: Request, interaction: str, stored: Json) -> Callable[[Any], None]:
         """Audit a consent or directory change in the transaction that stores it."""
         ref = f"{stored['resourceType']}/{stored['id']}/_history/{stored['meta']['versionId']}"
         recorded = datetime.now(UTC)
-        event = audit.rest_event(interaction, ref, who(request), recorded.isoformat(timespec="seconds"))
+        event = audit.rest_event(interaction, ref, caller_id(request), recorded.isoformat(timespec="seconds"))
         return lambda conn: audit_log.append(conn, [event], recorded)
 
     # /healthz, /readyz, /metrics and the request log line (before the /{resource_type} routes)
-    metrics = outbox.metrics if outbox is not None else None
     earlier = (
         load_public_keys(settings.trusted_keys_file.read_bytes(), str(settings.trusted_keys_file))
         if (settings.trusted_keys_file)
@@ -260,15 +275,18 @@ def _letters(
     store: ResourceStore,
     outbox: Outbox,
     mappings: Mappings,
-    pusher: Any,
     status_reader: Any,
-    client_of: Callable[..., str],
-    role: Callable[..., Callable[..., frozenset[str]]],
+    client_of: Callable[[Request], Awaitable[str]],
+    role: Callable[..., Callable[[Request], Awaitable[frozenset[str]]]],
     on_accepted: Callable[[str, Any], None] | None,
 ) -> None:
     """Letters in (``POST /letters``, ``POST /$process-message``), their status, and the operators'
     view of deliveries (dead letters, replay).  A letter is accepted only once stored with its
-    deliveries and audit."""
+    deliveries and audit.
+
+    The two letter routes check the caller in their body, not as FastAPI dependencies (the same checks,
+    in the same order), and are served without FastAPI's request handler: its dependency solving cost
+    more per letter than everything else around the translation."""
     from gateway import audit
     from gateway.errors import GatewayError
     from gateway.ingest.json import parse_json
@@ -292,10 +310,12 @@ def _letters(
         }
         return _json(body, 202 if accepted.created else 200, {"Location": f"/letters/{letter_id}"})
 
+    pushing, status_reading = role("his", "admin"), role("his", "admin", "auditor")
+
     @app.post("/letters", status_code=202)
-    async def push_letter(
-        request: Request, roles: frozenset[str] = pusher, client: str = Depends(client_of)
-    ) -> Response:
+    async def push_letter(request: Request) -> Response:
+        await pushing(request)
+        client = caller_id(request)
         now = datetime.now(UTC)
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
@@ -311,11 +331,11 @@ def _letters(
             raise
 
     @app.post("/$process-message")
-    async def process_message(
-        request: Request, roles: frozenset[str] = status_reader, client: str = Depends(client_of)
-    ) -> Response:
+    async def process_message(request: Request) -> Response:
         """FHIR messaging in: a response message acknowledging one of ours (asynchronous receivers), or a
         message whose focus is a FHIR document Bundle (a letter, handled exactly like ``POST /letters``)."""
+        roles = await status_reading(request)
+        client = caller_id(request)
         now = datetime.now(UTC)
         try:
             raw = await request.body()
@@ -333,6 +353,12 @@ def _letters(
         except GatewayError as error:
             refuse(error, client, now)
             raise
+
+    # both take the Request only and answer a Response: Starlette's plain wrapper serves them as FastAPI's
+    # would (the same exception handlers), without FastAPI's per-request dependency machinery
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.endpoint in (push_letter, process_message):
+            route.app = request_response(route.endpoint)
 
     def acknowledge(header: Json, response: Json, client: str, now: datetime) -> Response:
         answered = response.get("identifier")
@@ -396,6 +422,19 @@ def _letters(
         return _json(found)
 
 
+CALLER = "gateway.caller"  # where caller_id keeps its answer in the request's scope
+
+
+def caller_id(request: Request) -> str:
+    """Who is calling (and owns a letter): the API key's hash, or the client certificate's fingerprint
+    (:func:`auth.client_id`).  Worked out once per request and kept in its scope: the handler, the
+    audit and the request log line (:mod:`gateway.api.ops`) all name the caller."""
+    found = request.scope.get(CALLER)
+    if not isinstance(found, str):
+        found = request.scope[CALLER] = auth.client_id(request, api_key(request))
+    return found
+
+
 def api_key(request: Request) -> str | None:
     """The API key of a call: ``Authorization: Bearer``, ``X-API-Key``, or the audit page's session cookie."""
     authorization = request.headers.get("authorization", "")
@@ -404,7 +443,7 @@ def api_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or request.cookies.get(pages.SESSION_COOKIE) or None
 
 
-def _audit_api(app: FastAPI, log: AuditLog, auditor: Any, client_of: Callable[..., str]) -> None:
+def _audit_api(app: FastAPI, log: AuditLog, auditor: Any, client_of: Callable[[Request], Awaitable[str]]) -> None:
     """``GET /AuditEvent`` (searchset, paged), ``GET /AuditEvent/$export`` (CSV, NDJSON) and
     ``GET /Patient/$audit-report``.  Auditors and admins only; every read is itself audited."""
     from gateway import report

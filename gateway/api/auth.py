@@ -36,6 +36,7 @@ __all__ = [
     "AUTH_MODES",
     "ClientAuth",
     "TlsScopeH11Protocol",
+    "Unauthenticated",
     "authenticate",
     "client_id",
     "fingerprint",
@@ -64,6 +65,15 @@ _CIPHER_SUITES = {
     "ECDHE-ECDSA-CHACHA20-POLY1305": 0xCCA9,
     "ECDHE-RSA-CHACHA20-POLY1305": 0xCCA8,
 }
+
+
+class Unauthenticated(ApiError):
+    """A 401 with why, from a closed set (``invalid-api-key``, ``unknown-certificate``, ``no-credentials``):
+    the refusal is audited and counted by that reason (:mod:`gateway.api.logins`)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(401, "login", message)
+        self.reason = reason
 
 
 def fingerprint(der: bytes) -> str:
@@ -127,18 +137,20 @@ class ClientAuth:
         if self.mode != "client-cert" and api_key:
             if api_key in api_keys:
                 return api_keys[api_key]
-            raise ApiError(401, "login", "authentication required: this API key is not valid")
+            raise Unauthenticated("invalid-api-key", "authentication required: this API key is not valid")
         if self.mode != "api-key":
             der = peer_certificate(scope)
             if der is not None:
                 roles = self.certificates.get(fingerprint(der))
                 if roles:
                     return roles
-                raise ApiError(401, "login", f"client certificate {fingerprint(der)[:16]}… is not authorised here")
+                raise Unauthenticated(
+                    "unknown-certificate", f"client certificate {fingerprint(der)[:16]}… is not authorised here"
+                )
         wanted = {"api-key": "a valid API key", "client-cert": "a known client certificate"}.get(
             self.mode, "a valid API key or a known client certificate"
         )
-        raise ApiError(401, "login", f"authentication required: {wanted}")
+        raise Unauthenticated("no-credentials", f"authentication required: {wanted}")
 
 
 def install(app: FastAPI, client_auth: ClientAuth) -> None:

@@ -48,7 +48,7 @@ from gateway.mappings import Mappings
 from gateway.metrics import Metrics
 from gateway.seal import Signer
 
-__all__ = ["AccessLog", "Readiness", "install"]
+__all__ = ["AccessLog", "Readiness", "install", "route_template"]
 
 _access = get_logger("gateway.access")
 _PROBES = frozenset({"/healthz", "/readyz", "/metrics", "/.well-known/jwks.json"})
@@ -136,7 +136,7 @@ class AccessLog:
                     logging.DEBUG if path in _PROBES and status < 400 else logging.INFO,
                     "request",
                     method=scope.get("method"),
-                    route=_route(scope),
+                    route=route_template(scope),
                     status=status,
                     duration_ms=round((time.perf_counter() - started) * 1000, 1),
                     client=_client(scope),
@@ -144,7 +144,7 @@ class AccessLog:
                 )
 
 
-def _route(scope: Scope) -> str:
+def route_template(scope: Scope) -> str:
     """The matched route's template, with the resource type filled in (a closed set); else a marker."""
     template = getattr(scope.get("route"), "path", None)
     if not isinstance(template, str):
@@ -163,14 +163,16 @@ def _ids(scope: Scope) -> dict[str, str]:
 def _client(scope: Scope) -> str | None:
     """The caller's non-secret id, as the API names it (a request without credentials gets none)."""
     from gateway.api import auth
-    from gateway.api.app import api_key
+    from gateway.api.app import CALLER, api_key, caller_id
 
+    known = scope.get(CALLER)  # the handler named the caller already
+    if isinstance(known, str):
+        return known
     try:
         request = Request(scope)
-        key = api_key(request)
-        if key is None and auth.peer_certificate(scope) is None:
+        if api_key(request) is None and auth.peer_certificate(scope) is None:
             return None
-        return auth.client_id(request, key)
+        return caller_id(request)
     except Exception:  # never fail a request for its log line
         return None
 

@@ -26,6 +26,7 @@ from joserfc.jwk import ECKey
 from sqlalchemy import func, select
 
 from gateway import audit, report
+from gateway.api.logins import RefusedLogins
 from gateway.api.outcomes import ApiError
 from gateway.auditlog import AuditLog, Filters, audit_table, verify
 from gateway.model import Ident
@@ -95,13 +96,16 @@ def install(
     client_of: Callable[..., str],
     keys: Mapping[str, frozenset[str]],
     trust: Sequence[ECKey] = (),
+    logins: RefusedLogins | None = None,
 ) -> None:
     """Register ``/audit`` pages on ``app`` (auditors and admins; every page view is audited).
 
     ``auditor`` (the API's role dependency) is not used: a browser without a session is sent to the
     login form instead of getting a JSON 401/403.  ``trust`` are the gateway's public keys the signed
-    checkpoints are checked against on ``/audit/verify`` (without them, only the chain is walked)."""
+    checkpoints are checked against on ``/audit/verify`` (without them, only the chain is walked).
+    ``logins`` audits a refused login like the API's other 401s (the app's, to share its coalescing)."""
     env = _environment()
+    refused_logins = logins or RefusedLogins(log)
 
     def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
         body = env.get_template(name).render(**context)
@@ -160,8 +164,8 @@ def install(
         key = (form.get("key") or [""])[0].strip()
         roles = keys.get(key, frozenset()) if key else frozenset()
         if not roles & _ALLOWED:
-            record(request, "POST /audit/login", outcome="4", interaction="operation",
-                   text="refused: audit page login with a key that is not an auditor's or an admin's")  # fmt: skip
+            why = "audit page login with a key that is not an auditor's or an admin's"
+            refused_logins.refused(request, "login-refused" if key else "no-credentials", why, key or None)
             return render("login.html", 401, error="Clé inconnue ou sans le rôle auditeur.")
         answer = RedirectResponse("/audit", status_code=303, headers=_HEADERS)
         answer.set_cookie(
