@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +41,15 @@ _log = get_logger(__name__)
 
 
 _FRESH_PER_BATCH = 4  # letters accepted here, claimed together in one batch
+# What this process accepted stays its own (it holds the translation) while it lives: it renews the hold
+# every _RENEW, each time for _HOLD, so another process takes the deliveries only _HOLD after it stopped
+# (killed, or every delivery thread stuck); a letter waiting longer than _PATIENCE is no longer held, so
+# an idle process helps one that has fallen that far behind (translating the letter again).
+_HOLD = timedelta(seconds=5)
+_PATIENCE = timedelta(seconds=10)
+_WAITING = 1024
+_CLAIMED = 256
+_RENEW = timedelta(seconds=1)
 
 # log level per outcome: what an operator must look at stands out from the steady flow
 _LEVELS = {"failed-retrying": logging.WARNING, "dead-lettered": logging.ERROR}
@@ -114,9 +123,15 @@ class Deliverer:
         self.signer, self.transports, self.retry, self.clock = signer, dict(transports), retry, clock
         self.worker = f"worker-{uuid.uuid4()}"
         self.snapshot = StoreSnapshot(store, policy_from(mappings))
-        self._prepared: OrderedDict[str, Prepared] = OrderedDict()
-        self._fresh: deque[str] = deque(maxlen=4096)  # accepted here, not claimed yet (held for us)
+        self._prepared: OrderedDict[str, Prepared] = OrderedDict()  # claimed lately (their retries too)
+        # accepted here, not claimed yet (held for us), oldest first, each with its translation: however
+        # long the backlog, up to _WAITING letters (~0.3 MB each), none is translated again when claimed
+        self._fresh: OrderedDict[str, Prepared] = OrderedDict()
         self._lock = threading.Lock()
+        outbox.holder = self.worker  # what this process accepts is held for this worker (renew_hold)
+        self._hold = min(_HOLD, timedelta(seconds=settings.claim_lease_seconds))
+        self._renew_at = datetime.min.replace(tzinfo=UTC)
+        self._claiming = threading.Lock()  # a renewal and a claim by letter never skip each other's rows
         self._stop = threading.Event()
         self._work = threading.Event()
 
@@ -124,29 +139,38 @@ class Deliverer:
         """The API just accepted this letter in this process: keep its translation (it would be the same
         again) and wake the worker, so a letter is on its way within milliseconds, not a polling period."""
         with self._lock:
-            self._prepared[letter_id] = prepared
-            self._prepared.move_to_end(letter_id)
-            while len(self._prepared) > 256:
-                self._prepared.popitem(last=False)
-            self._fresh.append(letter_id)
+            self._fresh[letter_id] = prepared
+            if len(self._fresh) > _WAITING:
+                self._fresh.popitem(last=False)
         self.wake()
 
     def wake(self) -> None:
         self._work.set()
 
-    def _letter(self, letter_id: str) -> Prepared:
-        with self._lock:
-            known = self._prepared.get(letter_id)
+    def _letter(self, letter_id: str, batch: dict[str, Prepared]) -> Prepared:
+        """The letter's translation: the batch's (accepted here, or used earlier in the batch), a recent
+        one, or else translated again from the stored letter (accepted by another process, or long ago)."""
+        known = batch.get(letter_id)
+        if known is None:
+            with self._lock:  # a letter accepted here may fall due before its turn (see _PATIENCE)
+                known = self._prepared.get(letter_id) or self._fresh.get(letter_id)
         if known is not None:
+            batch[letter_id] = known
             return known
         stored = self.outbox.letter_body(letter_id)
         assert stored is not None, "a delivery always has its letter"
         prepared = prepare(stored[0], name=f"letter-{letter_id}", mappings=self.mappings, settings=self.settings)
         with self._lock:
-            self._prepared[letter_id] = prepared
-            while len(self._prepared) > 256:
-                self._prepared.popitem(last=False)
+            self._keep(letter_id, prepared)
+        batch[letter_id] = prepared
         return prepared
+
+    def _keep(self, letter_id: str, prepared: Prepared) -> None:
+        """Cache a claimed letter's translation (the most recent ``_CLAIMED``); call with the lock held."""
+        self._prepared[letter_id] = prepared
+        self._prepared.move_to_end(letter_id)
+        while len(self._prepared) > _CLAIMED:
+            self._prepared.popitem(last=False)
 
     def run_once(self, limit: int = 10, worker: str | None = None) -> int:
         """Claim and attempt the due deliveries, record their outcomes in one commit; how many were attempted.
@@ -158,19 +182,43 @@ class Deliverer:
         lease = timedelta(seconds=self.settings.claim_lease_seconds)
         with self._lock:
             # a few letters per batch: their acknowledgements are recorded when the whole batch is done
-            fresh = [self._fresh.popleft() for _ in range(min(_FRESH_PER_BATCH, len(self._fresh)))]
-        claimed = self.outbox.claim(worker, now, 16 * limit, lease, letters=fresh) if fresh else []
+            fresh = [self._fresh.popitem(last=False) for _ in range(min(_FRESH_PER_BATCH, len(self._fresh)))]
+            for letter_id, prepared in fresh:
+                self._keep(letter_id, prepared)
+        claimed = self._claim_fresh(fresh, worker, now, 16 * limit, lease) if fresh else []
         if not claimed:
             claimed = self.outbox.claim(worker, now, limit, lease)
+            if len(claimed) == limit:  # the limit may have cut a letter: take the rest of it, translated once
+                letters = list(dict.fromkeys(d.letter_id for d in claimed))
+                claimed += self.outbox.claim(worker, now, 16 * limit, lease, letters=letters)
         if not claimed:
             return 0
         directory, consents = self.snapshot.current()
         routings: dict[str, Routing] = {}
-        outcomes = [self._guarded(delivery, directory, consents, routings) for delivery in claimed]
+        batch = dict(fresh)
+        outcomes = [self._guarded(delivery, directory, consents, routings, batch) for delivery in claimed]
         finished = self.clock()
         recorded = self.outbox.finish_many(outcomes, worker, finished)
         self._observe(claimed, outcomes, recorded, finished)
         return len(claimed)
+
+    def _claim_fresh(
+        self, fresh: list[tuple[str, Prepared]], worker: str, now: datetime, limit: int, lease: timedelta
+    ) -> list[Delivery]:
+        """Claim the deliveries of letters accepted here, first renewing (at most every ``_RENEW``) the
+        hold on those still waiting; if the claim fails, the letters wait for the next one."""
+        try:
+            with self._claiming:
+                if now >= self._renew_at:
+                    self._renew_at = now + _RENEW
+                    self.outbox.renew_hold(self.worker, now + self._hold, now - (_PATIENCE - self._hold))
+                return self.outbox.claim(worker, now, limit, lease, letters=[letter_id for letter_id, _ in fresh])
+        except Exception:
+            with self._lock:
+                for letter_id, prepared in reversed(fresh):
+                    self._fresh[letter_id] = prepared
+                    self._fresh.move_to_end(letter_id, last=False)
+            raise
 
     def _observe(
         self, claimed: list[Delivery], outcomes: list[Finish], recorded: list[bool], finished: datetime
@@ -196,13 +244,18 @@ class Deliverer:
             )
 
     def _guarded(
-        self, delivery: Delivery, directory: Directory, consents: ConsentStore, routings: dict[str, Routing]
+        self,
+        delivery: Delivery,
+        directory: Directory,
+        consents: ConsentStore,
+        routings: dict[str, Routing],
+        batch: dict[str, Prepared],
     ) -> Finish:
         """One attempt that cannot take the batch down: a letter the pipeline now refuses (mappings
         changed since it was accepted) is dead-lettered with the reason; an unexpected error is retried
         later like a transient failure, and logged with the message id only."""
         try:
-            return self._attempt(delivery, directory, consents, routings)
+            return self._attempt(delivery, directory, consents, routings, batch)
         except GatewayError as error:
             return self._failed(delivery, "dead-lettered", f"cannot be prepared now: {error.message}")
         except Exception as error:  # a bug must not stop delivery to everyone else
@@ -239,7 +292,12 @@ class Deliverer:
         )
 
     def _attempt(
-        self, delivery: Delivery, directory: Directory, consents: ConsentStore, routings: dict[str, Routing]
+        self,
+        delivery: Delivery,
+        directory: Directory,
+        consents: ConsentStore,
+        routings: dict[str, Routing],
+        batch: dict[str, Prepared],
     ) -> Finish:
         now = self.clock()
         recipient = directory.get(delivery.recipient_id)
@@ -248,7 +306,7 @@ class Deliverer:
         if delivery.kind == "withdrawal":
             message, audited = self._withdrawal(delivery, recipient, now)
         else:
-            prepared = self._letter(delivery.letter_id)
+            prepared = self._letter(delivery.letter_id, batch)
             routing = routings.get(delivery.letter_id)
             if routing is None:
                 routing = routings[delivery.letter_id] = route(prepared.resources, directory, prepared.policy)

@@ -203,8 +203,20 @@ _DUE = or_(  # an IN of fixed parameters, not an "expanding" one: those are re-r
     and_(_PENDING, _deliveries.c.due_at <= bindparam("now")),
     and_(_deliveries.c.status == "sending", _deliveries.c.claimed_at < bindparam("expired")),
 )
-_PICK_DUE = select(_deliveries.c.message_id).where(_DUE).order_by(_deliveries.c.due_at)
+# a letter's deliveries (due together) side by side: a claim takes whole letters, each translated once
+_PICK_DUE = select(_deliveries.c.message_id).where(_DUE).order_by(_deliveries.c.due_at, _deliveries.c.letter_id)
 _ANY_DUE = _PICK_DUE.limit(1)
+_RENEW_HOLD = (  # see Outbox.renew_hold
+    update(_deliveries)
+    .where(
+        and_(
+            _deliveries.c.status == "queued",
+            _deliveries.c.claimed_by == bindparam("holder"),
+            _deliveries.c.queued_at > bindparam("since"),
+        )
+    )
+    .values(due_at=bindparam("until"))
+)
 
 
 @lru_cache(maxsize=32)
@@ -250,6 +262,8 @@ class Outbox:
         # counted where it happens (accepted, refused, each attempt), whichever door or worker did it
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch(self)
+        # the delivery worker of this process, which holds what it accepts (see accept and renew_hold)
+        self.holder: str | None = None
 
     # -- accepting --------------------------------------------------------------------------------
     def find_letter(self, document_key: str) -> str | None:
@@ -277,7 +291,8 @@ class Outbox:
         ``source`` names the door it came in by (``http``, ``mllp``...) for the metrics.  ``hold``: the
         deliveries fall due for every worker only that long after now — the accepting process, which
         holds the translation, claims them at once by letter (:meth:`claim` ``letters=``); another
-        process takes them after ``hold`` if this one died."""
+        process takes them after ``hold`` if this one died.  With a :attr:`holder`, they are marked as
+        its own, and it extends the hold while it lives (:meth:`renew_hold`)."""
         with self.engine.begin() as conn:
             existing = conn.execute(_FIND_LETTER, {"key": document_key}).scalar()
             if existing:
@@ -312,6 +327,7 @@ class Outbox:
             ]  # had an earlier version, not addressed by this one: told to set it aside
             if deliveries or withdrawals:
                 status, due_at = "withheld" if stale else "queued", now + hold
+                holder = self.holder if hold and not stale else None
                 conn.execute(
                     _INSERT_DELIVERY,
                     [
@@ -327,7 +343,7 @@ class Outbox:
                             "updated_at": now,
                             "queued_at": now,
                             "last_error": stale,
-                            "claimed_by": None,
+                            "claimed_by": holder,
                             "claimed_at": None,
                             "sent_at": None,
                             "acknowledged_at": None,
@@ -374,7 +390,12 @@ class Outbox:
             conn.execute(
                 update(_deliveries)
                 .where(and_(_deliveries.c.message_id.in_(pending), _deliveries.c.status != "sending"))
-                .values(status="withheld", updated_at=now, last_error=f"superseded by version {version} before it left")
+                .values(
+                    status="withheld",
+                    updated_at=now,
+                    last_error=f"superseded by version {version} before it left",
+                    claimed_by=None,
+                )
             )
         return {
             r.recipient_id: (r.message_id, r.recipient_ref, r.endpoint)
@@ -453,6 +474,13 @@ class Outbox:
         with self.engine.begin() as conn:  # one statement: pick, mark and read back
             claimed = [_delivery(r) for r in conn.execute(stmt, params)]
         return sorted(claimed, key=lambda d: (d.due_at, d.message_id))
+
+    def renew_hold(self, holder: str, until: datetime, since: datetime) -> int:
+        """The holder is alive: its queued deliveries accepted after ``since`` stay held until ``until``
+        (how many).  A holder that dies stops renewing, and others take its deliveries when the last hold
+        ends; one alive but behind keeps only its recent ones (older ones any idle worker takes)."""
+        with self.engine.begin() as conn:
+            return int(conn.execute(_RENEW_HOLD, {"holder": holder, "until": until, "since": since}).rowcount)
 
     def finish(
         self,
