@@ -76,7 +76,7 @@ class Sensitivity(_Strict):
 class Compiled:
     """The label rules' lexicons, compiled once; a plain object so hot loops avoid pydantic's attribute hooks."""
 
-    __slots__ = ("any_sensitive", "borderline", "coded", "displays", "lexicons", "payload", "sensitive")
+    __slots__ = ("any_sensitive", "borderline", "coded", "displays", "lexicons", "masking", "payload", "sensitive")
 
     def __init__(self, rules: LabelRules) -> None:
         self.lexicons = {name: Lexicon(terms) for name, terms in rules.lexicons.items()}
@@ -89,6 +89,10 @@ class Compiled:
         for r in rules.sensitivity.rules:
             self.displays.setdefault(r.code, r.display)
         self.borderline = [(Lexicon(b.terms), b.logistics_in) for b in rules.borderline]
+        # the rules with a context, each with its context's lexicon (for mask_folded)
+        self.masking = [
+            (lexicon, self.lexicons[context]) for lexicon, context in self.borderline if context is not None
+        ]
         # payload patterns in order, each with whether it is a plain id (fnmatch of a pattern without
         # * ? [ is equality: no fnmatch call for those)
         self.payload = [(p, c, not any(ch in p for ch in "*?[")) for p, c in rules.payload.items()]
@@ -100,6 +104,23 @@ class Compiled:
         for lexicon, context in self.borderline:
             if context is not None and self.lexicons[context].hit(folded_text):
                 folded_text = lexicon.remove(folded_text)
+        return folded_text
+
+    def mask_folded(self, folded_text: str) -> str:
+        """:meth:`mask_borderline` of what fold() returned, without checking it (remove() keeps it folded).
+
+        Rules sharing a context lexicon ask it once while the text is unchanged (remove() returns the
+        very text when it removes nothing): most text hits no context at all.
+        """
+        asked: Lexicon | None = None
+        said = False
+        for lexicon, context in self.masking:
+            if context is not asked:
+                asked, said = context, context.hit_folded(folded_text)
+            if said:
+                removed = lexicon.remove(folded_text)
+                if removed is not folded_text:
+                    folded_text, asked = removed, None
         return folded_text
 
     def sensitive_in_text(self, folded_text: str) -> list[str]:
@@ -227,7 +248,7 @@ def _activity_category(activity: Mapping[str, Any], rules: LabelRules, compiled:
     code = detail.get("code") or {}
     parts = [str(detail.get("description") or ""), str(code.get("text") or "")]
     parts.extend(str(c.get("display") or "") for c in code.get("coding", []))
-    text = compiled.mask_borderline(fold(" ".join(parts)))
+    text = compiled.mask_folded(fold(" ".join(parts)))
     for rule in rules.activities:
         if compiled.hits(rule.when_any, text):
             return rule.category

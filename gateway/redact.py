@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Collection, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -75,7 +75,7 @@ class _RulesMemo:
 
     def __init__(self, rules: LabelRules) -> None:
         self.rules = rules  # held, so the id it is found by stays its own
-        self.mask = rules.compiled.mask_borderline  # reached once: pydantic's private attributes are slow
+        self.mask = rules.compiled.mask_folded  # reached once: pydantic's private attributes are slow
         self.texts: dict[str, str | None] = {}  # a string -> its verdict
         self.verdicts: dict[tuple[int, str], str | None] = {}  # (shared resource, element) -> verdict
         self.scrubbed: dict[int, _Trim | None] = {}  # shared resource -> what its free text costs it
@@ -140,7 +140,7 @@ class MedicalScanner:
         texts = memo.texts
         if text in texts:
             return texts[text]
-        return texts.setdefault(text, self.hit(memo.mask(fold(text))))
+        return texts.setdefault(text, self.hit_folded(memo.mask(fold(text))))
 
     def element_verdict(self, owner: Mapping[str, Any], key: str, rules: LabelRules) -> str | None:
         """Medical content in ``owner[key]`` (memoised for the letter: resources are shared, not mutated)."""
@@ -215,10 +215,23 @@ class MedicalScanner:
         return scanner
 
     def hit(self, folded: str) -> str | None:
-        """The kind of medical content in already folded text ('lexicon', 'letter-drug', 'atc'...), or None."""
+        """The kind of medical content in already folded text ('lexicon', 'letter-drug', 'atc'...), or None.
+
+        Any text (by words); the cut asks :meth:`hit_folded`, which the tests check against this.
+        """
         tokens = folded.split()
         if self._terms.hit(folded, tokens):
             return "lexicon"
+        return self._drug_or_pattern(folded, tokens)
+
+    def hit_folded(self, folded: str) -> str | None:
+        """:meth:`hit` of what fold() returned, unchecked: the mapping set's lexicon in one regex search."""
+        if self._terms.hit_folded(folded):
+            return "lexicon"
+        return self._drug_or_pattern(folded, folded.split())
+
+    def _drug_or_pattern(self, folded: str, tokens: list[str]) -> str | None:
+        # (the letter's drug lexicon is matched by words: its regex would be compiled anew for each letter)
         if self._drugs.hit(folded, tokens):
             return "letter-drug"
         if self._any_pattern is not None and self._any_pattern.search(folded) is None:
@@ -424,14 +437,17 @@ class _Cutter:
             basis = self.decision.by_sensitivity.get(category) or self.decision.why_not("medical")
         self.view.withheld.append(Withheld(what, rtype, category, basis.rule, reason or basis.text, basis.consent))
 
-    def blocked(self, categories: Iterable[str], sensitivity: Iterable[str]) -> str | None:
+    def blocked(self, categories: Collection[str], sensitivity: Collection[str]) -> str | None:
         """The first category, then sensitivity code, this recipient may not see — in sorted order, so
         that the audit names the same one on every run (the labels come as sets)."""
+        decision = self.decision
+        if decision.categories.issuperset(categories) and decision.sensitive.issuperset(sensitivity):
+            return None  # (most labels: nothing to sort)
         for category in sorted(categories):
-            if category not in self.decision.categories:
+            if category not in decision.categories:
                 return category
         for code in sorted(sensitivity):
-            if code not in self.decision.sensitive:
+            if code not in decision.sensitive:
                 return code
         return None
 
