@@ -13,11 +13,14 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from gateway.errors import GatewayError, IngestError, MappingError
 from gateway.mappings import Mappings, load_mappings
 from gateway.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from gateway.supervise import Listener
 
 __all__ = ["main"]
 
@@ -257,15 +260,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway import metrics, migrate
     from gateway.store import make_engine
-    from gateway.supervise import listen, supervise
+    from gateway.supervise import Listener, supervise
 
     engine = make_engine(settings.database_url)
     migrate.upgrade(engine)  # once, here: workers starting together would race to migrate
     engine.dispose()  # no connection may cross the fork
-    sock = listen(args.host, args.port)
+    port = Listener(args.host, args.port)
     shared = metrics.share_between_processes()  # counters summed over the workers, whichever one is scraped
     try:
-        return supervise(processes, lambda index: _serve_process(args, settings, mappings, smtp, key, sock, index))
+        return supervise(processes, lambda index: _serve_process(args, settings, mappings, smtp, key, port, index))
     finally:
         if shared is not None:
             shutil.rmtree(shared, ignore_errors=True)
@@ -277,7 +280,7 @@ def _serve_process(
     mappings: Mappings,
     smtp: Any,
     key: Any,
-    sock: Any = None,
+    port: Listener | None = None,
     index: int = 0,
 ) -> int:
     """One gateway process: the API, its delivery worker and (worker 0 only) MLLP and housekeeping."""
@@ -363,7 +366,7 @@ def _serve_process(
             **server_tls,
         )
         settle_heap()
-        uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
+        uvicorn.Server(config).run(sockets=[port.for_worker()] if port is not None else None)
     finally:
         if listener is not None:
             listener.close()

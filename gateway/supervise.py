@@ -1,9 +1,9 @@
-"""``gateway serve --processes N``: N gateway processes behind one listening socket, kept alive.
+"""``gateway serve --processes N``: N gateway processes behind one port, kept alive.
 
 One CPython process runs its Python on one core at a time (the GIL), and translating and sealing a
 letter is CPU work: a second process is what lets the gateway use a second core.  The supervisor
-binds the port once, forks the workers (each inherits the socket: the kernel spreads connections
-among them), and:
+reserves the port, forks the workers (each listens on it: the kernel spreads connections among
+them, see :class:`Listener`), and:
 
 - restarts a worker that dies (after a back-off that grows while workers keep dying), so a crash
   costs a few seconds of one process, never the service; what the dead worker had claimed is retaken
@@ -31,22 +31,52 @@ from collections.abc import Callable
 
 from gateway.logs import get_logger
 
-__all__ = ["listen", "settle_heap", "supervise"]
+__all__ = ["Listener", "settle_heap", "supervise"]
 
 _log = get_logger("gateway.supervise")
 _PR_SET_PDEATHSIG = 1
 _GRACE = 30.0  # seconds a worker gets to finish on shutdown
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket the workers share (bound before any fork, so a busy port fails early)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+class Listener:
+    """The port the workers serve: reserved by the supervisor, a listening socket per worker.
+
+    Where the kernel has ``SO_REUSEPORT`` (Linux), each worker listens on a socket of its own and the
+    kernel spreads new connections evenly among them.  With one shared socket, the worker that woke
+    first accepted every pending connection at once (libuv accepts until none is left): measured in
+    ``bench/bench_load.py``, one worker got 731 letters and the other 39, so one core sat idle while a
+    hospital's keep-alive connections queued on the other.  The supervisor binds the port without
+    listening (a port in use fails at start-up, and nothing is ever queued on a socket nobody
+    accepts); a worker that dies takes its own socket with it and new connections go to the others.
+    Elsewhere, the workers share one listening socket."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.each = hasattr(socket, "SO_REUSEPORT")
+        self.sock = self._socket(host, port)
+        self.address = self.sock.getsockname()[:2]  # the port chosen, when 0 was asked for
+        if not self.each:
+            self.sock.listen(2048)
+
+    def _socket(self, host: str, port: int) -> socket.socket:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.each:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def for_worker(self) -> socket.socket:
+        """The socket this worker accepts on (called in the worker, after the fork)."""
+        if not self.each:
+            return self.sock
+        sock = self._socket(*self.address)
+        sock.listen(2048)
+        return sock
 
 
 def settle_heap(every: float = 300.0, allocations: int = 500_000) -> threading.Thread:
