@@ -45,7 +45,9 @@ class Intake:
     Thread-safe: the edges call it from worker threads so their event loops stay free.
     ``on_accepted(letter_id, prepared)`` tells an in-process delivery worker about a new letter: its
     deliveries are then held for that worker (it has the translation; another process would translate
-    the letter again) for at most ``HOLD`` or the claim lease, after which any worker takes them.
+    the letter again) for ``HOLD`` (or the claim lease, if shorter) at first; the worker renews the hold
+    while it lives and lets a letter go once it has waited too long (:mod:`gateway.deliver`), so any
+    worker takes them ``HOLD`` after the accepting process stopped.
     ``source`` names the door (``http``, ``mllp``) in the metrics.
     """
 
