@@ -29,7 +29,6 @@ import gc
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from _paired import asgi_post, interleaved, report, use_code
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -53,46 +53,11 @@ def _letter(tag: str) -> bytes:
     return BASE[:start] + f'<id root="1.2.250.1.213.1.1.9.1.3" extension="BENCH-{tag}"/>'.encode() + BASE[end:]
 
 
-async def _post(app: Any, path: str, body: bytes) -> tuple[int, bytes]:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"127.0.0.1:8080"),
-            (b"authorization", f"Bearer {HIS}".encode()),
-            (b"content-type", b"application/hl7-cda+xml"),
-            (b"accept", b"application/fhir+json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8080),
-    }
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-    status = 0
-    chunks: list[bytes] = []
+_HEADERS = [(b"authorization", f"Bearer {HIS}".encode()), (b"content-type", b"application/hl7-cda+xml")]
 
-    async def receive() -> dict[str, Any]:
-        if pending:
-            return pending.pop()
-        await asyncio.Event().wait()  # the client never disconnects
-        raise AssertionError
 
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return status, b"".join(chunks)
+async def _post(app: Any, body: bytes) -> tuple[int, bytes]:
+    return await asgi_post(app, "/letters", body, _HEADERS)
 
 
 def measure(letters: int, profile: bool) -> dict[str, float]:
@@ -137,7 +102,7 @@ def measure(letters: int, profile: bool) -> dict[str, float]:
 
         async def run() -> tuple[list[float], list[float]]:
             for n in range(3):  # warm up: middleware stack, statement caches, the thread pool; not timed
-                assert (await _post(app, "/letters", _letter(f"warm-{n}")))[0] == 202
+                assert (await _post(app, _letter(f"warm-{n}")))[0] == 202
             bodies = [_letter(f"{os.getpid()}-{n}") for n in range(letters)]
             inside.clear()
             gc.collect()
@@ -150,7 +115,7 @@ def measure(letters: int, profile: bool) -> dict[str, float]:
                     if profiler:
                         profiler.enable()
                     start = time.process_time()
-                    status, answer = await _post(app, "/letters", body)
+                    status, answer = await _post(app, body)
                     totals.append(time.process_time() - start)
                     if profiler:
                         profiler.disable()
@@ -183,10 +148,7 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=8)
     args = parser.parse_args()
     if args.compare is None:
-        sys.path.insert(0, str(args.code.resolve()))
-        import gateway
-
-        assert Path(gateway.__file__).resolve().is_relative_to(args.code.resolve()), gateway.__file__
+        use_code(args.code)
         result = measure(args.letters, args.profile)
         if args.json:
             print(orjson.dumps(result).decode())
@@ -194,27 +156,7 @@ def main() -> int:
             for name, value in result.items():
                 print(f"{name}: {value:.3f}")
         return 0
-    sides = {"other": args.compare.resolve(), "this": ROOT}
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for _ in range(args.turns):
-        for name, code in sides.items():
-            out = subprocess.run(
-                [sys.executable, __file__, "--letters", str(args.letters), "--json", "--code", str(code)],
-                check=True,
-                capture_output=True,
-                cwd=code,
-                env=env,
-            ).stdout
-            results[name].append(orjson.loads(out.splitlines()[-1]))
-    for name, runs in results.items():
-        keys = runs[0].keys()
-        print(f"{name} ({sides[name]}):", {k: round(statistics.median(r[k] for r in runs), 3) for k in keys})
-    for key in ("total_ms", "outside_ms"):  # paired by turn: the drift of the machine cancels out
-        ratios = sorted(t[key] / o[key] for o, t in zip(results["other"], results["this"], strict=True))
-        print(
-            f"this/other {key}: median {statistics.median(ratios):.3f} (turns: {' '.join(f'{r:.2f}' for r in ratios)})"
-        )
+    report(*interleaved(__file__, args.compare, args.turns, ["--letters", str(args.letters)]))
     return 0
 
 

@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import os
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import orjson
+from _paired import interleaved, report, use_code
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -112,10 +111,7 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=6)
     args = parser.parse_args()
     if args.compare is None:
-        sys.path.insert(0, str(args.code.resolve()))
-        import gateway
-
-        assert Path(gateway.__file__).resolve().is_relative_to(args.code.resolve()), gateway.__file__
+        use_code(args.code)
         result = measure(args.rounds, args.profile)
         if args.json:
             print(orjson.dumps(result).decode())
@@ -123,27 +119,7 @@ def main() -> int:
             for name, value in result.items():
                 print(f"{name}: {value:.3f} ms")
         return 0
-    sides = {"other": args.compare.resolve(), "this": ROOT}
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for turn in range(args.turns):
-        # each side first every other turn: whatever the first process of a turn pays, both pay alike
-        for name, code in sorted(sides.items(), reverse=turn % 2 == 1):
-            out = subprocess.run(
-                [sys.executable, __file__, "--rounds", str(args.rounds), "--json", "--code", str(code)],
-                check=True,
-                capture_output=True,
-                cwd=code,
-                env=env,
-            ).stdout
-            results[name].append(orjson.loads(out.splitlines()[-1]))
-    keys = list(results["this"][0])
-    print(f"{'CPU ms, median of runs':32} {'other':>8} {'this':>8} {'this/other (paired)':>20}")
-    for key in keys:
-        other = statistics.median(r[key] for r in results["other"])
-        this = statistics.median(r[key] for r in results["this"])
-        ratio = statistics.median(t[key] / o[key] for o, t in zip(results["other"], results["this"], strict=True))
-        print(f"{key:32} {other:8.3f} {this:8.3f} {ratio:20.3f}")
+    report(*interleaved(__file__, args.compare, args.turns, ["--rounds", str(args.rounds)]))
     return 0
 
 

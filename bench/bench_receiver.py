@@ -23,10 +23,8 @@ import argparse
 import asyncio
 import cProfile
 import gc
-import os
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from _paired import asgi_post, interleaved, report, use_code
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -80,45 +79,11 @@ def _messages(count: int) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     return out, dict(signer.key.as_dict(private=False))
 
 
+_HEADERS = [(b"content-type", b"application/fhir+json")]
+
+
 async def _post(app: Any, path: str, body: bytes) -> tuple[int, bytes]:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "https",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"127.0.0.1:8443"),
-            (b"content-type", b"application/fhir+json"),
-            (b"accept", b"application/fhir+json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8443),
-    }
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-    status = 0
-    chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        if pending:
-            return pending.pop()
-        await asyncio.Event().wait()  # the client never disconnects
-        raise AssertionError
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(scope, receive, send)
-    return status, b"".join(chunks)
+    return await asgi_post(app, path, body, _HEADERS, scheme="https", port=8443)
 
 
 def measure(messages: list[tuple[str, bytes]], jwk: dict[str, Any], profile: bool) -> dict[str, float]:
@@ -186,10 +151,7 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=8)
     args = parser.parse_args()
     if args.compare is None:
-        sys.path.insert(0, str(args.code.resolve()))
-        import gateway
-
-        assert Path(gateway.__file__).resolve().is_relative_to(args.code.resolve()), gateway.__file__
+        use_code(args.code)
         if args.load is not None:
             saved = orjson.loads(args.load.read_bytes())
             messages, jwk = [(path, body.encode()) for path, body in saved["messages"]], saved["key"]
@@ -202,32 +164,12 @@ def main() -> int:
             for name, value in result.items():
                 print(f"{name}: {value:.3f}")
         return 0
-    sides = {"other": args.compare.resolve(), "this": ROOT}
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     sys.path.insert(0, str(ROOT))
     messages, jwk = _messages(args.messages)  # made once by this checkout: the same bytes on both sides
     with tempfile.NamedTemporaryFile(suffix=".json") as saved:
         saved.write(orjson.dumps({"key": jwk, "messages": [(path, body.decode()) for path, body in messages]}))
         saved.flush()
-        for _ in range(args.turns):
-            for name, code in sides.items():
-                out = subprocess.run(
-                    [sys.executable, __file__, "--load", saved.name, "--json", "--code", str(code)],
-                    check=True,
-                    capture_output=True,
-                    cwd=code,
-                    env=env,
-                ).stdout
-                results[name].append(orjson.loads(out.splitlines()[-1]))
-    for name, runs in results.items():
-        keys = runs[0].keys()
-        print(f"{name} ({sides[name]}):", {k: round(statistics.median(r[k] for r in runs), 3) for k in keys})
-    for key in ("message_ms", "resend_ms"):  # paired by turn: the drift of the machine cancels out
-        ratios = sorted(t[key] / o[key] for o, t in zip(results["other"], results["this"], strict=True))
-        print(
-            f"this/other {key}: median {statistics.median(ratios):.3f} (turns: {' '.join(f'{r:.2f}' for r in ratios)})"
-        )
+        report(*interleaved(__file__, args.compare, args.turns, ["--load", saved.name]))
     return 0
 
 
