@@ -112,11 +112,19 @@ def install(
         return HTMLResponse(body, status_code=status, headers=_HEADERS)
 
     def roles_of(request: Request) -> frozenset[str]:
+        """The caller's roles (none: the browser is sent to the login form).  A session cookie or client
+        certificate that does not authenticate — a stale or forged session, a revoked key — is a refused
+        authentication, audited like the API's 401s; a first visit without credentials is not."""
         from gateway.api import auth
         from gateway.api.app import api_key
 
+        key = api_key(request)
         try:
-            return auth.authenticate(request, api_key(request), keys)
+            return auth.authenticate(request, key, keys)
+        except auth.Unauthenticated as refused:
+            if refused.reason != "no-credentials":
+                refused_logins.refused(request, refused.reason, refused.message, key)
+            return frozenset()
         except ApiError:
             return frozenset()
 

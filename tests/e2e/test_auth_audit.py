@@ -119,6 +119,22 @@ def test_a_refused_audit_page_login_is_audited_the_same_way(gateway: dict[str, A
     assert HIS not in str(events)
 
 
+def test_an_audit_page_opened_with_a_stale_session_is_audited_a_first_visit_is_not(gateway: dict[str, Any]) -> None:
+    from gateway.api.pages import SESSION_COOKIE
+
+    with TestClient(gateway["app"]) as client:
+        first = client.get("/audit", follow_redirects=False)  # no credentials yet: sent to the login form
+        assert first.status_code == 303 and first.headers["location"] == "/audit/login"
+        assert _refusals(gateway["outbox"].log) == []
+        client.cookies.set(SESSION_COOKIE, WRONG)  # a session whose key was revoked, or a forged one
+        stale = client.get("/audit", follow_redirects=False)
+        assert stale.status_code == 303 and stale.headers["location"] == "/audit/login"
+    events = _refusals(gateway["outbox"].log)
+    assert [e["entity"][0]["what"]["display"] for e in events] == ["GET /audit"]
+    assert events[0]["agent"][0]["who"]["display"] == "client-" + hashlib.sha256(WRONG.encode()).hexdigest()[:12]
+    assert WRONG not in str(events)
+
+
 def test_a_flood_of_bad_calls_is_coalesced_and_the_counts_add_up(gateway: dict[str, Any]) -> None:
     with TestClient(gateway["app"]) as client:
         for n in range(1000):
