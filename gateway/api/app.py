@@ -24,7 +24,7 @@ from gateway import audit, validate
 from gateway.api import auth, ops, pages
 from gateway.api.limits import BodyLimit
 from gateway.api.logins import RefusedLogins
-from gateway.api.outcomes import FHIR_JSON, ApiError, install
+from gateway.api.outcomes import FHIR_JSON, NO_TELEMETRY, ApiError, install
 from gateway.auditlog import AuditLog, Filters, Record
 from gateway.keys import load_public_keys
 from gateway.mappings import Mappings
@@ -72,6 +72,7 @@ def create_app(
         title="Discharge gateway",
         version="0.1.0",
         description="FHIR R4 gateway for hospital discharge letters — consents and directory",
+        telemetry=NO_TELEMETRY,
     )
     install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_document_bytes)  # before the body is read

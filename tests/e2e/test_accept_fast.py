@@ -170,3 +170,19 @@ def test_the_openapi_document_still_describes_the_letter_routes(both: dict[str, 
     assert set(document["paths"]["/letters"]["post"]["responses"]) >= {"202", "4XX", "500"}
     assert "requestBody" in document["paths"]["/letters"]["post"]
     assert "post" in document["paths"]["/$process-message"]
+
+
+def test_no_request_looks_for_opentelemetry_providers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FastAPI's telemetry is off in the gateway's app: no per-request look-up of providers nobody set."""
+    from fastapi.telemetry import _asgi
+
+    looked: list[str] = []
+    monkeypatch.setattr(_asgi, "_unconfigured", lambda provider: looked.append(type(provider).__name__) or True)
+    app, _outbox = _gateway(tmp_path / "gateway.db", fastapi_handler=False)
+    with TestClient(app) as client:
+        assert client.post("/letters", content=_letter("otel"), headers={**CDA, "X-API-Key": HIS}).status_code == 202
+        assert client.get("/healthz").status_code == 200
+    assert looked == []
+    with TestClient(FastAPI()) as default:  # what the gateway turned off: FastAPI's check on every request
+        default.get("/")
+    assert looked
