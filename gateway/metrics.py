@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["LATENCY_BUCKETS", "Metrics", "refusal_reason", "share_between_processes"]
+__all__ = ["AUTH_REFUSALS", "LATENCY_BUCKETS", "Metrics", "refusal_reason", "share_between_processes"]
 
 _MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -51,6 +51,8 @@ def share_between_processes() -> str | None:
 
 # from a same-process acknowledgement (tens of ms) to a mail relay and a retried outage (hours)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
+# why a call got a 401 (gateway.api.logins): a closed set, as every label here
+AUTH_REFUSALS = ("invalid-api-key", "unknown-certificate", "no-credentials", "login-refused")
 _ISSUE_CODE = re.compile(r"^[a-z][a-z-]{1,40}$")
 _REFUSED = re.compile(r"^refused \(([a-z][a-z-]{1,40})\)")
 
@@ -144,7 +146,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.auth_refused = Counter(
+            "gateway_auth_refused",
+            "Calls refused for want of valid credentials (401), by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.accepted.labels("http")  # present at 0 from the start: rate() and increase() need a first sample
+        for reason in AUTH_REFUSALS:
+            self.auth_refused.labels(reason)
 
     def exposition(self) -> CollectorRegistry:
         """What ``/metrics`` shows: this registry, or with several processes the counters summed over
@@ -175,6 +185,9 @@ class Metrics:
 
     def letter_refused(self, reason: str) -> None:
         self.refused.labels(reason if _ISSUE_CODE.match(reason) else "other").inc()
+
+    def login_refused(self, reason: str) -> None:
+        self.auth_refused.labels(reason if reason in AUTH_REFUSALS else "other").inc()
 
     def attempt_recorded(self, status: str) -> None:
         self.attempts.labels(status).inc()  # one of the outbox's STATES (finish_many checks)

@@ -18,43 +18,22 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import Counter
 from starlette.requests import Request
 
 from gateway import audit
 from gateway.api import auth
 from gateway.api.ops import route_template
 from gateway.auditlog import AuditLog
-from gateway.metrics import Metrics
+from gateway.metrics import AUTH_REFUSALS, Metrics
 
 __all__ = ["REASONS", "RefusedLogins"]
 
-REASONS = ("invalid-api-key", "unknown-certificate", "no-credentials", "login-refused")
-_COUNTERS: weakref.WeakKeyDictionary[Metrics, Counter] = weakref.WeakKeyDictionary()
-_COUNTERS_LOCK = threading.Lock()
-
-
-def _counter(metrics: Metrics) -> Counter:
-    """The 401 counter in ``metrics``' registry, made once (two apps on one outbox share its metrics)."""
-    with _COUNTERS_LOCK:
-        found = _COUNTERS.get(metrics)
-        if found is None:
-            found = Counter(
-                "gateway_auth_refused",
-                "Calls refused for want of valid credentials (401), by reason",
-                ["reason"],
-                registry=metrics.registry,
-            )
-            for reason in REASONS:
-                found.labels(reason)  # present at 0 from the start
-            _COUNTERS[metrics] = found
-        return found
+REASONS = AUTH_REFUSALS
 
 
 @dataclass(slots=True)
@@ -81,15 +60,15 @@ class RefusedLogins:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.log, self.window, self.max_keys, self.clock = log, window, max_keys, clock
-        self.counter = _counter(metrics) if metrics is not None else None
+        self.metrics = metrics
         self._open: dict[tuple[str, str], _Window] = {}  # in the order opened: the oldest first
         self._lock = threading.Lock()
 
     def refused(self, request: Request, reason: str, why: str, api_key: str | None) -> None:
         """One 401 answered to ``request``: ``reason`` one of :data:`REASONS`, ``why`` the answer's text,
         ``api_key`` the key presented (its hash names the caller; it is never written)."""
-        if self.counter is not None:
-            self.counter.labels(reason).inc()
+        if self.metrics is not None:
+            self.metrics.login_refused(reason)
         scope = request.scope
         what = f"{scope.get('method')} {route_template(scope)}"
         who = "anonymous" if reason == "no-credentials" else auth.client_id(request, api_key)
