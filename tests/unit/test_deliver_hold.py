@@ -31,6 +31,9 @@ from gateway.transports import Outcome
 from tests.conftest import FIXTURES, mappings
 from tests.e2e.test_workers_pg import accept_letters
 from tests.fuzz.world import Recording
+from tests.unit.test_claim import outbox
+
+__all__ = ["outbox"]  # the fixture, shared with the claim tests
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 HOLD = timedelta(seconds=5)
@@ -42,15 +45,6 @@ def _letter(tag: str) -> bytes:
     start = LETTER.index(b"<id ", LETTER.index(b"<ClinicalDocument"))
     end = LETTER.index(b"/>", start) + 2
     return LETTER[:start] + f'<id root="1.2.250.1.213.1.1.9.1.3" extension="HOLD-{tag}"/>'.encode() + LETTER[end:]
-
-
-@pytest.fixture
-def outbox(database_url: str) -> Iterator[Outbox]:
-    engine = make_engine(database_url)
-    found = Outbox(engine)
-    yield found
-    found.reader.dispose()
-    engine.dispose()
 
 
 def _holders(outbox: Outbox) -> dict[str, tuple[str, datetime]]:
