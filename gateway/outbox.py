@@ -26,6 +26,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -67,6 +68,8 @@ _letters = Table(
     Column("media_type", String(64), nullable=False),
     Column("body", LargeBinary, nullable=False),
     Column("replaces", String(64), nullable=True),  # an earlier letter id of the same set
+    # the earlier and later versions of a set, looked up at every accept (migration 0004)
+    Index("ix_letter_set_key_version", "set_key", "version"),
 )
 _deliveries = Table(
     "delivery",
