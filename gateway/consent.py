@@ -17,7 +17,7 @@ after a legal protection (tutelle) began is not valid: the legal representative 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -26,7 +26,9 @@ from gateway.directory import Recipient
 from gateway.errors import IngestError, Where
 from gateway.policy import Policy
 
-__all__ = ["Basis", "ConsentStore", "Decision", "MemoryConsentStore", "decide"]
+__all__ = ["Basis", "ConsentStore", "Decision", "MemoryConsentStore", "PatientIndex", "decide", "what_is_missing"]
+
+PatientKey = tuple[str, str]  # (identifier system, value) of a patient: how consents and legal representatives name her
 
 Json = dict[str, Any]
 CATEGORY_SYSTEM = "https://fhir.discharge-gateway.fr/CodeSystem/data-category"
@@ -90,6 +92,72 @@ class ConsentStore(Protocol):
     def related(self) -> Sequence[Json]:
         """RelatedPerson resources: legal representatives, with the start of their mandate."""
 
+    def about(self, patient_ids: Collection[PatientKey]) -> tuple[Sequence[Sequence[ConsentVersion]], Sequence[Json]]:
+        """The consents (every version, in :meth:`versions`' order) and the RelatedPersons that name one of
+        ``patient_ids`` as their patient (a consent: in any of its versions)."""
+
+
+def patient_key(resource: Mapping[str, Any]) -> PatientKey:
+    """Whose a Consent or RelatedPerson is: its ``patient.identifier`` (a reference alone names no one we
+    can match, so both are stored only with the identifier: :func:`what_is_missing`)."""
+    ident = (resource.get("patient") or {}).get("identifier") or {}
+    return (str(ident.get("system")), str(ident.get("value")))
+
+
+def what_is_missing(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """What the decision stage needs of a Consent or RelatedPerson beyond structure, as (OperationOutcome
+    issue code, text); ``None`` when nothing is.  The API and ``gateway consents import`` refuse with it."""
+    ident = (body.get("patient") or {}).get("identifier") or {}
+    kind = body.get("resourceType")
+    if kind not in ("Consent", "RelatedPerson"):
+        return None
+    if not ident.get("system") or not ident.get("value"):
+        return "required", f"{kind}.patient must carry the patient's identifier (INS or IPP)"
+    if kind == "RelatedPerson":
+        return None
+    if body.get("status") not in ("active", "inactive", "rejected", "draft", "proposed", "entered-in-error"):
+        return "code-invalid", f"Consent.status {body.get('status')!r} is not a FHIR R4 consent-state"
+    if not body.get("dateTime"):
+        return "required", "Consent.dateTime (when it was given) is required"
+    provision = body.get("provision")
+    if not isinstance(provision, dict) or provision.get("type") not in ("permit", "deny"):
+        return "required", "Consent.provision with type permit or deny is required"
+    return None
+
+
+def about_patient(
+    versions: Iterable[Sequence[ConsentVersion]], related: Iterable[Json], patient_ids: Collection[PatientKey]
+) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
+    """:meth:`ConsentStore.about` by reading everything (a store small enough, or read once)."""
+    ids = set(patient_ids)
+    return (
+        [group for group in versions if any(patient_key(v.resource) in ids for v in group)],
+        [person for person in related if patient_key(person) in ids],
+    )
+
+
+class PatientIndex:
+    """Consents and legal representatives by the patient they name.
+
+    A decision reads its own patient's: reading every patient's consents at each decision cost time in
+    proportion to all the consents ever stored — three times per letter, one per recipient."""
+
+    __slots__ = ("_consents", "_related")
+
+    def __init__(self, versions: Iterable[Sequence[ConsentVersion]], related: Iterable[Json]) -> None:
+        self._consents: dict[PatientKey, list[tuple[int, Sequence[ConsentVersion]]]] = {}
+        self._related: dict[PatientKey, list[tuple[int, Json]]] = {}
+        for position, group in enumerate(versions):
+            for key in dict.fromkeys(patient_key(v.resource) for v in group):
+                self._consents.setdefault(key, []).append((position, group))
+        for position, person in enumerate(related):
+            self._related.setdefault(patient_key(person), []).append((position, person))
+
+    def about(self, patient_ids: Collection[PatientKey]) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
+        consents = {p: g for key in patient_ids for p, g in self._consents.get(key, ())}
+        related = {p: r for key in patient_ids for p, r in self._related.get(key, ())}
+        return [consents[p] for p in sorted(consents)], [related[p] for p in sorted(related)]
+
 
 def _instant(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
@@ -147,10 +215,12 @@ class MemoryConsentStore:
     def versions(self) -> Sequence[Sequence[ConsentVersion]]:
         return list(self._versions.values())
 
+    def about(self, patient_ids: Collection[PatientKey]) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
+        return about_patient(self._versions.values(), self.related, patient_ids)
+
 
 def _patient_matches(consent: Mapping[str, Any], patient_ids: set[tuple[str, str]]) -> bool:
-    ident = (consent.get("patient") or {}).get("identifier") or {}
-    return (str(ident.get("system")), str(ident.get("value"))) in patient_ids
+    return patient_key(consent) in patient_ids
 
 
 def _covers(period: Mapping[str, Any] | None, at: datetime) -> bool:
@@ -248,10 +318,11 @@ def decide(
         else:
             sensitive[code] = (False, Basis("policy:sensitive", f"{code}: consentement explicite requis"))
     ignored: list[Basis] = []
-    guardian_since = _guardianship_start(store.related, related)
+    consents, representatives = store.about(ids)  # this patient's: another's guardian is not hers
+    guardian_since = _guardianship_start(representatives, related)
 
     valid: list[tuple[datetime, ConsentVersion]] = []
-    for versions in store.versions():
+    for versions in consents:
         current = [v for v in versions if v.valid_from <= at]
         if not current or not _patient_matches(current[-1].resource, ids):
             continue

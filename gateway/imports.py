@@ -84,6 +84,7 @@ from sqlalchemy import select
 
 from gateway import audit, validate
 from gateway.auditlog import AuditLog, head_table
+from gateway.consent import what_is_missing
 from gateway.directory import ENDPOINT_CERTIFICATE, FINESS, IDNPS, IDNST, RPPS, Directory
 from gateway.errors import IngestError, Where
 from gateway.policy import Policy
@@ -96,7 +97,6 @@ __all__ = [
     "Plan",
     "Refusal",
     "apply",
-    "consent_problem",
     "plan",
     "read_bundle",
     "read_csv",
@@ -449,21 +449,6 @@ def _resource_of(cells: Mapping[str, str]) -> Json:
 
 
 # -- checking --------------------------------------------------------------------------------------------
-def consent_problem(body: Mapping[str, Any]) -> str | None:
-    """What the decision stage needs of a Consent beyond structure (the API's ``_check_consent``)."""
-    ident = (body.get("patient") or {}).get("identifier") or {}
-    if not ident.get("system") or not ident.get("value"):
-        return "Consent.patient must carry the patient's identifier (INS or IPP)"
-    if body.get("status") not in ("active", "inactive", "rejected", "draft", "proposed", "entered-in-error"):
-        return f"Consent.status {body.get('status')!r} is not a FHIR R4 consent-state"
-    if not body.get("dateTime"):
-        return "Consent.dateTime (when it was given) is required"
-    provision = body.get("provision")
-    if not isinstance(provision, dict) or provision.get("type") not in ("permit", "deny"):
-        return "Consent.provision with type permit or deny is required"
-    return None
-
-
 def _references(body: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
     """(element, reference) of the directory links the router follows."""
     for name in ("practitioner", "organization", "managingOrganization", "partOf"):
@@ -503,9 +488,8 @@ def _check(item: Item) -> str | None:
     problems = validate.check_with_models(item.body) or validate.problems(item.body, fhir_json=True)
     if problems:
         return f"not a valid FHIR R4 {item.resource_type}: {problems[0]}"
-    if item.resource_type == "Consent":
-        return consent_problem(item.body)
-    return None
+    missing = what_is_missing(item.body)
+    return missing[1] if missing else None
 
 
 # -- planning --------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from gateway import migrate
-from gateway.consent import ConsentVersion, _instant
+from gateway.consent import ConsentVersion, PatientIndex, PatientKey, _instant, about_patient
 from gateway.directory import Directory
 from gateway.policy import Policy
 
@@ -311,16 +311,27 @@ class SqlConsentStore:
     def related(self) -> list[Json]:
         return self.store.current("RelatedPerson")
 
+    def about(self, patient_ids: Collection[PatientKey]) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
+        return about_patient(self.versions(), self.related, patient_ids)
+
 
 @dataclass(frozen=True, slots=True)
 class ConsentSnapshot:
-    """Consents and legal representatives as read at one instant (a :class:`ConsentStore`)."""
+    """Consents and legal representatives as read at one instant (a :class:`ConsentStore`), indexed by
+    patient once, when read: each decision then reads only its patient's."""
 
     all_versions: tuple[tuple[ConsentVersion, ...], ...]
     related: tuple[Json, ...]
+    index: PatientIndex = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", PatientIndex(self.all_versions, self.related))
 
     def versions(self) -> Sequence[Sequence[ConsentVersion]]:
         return self.all_versions
+
+    def about(self, patient_ids: Collection[PatientKey]) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
+        return self.index.about(patient_ids)
 
 
 class StoreSnapshot:

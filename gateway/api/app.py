@@ -26,6 +26,7 @@ from gateway.api.limits import BodyLimit
 from gateway.api.logins import RefusedLogins
 from gateway.api.outcomes import FHIR_JSON, NO_TELEMETRY, ApiError, install
 from gateway.auditlog import AuditLog, Filters, Record
+from gateway.consent import what_is_missing
 from gateway.keys import load_public_keys
 from gateway.mappings import Mappings
 from gateway.metrics import Metrics
@@ -176,8 +177,9 @@ def create_app(
         problems = validate.check_with_models(candidate) or validate.problems(candidate, fhir_json=True)
         if problems:
             raise ApiError(422, "invariant", f"not a valid FHIR R4 {resource_type}: {problems[0]}")
-        if resource_type == "Consent":
-            _check_consent(body)
+        missing = what_is_missing(body)
+        if missing is not None:
+            raise ApiError(422, *missing)
         return body
 
     @app.post("/{resource_type}", status_code=201)
@@ -698,17 +700,3 @@ def _matches(identifier: Any, system: str, value: str) -> bool:
         and identifier.get("value") == value
         and (not system or identifier.get("system") == system)
     )
-
-
-def _check_consent(body: Json) -> None:
-    """What the decision stage needs of a Consent (beyond structure): whose, when, and a provision."""
-    ident = (body.get("patient") or {}).get("identifier") or {}
-    if not ident.get("system") or not ident.get("value"):
-        raise ApiError(422, "required", "Consent.patient must carry the patient's identifier (INS or IPP)")
-    if body.get("status") not in ("active", "inactive", "rejected", "draft", "proposed", "entered-in-error"):
-        raise ApiError(422, "code-invalid", f"Consent.status {body.get('status')!r} is not a FHIR R4 consent-state")
-    if not body.get("dateTime"):
-        raise ApiError(422, "required", "Consent.dateTime (when it was given) is required")
-    provision = body.get("provision")
-    if not isinstance(provision, dict) or provision.get("type") not in ("permit", "deny"):
-        raise ApiError(422, "required", "Consent.provision with type permit or deny is required")

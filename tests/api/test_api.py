@@ -101,6 +101,23 @@ def test_bad_consents_get_an_operation_outcome(client: TestClient, body: bytes, 
     )
 
 
+def test_a_legal_representative_must_name_the_patient_by_identifier(client: TestClient) -> None:
+    """A guardian that names no patient identifier could be nobody's or anybody's: refused, not guessed."""
+    guardian = {
+        "resourceType": "RelatedPerson",
+        "id": "tutor",
+        "patient": {"reference": "Patient/p"},
+        "relationship": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "GUARD"}]}
+        ],
+    }
+    refused = client.put("/RelatedPerson/tutor", json=guardian, headers=_auth(ADMIN))
+    _is_outcome(refused, 422)
+    assert "RelatedPerson.patient must carry the patient's identifier" in refused.text
+    guardian["patient"] = {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.10", "value": "232127511301974"}}
+    assert client.put("/RelatedPerson/tutor", json=guardian, headers=_auth(ADMIN)).status_code == 201
+
+
 def test_unknown_type_and_mismatched_id(client: TestClient) -> None:
     _is_outcome(client.get("/Observation/1", headers=_auth(ADMIN)), 404)
     consent = {**_consents()[0], "id": "a"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from gateway.consent import MemoryConsentStore, decide
+from gateway.consent import ConsentVersion, MemoryConsentStore, PatientIndex, about_patient, decide
 from gateway.directory import Recipient
 from gateway.policy import policy_from
 from tests.conftest import mappings
@@ -275,3 +275,82 @@ def test_kinds_from_cda_profession_codes() -> None:
     assert policy.kind_of([("urn:oid:1.2.250.1.213.1.1.4.5", "G15_10/SM26")]) == "physician"
     assert policy.kind_of([("urn:oid:1.2.250.1.213.1.1.4.5", "G15_60")]) == "nurse"
     assert policy.kind_of([("urn:oid:1.2.250.1.213.1.1.4.5", "G15_99")]) is None
+
+
+def _guardian(patient: str, start: str) -> dict[str, Any]:
+    return {
+        "resourceType": "RelatedPerson",
+        "id": f"guardian-{patient}",
+        "patient": {"identifier": {"system": INS[0], "value": patient}},
+        "relationship": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "GUARD"}]}
+        ],
+        "period": {"start": start},
+    }
+
+
+def test_another_patients_guardian_does_not_void_this_patients_consent() -> None:
+    """Guardianship is the patient's own: a guardian of someone else in the store changes nothing here,
+    her own guardian (stored, named by identifier) makes her own later consent invalid."""
+    own = consent(
+        "p1",
+        "2026-10-01T10:00:00+02:00",
+        {"type": "permit", "actor": [kind_actor("home-help")], "securityLabel": labels("logistics")},
+    )
+    store = MemoryConsentStore()
+    store.add(own)
+    store.related.append(_guardian("199999999999999", "2019-06-20"))
+    decision = decide({INS}, SAAD, at("2026-10-30T12:00:00+01:00"), store, policy_from(mappings()))
+    assert decision.categories == {"logistics"}
+    assert not decision.ignored
+    store.related.append(_guardian(INS[1], "2019-06-20"))
+    decision = decide({INS}, SAAD, at("2026-10-30T12:00:00+01:00"), store, policy_from(mappings()))
+    assert decision.categories == frozenset()
+    assert [b.rule for b in decision.ignored] == ["consent:invalid-performer"]
+
+
+class _OnlyAbout(MemoryConsentStore):
+    """A store that fails if a decision reads every patient's consents instead of its own patient's."""
+
+    def versions(self) -> Any:
+        raise AssertionError("a decision read every consent")
+
+    def about(self, patient_ids: Any) -> Any:
+        return PatientIndex(super().versions(), self.related).about(patient_ids)
+
+
+def test_a_decision_reads_only_its_patients_consents() -> None:
+    store = _OnlyAbout()
+    for n in range(50):
+        other = consent(
+            f"other-{n}", "2026-10-01T10:00:00+02:00", {"type": "permit", "actor": [kind_actor("home-help")]}
+        )
+        other["patient"] = {"identifier": {"system": INS[0], "value": f"1{n:014d}"}}
+        store.add(other)
+    store.add(
+        consent(
+            "mine",
+            "2026-10-01T10:00:00+02:00",
+            {"type": "permit", "actor": [kind_actor("home-help")], "securityLabel": labels("social")},
+        )
+    )
+    decision = decide({INS}, SAAD, at("2026-10-30T12:00:00+01:00"), store, policy_from(mappings()))
+    assert decision.categories == {"social"} and decision.consents == ("Consent/mine/_history/1",)
+
+
+def test_the_index_finds_what_reading_everything_finds() -> None:
+    """In the store's order, a consent found by any of its versions' patients, guardians by theirs."""
+    versions: list[list[ConsentVersion]] = []
+    for n, patients in enumerate([["A"], ["B"], ["A", "B"], ["C"], ["A"]]):
+        group = []
+        for v, patient in enumerate(patients, start=1):
+            body = consent(f"c{n}", f"2026-10-0{v}T10:00:00+02:00", {"type": "permit"}, version=str(v))
+            body["patient"] = {"identifier": {"system": INS[0], "value": patient}}
+            group.append(ConsentVersion(f"c{n}", str(v), at(f"2026-10-0{v}T10:00:00+02:00"), body))
+        versions.append(group)
+    related = [_guardian(p, "2020-01-01") for p in ("B", "A", "C", "A")]
+    index = PatientIndex(versions, related)
+    for ids in ([], ["A"], ["B"], ["A", "B"], ["C", "A"], ["Z"]):
+        keys = {(INS[0], p) for p in ids}
+        assert index.about(keys) == about_patient(versions, related, keys), ids
+    assert [g[0].id for g in index.about({(INS[0], "B")})[0]] == ["c1", "c2"]
