@@ -1,12 +1,14 @@
 """Load benchmark: letters accepted and acknowledged end to end, on this machine, over loopback.
 
     python bench/bench_load.py [--db sqlite|postgresql] [--letters 400] [--rate 50] [--processes 2] [--gateways 1]
+                               [--patients 0]
 
 Real processes: ``gateway serve`` (API + delivery worker; ``--processes N`` is ``serve --processes N``,
 N workers behind one port; ``--gateways 2`` runs two separate ``serve`` on one database)
 and ``gateway receiver`` (verifies each seal, de-duplicates, stores, acknowledges).  The letter is the
 S6 discharge letter routed to 3 recipients (GP, CLIC, SAAD — the social ones with the patient's
-consent to logistics and social data), each one a distinct document.
+consent to logistics and social data), each one a distinct document.  ``--patients N`` adds N other
+patients' consents to the store (a tenth of them under guardianship), as a hospital's store holds them.
 
 Two runs:
 - **throughput**: push every letter as fast as the API takes them (16 concurrent clients), then wait
@@ -72,7 +74,7 @@ def _wait(url: str, seconds: float = 60) -> None:
 class Rig:
     """Receiver + gateway processes on one fresh database."""
 
-    def __init__(self, db: str, gateways: int, tmp: Path, processes: int = 1) -> None:
+    def __init__(self, db: str, gateways: int, tmp: Path, processes: int = 1, patients: int = 0) -> None:
         self.tmp, self.procs = tmp, []  # type: ignore[var-annotated]
         key = generate_key()
         (tmp / "gw.jwk").write_bytes(orjson.dumps(key.as_dict(private=True)))
@@ -117,6 +119,7 @@ class Rig:
             social_permit(rid="bench-permit"),
             at=datetime.fromisoformat("2026-10-28T15:00:00+01:00"),
         )
+        _other_patients(store, patients)
         env = {
             **os.environ,
             "GATEWAY_DATABASE_URL": self.url,
@@ -189,6 +192,27 @@ def _stat(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return []
+
+
+def _other_patients(store: ResourceStore, count: int) -> None:
+    """``count`` other patients' consents (and a guardian for every tenth), as a hospital's store holds them:
+    what a decision must not have to read through for the one patient it decides for."""
+    permit = social_permit(rid="other")
+    when = datetime.fromisoformat("2026-10-01T10:00:00+02:00")
+    with store.engine.begin() as conn:
+        for n in range(count):
+            patient = {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.8", "value": f"2{n:014d}"}}
+            store.put_in(conn, "Consent", f"other-{n}", {**permit, "id": f"other-{n}", "patient": patient}, when)
+            if n % 10 == 0:
+                guardian = {
+                    "resourceType": "RelatedPerson",
+                    "patient": patient,
+                    "relationship": [
+                        {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "GUARD"}]}
+                    ],
+                    "period": {"start": "2019-06-20"},
+                }
+                store.put_in(conn, "RelatedPerson", f"guardian-{n}", guardian, when)
 
 
 def _cpu_seconds(root: int) -> float:
@@ -310,9 +334,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
     parser.add_argument("--gateways", type=int, default=1, help="separate gateway services on one database")
     parser.add_argument("--processes", type=int, default=2, help="worker processes per gateway service")
+    parser.add_argument(
+        "--patients", type=int, default=0, help="other patients' consents in the store (a guardian for every tenth)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rig = Rig(args.db, args.gateways, Path(tmp), args.processes)
+        rig = Rig(args.db, args.gateways, Path(tmp), args.processes, args.patients)
         try:
             asyncio.run(_push(rig.urls, 20, 0, "warm"))
             _drain(rig, set())
