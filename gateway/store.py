@@ -23,6 +23,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
     String,
@@ -67,6 +68,10 @@ _versions = Table(
     Column("last_updated", DateTime(timezone=True), nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
     Column("body", Text, nullable=False),
+    # the type's write counter (resource_change) as this write left it: what changed since a snapshot
+    # was read is what has a higher number (none before migration 0005: a snapshot reads those whole)
+    Column("change_no", Integer, nullable=True),
+    Index("ix_resource_version_change", "resource_type", "change_no"),
 )
 # how many times each type was written: bumped in the writing transaction, read per letter and per batch
 # by StoreSnapshot to tell whether anything changed (counting the versions instead read them all: ~6 ms
@@ -78,10 +83,11 @@ _changes = Table(
     Column("changes", Integer, nullable=False),
 )
 _CHANGES = "SELECT resource_type, changes FROM resource_change"
-# one statement on SQLite and PostgreSQL alike; concurrent writers of a type queue on its row till commit
+# one statement on SQLite and PostgreSQL alike, run before the write it numbers: concurrent writers of a
+# type queue on its row until commit, so its numbers become visible in order (no reader sees 12 before 11)
 _CHANGED = text(
     "INSERT INTO resource_change (resource_type, changes) VALUES (:resource_type, 1) "
-    "ON CONFLICT (resource_type) DO UPDATE SET changes = resource_change.changes + 1"
+    "ON CONFLICT (resource_type) DO UPDATE SET changes = resource_change.changes + 1 RETURNING changes"
 )
 
 
@@ -217,6 +223,7 @@ class ResourceStore:
         meta["versionId"] = str(version)
         meta["lastUpdated"] = when.isoformat(timespec="milliseconds")
         stored["meta"] = meta
+        change = conn.execute(_CHANGED, {"resource_type": resource_type}).scalar_one()
         conn.execute(
             _versions.insert().values(
                 resource_type=resource_type,
@@ -225,9 +232,9 @@ class ResourceStore:
                 last_updated=when,
                 deleted=False,
                 body=orjson.dumps(stored).decode(),
+                change_no=change,
             )
         )
-        conn.execute(_CHANGED, {"resource_type": resource_type})
         return stored
 
     def create(
@@ -253,16 +260,53 @@ class ResourceStore:
             version = self._latest_version(conn, resource_type, rid)
             if version == 0:
                 return False
+            change = conn.execute(_CHANGED, {"resource_type": resource_type}).scalar_one()
             conn.execute(
                 _versions.insert().values(
-                    resource_type=resource_type, id=rid, version=version + 1, last_updated=when, deleted=True, body="{}"
+                    resource_type=resource_type,
+                    id=rid,
+                    version=version + 1,
+                    last_updated=when,
+                    deleted=True,
+                    body="{}",
+                    change_no=change,
                 )
             )
-            conn.execute(_CHANGED, {"resource_type": resource_type})
             if audit is not None:
                 meta = {"versionId": str(version + 1), "lastUpdated": when.isoformat(timespec="milliseconds")}
                 audit(conn, {"resourceType": resource_type, "id": rid, "meta": meta})
         return True
+
+    def changed(self, resource_type: str, after: int, upto: int) -> set[str]:
+        """The ids of the resources of a type written after its ``after``-th write, up to its ``upto``-th."""
+        stmt = select(_versions.c.id).where(
+            and_(
+                _versions.c.resource_type == resource_type,
+                _versions.c.change_no > after,
+                _versions.c.change_no <= upto,
+            )
+        )
+        with self.reader.connect() as conn:
+            return {str(rid) for rid in conn.execute(stmt).scalars()}
+
+    def versions_of(self, resource_type: str, ids: Iterable[str]) -> list[tuple[str, int, datetime, bool, Json]]:
+        """:meth:`all_versions` of these resources only (by id, then version)."""
+        wanted, found = sorted(ids), []
+        with self.reader.connect() as conn:
+            for start in range(0, len(wanted), 500):  # bounded IN lists
+                stmt = (
+                    select(_versions)
+                    .where(
+                        and_(
+                            _versions.c.resource_type == resource_type, _versions.c.id.in_(wanted[start : start + 500])
+                        )
+                    )
+                    .order_by(_versions.c.id, _versions.c.version)
+                )
+                found += [
+                    (r.id, r.version, r.last_updated, r.deleted, orjson.loads(r.body)) for r in conn.execute(stmt)
+                ]
+        return found
 
     def _rows(self, resource_type: str, rid: str | None = None) -> list[Any]:
         stmt = select(_versions).where(_versions.c.resource_type == resource_type)
@@ -304,6 +348,20 @@ class ResourceStore:
         return [(r.id, r.version, r.last_updated, r.deleted, orjson.loads(r.body)) for r in self._rows(resource_type)]
 
 
+def consent_versions(rows: Iterable[tuple[str, int, datetime, bool, Json]]) -> dict[str, tuple[ConsentVersion, ...]]:
+    """Stored Consent rows (by id, then version) as each consent's versions, by id."""
+    grouped: dict[str, list[ConsentVersion]] = {}
+    for rid, version, updated, deleted, body in rows:
+        when = updated if updated.tzinfo else updated.replace(tzinfo=UTC)
+        if deleted:
+            # a deletion withdraws the consent from then on: it no longer decides anything
+            body = {**(grouped[rid][-1].resource if grouped.get(rid) else {}), "status": "inactive"}
+        else:
+            when = _instant((body.get("meta") or {}).get("lastUpdated")) or when
+        grouped.setdefault(rid, []).append(ConsentVersion(rid, str(version), when, body))
+    return {rid: tuple(group) for rid, group in grouped.items()}
+
+
 class SqlConsentStore:
     """The consent store of the decision stage, read from SQL with every version."""
 
@@ -311,16 +369,7 @@ class SqlConsentStore:
         self.store = store
 
     def versions(self) -> Sequence[Sequence[ConsentVersion]]:
-        grouped: dict[str, list[ConsentVersion]] = {}
-        for rid, version, updated, deleted, body in self.store.all_versions("Consent"):
-            when = updated if updated.tzinfo else updated.replace(tzinfo=UTC)
-            if deleted:
-                # a deletion withdraws the consent from then on: it no longer decides anything
-                body = {**(grouped[rid][-1].resource if grouped.get(rid) else {}), "status": "inactive"}
-            else:
-                when = _instant((body.get("meta") or {}).get("lastUpdated")) or when
-            grouped.setdefault(rid, []).append(ConsentVersion(rid, str(version), when, body))
-        return list(grouped.values())
+        return list(consent_versions(self.store.all_versions("Consent")).values())
 
     @property
     def related(self) -> list[Json]:
@@ -356,15 +405,15 @@ class StoreSnapshot:
     and re-parsing every directory entry and every consent each time cost more than the letter
     itself.  The per-type write counters (``resource_change``, one row a type) tell whether anything
     changed, in any process: an admin's ``PUT`` through another gateway is seen on the next call.  A
-    change re-reads the changed kind (directory, or consents) whole.  Thread-safe; what it returns is
-    shared and must not be mutated.
+    directory change re-reads the directory; a consent change, the consents written since.  Thread-safe;
+    what it returns is shared and must not be mutated.
     """
 
     def __init__(self, store: ResourceStore, policy: Policy) -> None:
         self.store, self.policy = store, policy
         self._lock = threading.Lock()
         self._directory: tuple[tuple[int, ...], Directory] | None = None
-        self._consents: tuple[tuple[int, ...], ConsentSnapshot] | None = None
+        self._consents: _Consents | None = None
 
     def current(self) -> tuple[Directory, ConsentSnapshot]:
         changes = self.store.changes()
@@ -373,14 +422,51 @@ class StoreSnapshot:
         with self._lock:
             if self._directory is None or self._directory[0] != directory_key:
                 self._directory = (directory_key, directory_from_store(self.store, self.policy))
-            if self._consents is None or self._consents[0] != consent_key:
-                sql = SqlConsentStore(self.store)
-                versions = tuple(tuple(v) for v in sql.versions())
-                self._consents = (consent_key, ConsentSnapshot(versions, tuple(sql.related)))
-            return self._directory[1], self._consents[1]
+            if self._consents is None or self._consents.key != consent_key:
+                self._consents = _Consents.read(self.store, consent_key, self._consents)
+            return self._directory[1], self._consents.snapshot
 
     def directory(self) -> Directory:
         return self.current()[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Consents:
+    """The consents and legal representatives as of the write counters ``key`` (Consent, RelatedPerson).
+
+    Read whole once; after that, only the resources written since are read again — a hospital's store
+    holds every patient's consents, and re-reading 20,000 of them took 1.2 s of CPU at each change, with
+    every letter of the process waiting (``tests/unit/test_store_changes.py`` checks the result against
+    a whole re-read)."""
+
+    key: tuple[int, int]
+    consents: dict[str, tuple[ConsentVersion, ...]]
+    related: dict[str, Json]
+    snapshot: ConsentSnapshot
+
+    @classmethod
+    def read(cls, store: ResourceStore, key: tuple[int, int], before: _Consents | None) -> _Consents:
+        if before is None or before.key[0] > key[0] or before.key[1] > key[1]:  # first, or another database
+            consents = consent_versions(store.all_versions("Consent"))
+            related = {str(r["id"]): r for r in store.current("RelatedPerson")}
+        else:
+            consents, related = before.consents, before.related
+            if key[0] != before.key[0]:
+                ids = store.changed("Consent", before.key[0], key[0])
+                fresh = consent_versions(store.versions_of("Consent", ids))
+                consents = {k: v for k, v in consents.items() if k not in ids} | fresh
+            if key[1] != before.key[1]:
+                ids = store.changed("RelatedPerson", before.key[1], key[1])
+                latest: dict[str, Json | None] = dict.fromkeys(ids)
+                for rid, _, _, deleted, body in store.versions_of("RelatedPerson", ids):
+                    latest[rid] = None if deleted else body
+                related = {k: v for k, v in related.items() if k not in ids} | {
+                    k: v for k, v in latest.items() if v is not None
+                }
+        snapshot = ConsentSnapshot(
+            tuple(consents[k] for k in sorted(consents)), tuple(related[k] for k in sorted(related))
+        )
+        return cls(key, consents, related, snapshot)
 
 
 def directory_from_store(store: ResourceStore, policy: Policy, base: str = "") -> Directory:

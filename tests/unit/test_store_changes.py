@@ -3,8 +3,10 @@ exactly when one of theirs was written — through any engine, as another gatewa
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -52,3 +54,54 @@ def test_a_snapshot_is_reread_exactly_when_its_kind_was_written(stores: tuple[Re
     assert snapshot.current()[0] is not directory and snapshot.current()[1] is after[1]
     elsewhere.delete("Consent", "permit")
     assert snapshot.current()[1] is not after[1], "a deletion is a change too"
+
+
+def _content(snapshot: StoreSnapshot) -> tuple[list[tuple[str, str, datetime, Any]], list[Any]]:
+    consents = snapshot.current()[1]
+    return [(v.id, v.version, v.valid_from, v.resource) for g in consents.versions() for v in g], list(consents.related)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_what_is_read_since_equals_a_whole_reread(stores: tuple[ResourceStore, ResourceStore], seed: int) -> None:
+    """Consents and guardians created, changed and deleted through another engine, in random order: after
+    each step the snapshot read incrementally holds exactly what reading everything again gives."""
+    store, elsewhere = stores
+    policy = policy_from(mappings())
+    kept = StoreSnapshot(store, policy)
+    rng = random.Random(seed)
+    assert _content(kept) == ([], [])
+    for step in range(60):
+        rid = f"r{rng.randrange(8)}"
+        patient = {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.8", "value": f"2{rng.randrange(4):014d}"}}
+        move = rng.random()
+        if move < 0.45:
+            body = {**social_permit(rid=rid), "patient": patient, "status": rng.choice(["active", "inactive"])}
+            elsewhere.put("Consent", rid, body, at=NOW + timedelta(minutes=step))
+        elif move < 0.6:
+            elsewhere.delete("Consent", rid, at=NOW + timedelta(minutes=step))
+        elif move < 0.85:
+            guardian = {"resourceType": "RelatedPerson", "patient": patient, "period": {"start": f"20{10 + step % 10}"}}
+            elsewhere.put("RelatedPerson", rid, guardian)
+        else:
+            elsewhere.delete("RelatedPerson", rid)
+        if rng.random() < 0.5:  # sometimes several writes between two reads
+            assert _content(kept) == _content(StoreSnapshot(store, policy)), f"step {step}"
+    assert _content(kept) == _content(StoreSnapshot(store, policy))
+    assert _content(kept)[0], "the walk left consents to compare"
+
+
+def test_a_consent_change_reads_only_what_was_written(stores: tuple[ResourceStore, ResourceStore]) -> None:
+    store, elsewhere = stores
+    for n in range(30):
+        patient = {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.8", "value": f"2{n:014d}"}}
+        elsewhere.put("Consent", f"c{n}", {**social_permit(rid=f"c{n}"), "patient": patient}, at=NOW)
+    kept = StoreSnapshot(store, policy_from(mappings()))
+    kept.current()
+    read: list[str] = []
+    whole, some = store.all_versions, store.versions_of
+    store.all_versions = lambda t: read.append(f"all {t}") or whole(t)  # type: ignore[method-assign]
+    store.versions_of = lambda t, ids: read.append(f"{t} {sorted(ids)}") or some(t, ids)  # type: ignore[method-assign]
+    elsewhere.put("Consent", "c7", {**social_permit(rid="c7"), "status": "inactive"}, at=NOW + timedelta(days=1))
+    after = kept.current()[1]
+    assert read == ["Consent ['c7']"]
+    assert [g[-1].resource["status"] for g in after.versions() if g[0].id == "c7"] == ["inactive"]
