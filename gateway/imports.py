@@ -617,6 +617,7 @@ def apply(
     recorded = now.isoformat(timespec="seconds")
     events: list[tuple[Json, str | None, str | None]] = []
     with store.engine.begin() as conn:
+        store.hold(conn, (item.resource_type for item, _ in draft.writes))
         for item, interaction in draft.writes:
             stored = store.put_in(conn, item.resource_type, item.id, item.body, item.at or now)
             ref = f"{item.ref}/_history/{stored['meta']['versionId']}"

@@ -85,6 +85,10 @@ _changes = Table(
 _CHANGES = "SELECT resource_type, changes FROM resource_change"
 # one statement on SQLite and PostgreSQL alike, run before the write it numbers: concurrent writers of a
 # type queue on its row until commit, so its numbers become visible in order (no reader sees 12 before 11)
+_HOLD = text(  # the counter's row lock without counting a write (a missing row starts at 0)
+    "INSERT INTO resource_change (resource_type, changes) VALUES (:resource_type, 0) "
+    "ON CONFLICT (resource_type) DO UPDATE SET changes = resource_change.changes"
+)
 _CHANGED = text(
     "INSERT INTO resource_change (resource_type, changes) VALUES (:resource_type, 1) "
     "ON CONFLICT (resource_type) DO UPDATE SET changes = resource_change.changes + 1 RETURNING changes"
@@ -315,6 +319,13 @@ class ResourceStore:
         stmt = stmt.order_by(_versions.c.id, _versions.c.version)
         with self.reader.connect() as conn:
             return list(conn.execute(stmt))
+
+    def hold(self, conn: Connection, resource_types: Iterable[str]) -> None:
+        """Take the write counters of these types now, in one order for every caller: a transaction that
+        writes several types (an import) would otherwise lock them in the order it meets them, and two
+        such on PostgreSQL could each wait for the other's (a deadlock, one of them aborted)."""
+        for resource_type in sorted(set(resource_types)):
+            conn.execute(_HOLD, {"resource_type": resource_type})
 
     def changes(self) -> dict[str, int]:
         """How many writes (versions, deletions) each resource type has had: a type's number changes

@@ -4,6 +4,8 @@ exactly when one of theirs was written — through any engine, as another gatewa
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -105,3 +107,34 @@ def test_a_consent_change_reads_only_what_was_written(stores: tuple[ResourceStor
     after = kept.current()[1]
     assert read == ["Consent ['c7']"]
     assert [g[-1].resource["status"] for g in after.versions() if g[0].id == "c7"] == ["inactive"]
+
+
+def test_writers_of_several_types_take_the_counters_in_one_order(postgresql_url: str) -> None:
+    """PostgreSQL: an import writing RelatedPerson then Consent, beside one writing Consent, must not hold
+    RelatedPerson while it waits for Consent (two such imports would deadlock): it takes Consent first."""
+    store = ResourceStore(postgresql_url)
+    try:
+        with store.engine.connect() as first, store.engine.connect() as third:
+            first.begin()
+            store.put_in(first, "Consent", "c1", social_permit(rid="c1"), NOW)  # holds Consent's counter
+            started = threading.Event()
+
+            def import_both() -> None:
+                with store.engine.begin() as second:
+                    started.set()
+                    store.hold(second, ["RelatedPerson", "Consent"])  # waits for Consent, holding nothing
+
+            waiting = threading.Thread(target=import_both)
+            waiting.start()
+            started.wait(5)
+            time.sleep(0.3)  # the import is now blocked on a counter
+            third.begin()
+            third.exec_driver_sql("SET LOCAL lock_timeout = '3s'")
+            store.hold(third, ["RelatedPerson"])  # free: the blocked import took nothing before Consent
+            third.rollback()
+            assert waiting.is_alive(), "the import waits for the first writer"
+            first.commit()
+            waiting.join(10)
+            assert not waiting.is_alive()
+    finally:
+        store.engine.dispose()
