@@ -137,26 +137,66 @@ def about_patient(
 
 
 class PatientIndex:
-    """Consents and legal representatives by the patient they name.
+    """Consents and legal representatives by the patient they name, each by its id.
 
     A decision reads its own patient's: reading every patient's consents at each decision cost time in
-    proportion to all the consents ever stored — three times per letter, one per recipient."""
+    proportion to all the consents ever stored — three times per letter, one per recipient.  A change
+    makes a new index from the old one (:meth:`changed`), sharing what it leaves alone: rebuilding it
+    whole at each consent change took ~45 ms at 20,000 consents.  Never mutated once made (shared
+    between threads)."""
 
     __slots__ = ("_consents", "_related")
 
-    def __init__(self, versions: Iterable[Sequence[ConsentVersion]], related: Iterable[Json]) -> None:
-        self._consents: dict[PatientKey, list[tuple[int, Sequence[ConsentVersion]]]] = {}
-        self._related: dict[PatientKey, list[tuple[int, Json]]] = {}
-        for position, group in enumerate(versions):
-            for key in dict.fromkeys(patient_key(v.resource) for v in group):
-                self._consents.setdefault(key, []).append((position, group))
-        for position, person in enumerate(related):
-            self._related.setdefault(patient_key(person), []).append((position, person))
+    def __init__(self, consents: Iterable[Sequence[ConsentVersion]] = (), related: Iterable[Json] = ()) -> None:
+        self._consents: dict[PatientKey, dict[str, Sequence[ConsentVersion]]] = {}
+        self._related: dict[PatientKey, dict[str, Json]] = {}
+        for group in consents:
+            for key in _keys(group):
+                self._consents.setdefault(key, {})[group[0].id] = group
+        for person in related:
+            self._related.setdefault(patient_key(person), {})[str(person.get("id"))] = person
+
+    def changed(
+        self,
+        consents: Mapping[str, Sequence[ConsentVersion] | None],
+        related: Mapping[str, Json | None],
+        before: tuple[Mapping[str, Sequence[ConsentVersion]], Mapping[str, Json]],
+    ) -> PatientIndex:
+        """A new index where these consents and RelatedPersons (by id; ``None``: gone) replace what
+        ``before`` (consents, related by id) held under those ids."""
+        made = PatientIndex()
+        made._consents, made._related = dict(self._consents), dict(self._related)
+        copied: set[tuple[int, PatientKey]] = set()
+
+        def bucket(index: dict[PatientKey, dict[str, Any]], kind: int, key: PatientKey) -> dict[str, Any]:
+            if (kind, key) not in copied:  # copy on write: the old index stays as it was
+                copied.add((kind, key))
+                index[key] = dict(index.get(key, {}))
+            return index[key]
+
+        for rid, group in consents.items():
+            if rid in before[0]:
+                for key in _keys(before[0][rid]):
+                    bucket(made._consents, 0, key).pop(rid, None)
+            for key in _keys(group or ()):
+                bucket(made._consents, 0, key)[rid] = group
+        for rid, person in related.items():
+            if rid in before[1]:
+                bucket(made._related, 1, patient_key(before[1][rid])).pop(rid, None)
+            if person is not None:
+                bucket(made._related, 1, patient_key(person))[rid] = person
+        return made
 
     def about(self, patient_ids: Collection[PatientKey]) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
-        consents = {p: g for key in patient_ids for p, g in self._consents.get(key, ())}
-        related = {p: r for key in patient_ids for p, r in self._related.get(key, ())}
-        return [consents[p] for p in sorted(consents)], [related[p] for p in sorted(related)]
+        """This patient's consents and legal representatives, each list in id order."""
+        consents = {rid: g for key in patient_ids for rid, g in self._consents.get(key, {}).items()}
+        related = {rid: r for key in patient_ids for rid, r in self._related.get(key, {}).items()}
+        return [consents[rid] for rid in sorted(consents)], [related[rid] for rid in sorted(related)]
+
+
+def _keys(group: Sequence[ConsentVersion]) -> Iterable[PatientKey]:
+    """The patients a consent names, in any of its versions."""
+    return dict.fromkeys(patient_key(v.resource) for v in group)
 
 
 def _instant(value: Any) -> datetime | None:

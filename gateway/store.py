@@ -14,7 +14,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -390,20 +390,27 @@ class SqlConsentStore:
         return about_patient(self.versions(), self.related, patient_ids)
 
 
-@dataclass(frozen=True, slots=True)
 class ConsentSnapshot:
-    """Consents and legal representatives as read at one instant (a :class:`ConsentStore`), indexed by
-    patient once, when read: each decision then reads only its patient's."""
+    """Consents and legal representatives as read at one instant (a :class:`ConsentStore`), by id, and
+    indexed by patient: each decision reads only its patient's.  Never mutated once made."""
 
-    all_versions: tuple[tuple[ConsentVersion, ...], ...]
-    related: tuple[Json, ...]
-    index: PatientIndex = field(init=False, repr=False, compare=False)
+    __slots__ = ("_consents", "_related", "index")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "index", PatientIndex(self.all_versions, self.related))
+    def __init__(
+        self,
+        consents: Mapping[str, tuple[ConsentVersion, ...]],
+        related: Mapping[str, Json],
+        index: PatientIndex | None = None,
+    ) -> None:
+        self._consents, self._related = consents, related
+        self.index = index if index is not None else PatientIndex(consents.values(), related.values())
 
     def versions(self) -> Sequence[Sequence[ConsentVersion]]:
-        return self.all_versions
+        return [self._consents[rid] for rid in sorted(self._consents)]
+
+    @property
+    def related(self) -> list[Json]:
+        return [self._related[rid] for rid in sorted(self._related)]
 
     def about(self, patient_ids: Collection[PatientKey]) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
         return self.index.about(patient_ids)
@@ -445,10 +452,10 @@ class StoreSnapshot:
 class _Consents:
     """The consents and legal representatives as of the write counters ``key`` (Consent, RelatedPerson).
 
-    Read whole once; after that, only the resources written since are read again — a hospital's store
-    holds every patient's consents, and re-reading 20,000 of them took 1.2 s of CPU at each change, with
-    every letter of the process waiting (``tests/unit/test_store_changes.py`` checks the result against
-    a whole re-read)."""
+    Read whole once; after that, only the resources written since are read again, and the patient index
+    is updated rather than rebuilt — a hospital's store holds every patient's consents, and re-reading
+    20,000 of them took 1.2 s of CPU at each change, with every letter of the process waiting
+    (``tests/unit/test_store_changes.py`` checks the result against a whole re-read)."""
 
     key: tuple[int, int]
     consents: dict[str, tuple[ConsentVersion, ...]]
@@ -460,24 +467,30 @@ class _Consents:
         if before is None or before.key[0] > key[0] or before.key[1] > key[1]:  # first, or another database
             consents = consent_versions(store.all_versions("Consent"))
             related = {str(r["id"]): r for r in store.current("RelatedPerson")}
+            return cls(key, consents, related, ConsentSnapshot(consents, related))
+        new_consents: dict[str, tuple[ConsentVersion, ...] | None] = {}
+        new_related: dict[str, Json | None] = {}
+        if key[0] != before.key[0]:
+            ids = store.changed("Consent", before.key[0], key[0])
+            new_consents = dict.fromkeys(ids) | consent_versions(store.versions_of("Consent", ids))
+        if key[1] != before.key[1]:
+            new_related = dict.fromkeys(store.changed("RelatedPerson", before.key[1], key[1]))
+            for rid, _, _, deleted, body in store.versions_of("RelatedPerson", new_related):
+                new_related[rid] = None if deleted else body  # by version: the last one stands
+        consents, related = _replaced(before.consents, new_consents), _replaced(before.related, new_related)
+        index = before.snapshot.index.changed(new_consents, new_related, (before.consents, before.related))
+        return cls(key, consents, related, ConsentSnapshot(consents, related, index))
+
+
+def _replaced(old: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """``old`` with ``new``'s entries (by id) in place of its own; ``None`` removes one."""
+    made = dict(old)
+    for rid, value in new.items():
+        if value is None:
+            made.pop(rid, None)
         else:
-            consents, related = before.consents, before.related
-            if key[0] != before.key[0]:
-                ids = store.changed("Consent", before.key[0], key[0])
-                fresh = consent_versions(store.versions_of("Consent", ids))
-                consents = {k: v for k, v in consents.items() if k not in ids} | fresh
-            if key[1] != before.key[1]:
-                ids = store.changed("RelatedPerson", before.key[1], key[1])
-                latest: dict[str, Json | None] = dict.fromkeys(ids)
-                for rid, _, _, deleted, body in store.versions_of("RelatedPerson", ids):
-                    latest[rid] = None if deleted else body
-                related = {k: v for k, v in related.items() if k not in ids} | {
-                    k: v for k, v in latest.items() if v is not None
-                }
-        snapshot = ConsentSnapshot(
-            tuple(consents[k] for k in sorted(consents)), tuple(related[k] for k in sorted(related))
-        )
-        return cls(key, consents, related, snapshot)
+            made[rid] = value
+    return made
 
 
 def directory_from_store(store: ResourceStore, policy: Policy, base: str = "") -> Directory:

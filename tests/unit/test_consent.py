@@ -348,7 +348,7 @@ def test_the_index_finds_what_reading_everything_finds() -> None:
             body["patient"] = {"identifier": {"system": INS[0], "value": patient}}
             group.append(ConsentVersion(f"c{n}", str(v), at(f"2026-10-0{v}T10:00:00+02:00"), body))
         versions.append(group)
-    related = [_guardian(p, "2020-01-01") for p in ("B", "A", "C", "A")]
+    related = [{**_guardian(p, "2020-01-01"), "id": f"g{n}"} for n, p in enumerate(("B", "A", "C", "A"))]
     index = PatientIndex(versions, related)
     for ids in ([], ["A"], ["B"], ["A", "B"], ["C", "A"], ["Z"]):
         keys = {(INS[0], p) for p in ids}

@@ -58,9 +58,15 @@ def test_a_snapshot_is_reread_exactly_when_its_kind_was_written(stores: tuple[Re
     assert snapshot.current()[1] is not after[1], "a deletion is a change too"
 
 
-def _content(snapshot: StoreSnapshot) -> tuple[list[tuple[str, str, datetime, Any]], list[Any]]:
+PATIENTS = [("urn:oid:1.2.250.1.213.1.4.8", f"2{n:014d}") for n in range(4)]
+
+
+def _content(snapshot: StoreSnapshot) -> tuple[list[tuple[str, str, datetime, Any]], list[Any], list[Any]]:
+    """Everything a decision can read of the consents: all of them, and each patient's (the index)."""
     consents = snapshot.current()[1]
-    return [(v.id, v.version, v.valid_from, v.resource) for g in consents.versions() for v in g], list(consents.related)
+    flat = [(v.id, v.version, v.valid_from, v.resource) for g in consents.versions() for v in g]
+    by_patient = [consents.about({patient}) for patient in PATIENTS] + [consents.about(set(PATIENTS[:2]))]
+    return flat, list(consents.related), by_patient
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -71,10 +77,13 @@ def test_what_is_read_since_equals_a_whole_reread(stores: tuple[ResourceStore, R
     policy = policy_from(mappings())
     kept = StoreSnapshot(store, policy)
     rng = random.Random(seed)
-    assert _content(kept) == ([], [])
+    assert _content(kept) == ([], [], [([], [])] * 5)
+    earlier = kept.current()[1]
+    seen = [earlier.about({patient}) for patient in PATIENTS]
     for step in range(60):
         rid = f"r{rng.randrange(8)}"
-        patient = {"identifier": {"system": "urn:oid:1.2.250.1.213.1.4.8", "value": f"2{rng.randrange(4):014d}"}}
+        system, value = rng.choice(PATIENTS)
+        patient = {"identifier": {"system": system, "value": value}}
         move = rng.random()
         if move < 0.45:
             body = {**social_permit(rid=rid), "patient": patient, "status": rng.choice(["active", "inactive"])}
@@ -88,6 +97,10 @@ def test_what_is_read_since_equals_a_whole_reread(stores: tuple[ResourceStore, R
             elsewhere.delete("RelatedPerson", rid)
         if rng.random() < 0.5:  # sometimes several writes between two reads
             assert _content(kept) == _content(StoreSnapshot(store, policy)), f"step {step}"
+            # a thread may still be deciding with the snapshot before: the new one must leave it as it was
+            assert [earlier.about({patient}) for patient in PATIENTS] == seen, f"step {step}: an old snapshot changed"
+            earlier = kept.current()[1]
+            seen = [earlier.about({patient}) for patient in PATIENTS]
     assert _content(kept) == _content(StoreSnapshot(store, policy))
     assert _content(kept)[0], "the walk left consents to compare"
 

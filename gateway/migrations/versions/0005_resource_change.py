@@ -2,7 +2,7 @@
 (``resource_version.change_no``): the directory and consent snapshots ask, per letter and per delivery
 batch, whether anything changed — counting the stored versions to know read every one of them (~6 ms a
 call at 100,000 stored consents on SQLite, growing with each) — and, when something did, read only what
-was written since (re-reading 20,000 consents took 1.2 s of CPU).
+was written since (re-reading 20,000 consents took 1.2 s of CPU; reading one changed consent, ~1 ms).
 
 Existing databases start from their version counts (any start works: only a change matters); their
 versions stay unnumbered, read by the first, whole, read of a snapshot.
