@@ -104,6 +104,12 @@ def patient_key(resource: Mapping[str, Any]) -> PatientKey:
     return (str(ident.get("system")), str(ident.get("value")))
 
 
+# the key of a RelatedPerson that names no patient identifier (stored before one was required, or read
+# from a file): it might be anyone's legal representative, so every patient's decision takes it into
+# account — and says so — rather than letting a protected adult's own consent count
+UNATTRIBUTED: PatientKey = ("None", "None")
+
+
 def what_is_missing(body: Mapping[str, Any]) -> tuple[str, str] | None:
     """What the decision stage needs of a Consent or RelatedPerson beyond structure, as (OperationOutcome
     issue code, text); ``None`` when nothing is.  The API and ``gateway consents import`` refuse with it."""
@@ -129,9 +135,9 @@ def about_patient(
     versions: Iterable[Sequence[ConsentVersion]], related: Iterable[Json], patient_ids: Collection[PatientKey]
 ) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
     """:meth:`ConsentStore.about` by reading everything (a store small enough, or read once)."""
-    ids = set(patient_ids)
+    ids = set(patient_ids) | {UNATTRIBUTED}
     return (
-        [group for group in versions if any(patient_key(v.resource) in ids for v in group)],
+        [group for group in versions if any(patient_key(v.resource) in ids - {UNATTRIBUTED} for v in group)],
         [person for person in related if patient_key(person) in ids],
     )
 
@@ -188,9 +194,11 @@ class PatientIndex:
         return made
 
     def about(self, patient_ids: Collection[PatientKey]) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
-        """This patient's consents and legal representatives, each list in id order."""
-        consents = {rid: g for key in patient_ids for rid, g in self._consents.get(key, {}).items()}
-        related = {rid: r for key in patient_ids for rid, r in self._related.get(key, {}).items()}
+        """This patient's consents and legal representatives (with those naming no patient: see
+        :data:`UNATTRIBUTED`), each list in id order."""
+        keys = set(patient_ids) - {UNATTRIBUTED}
+        consents = {rid: g for key in keys for rid, g in self._consents.get(key, {}).items()}
+        related = {rid: r for key in (*keys, UNATTRIBUTED) for rid, r in self._related.get(key, {}).items()}
         return [consents[rid] for rid in sorted(consents)], [related[rid] for rid in sorted(related)]
 
 
@@ -360,6 +368,15 @@ def decide(
     ignored: list[Basis] = []
     consents, representatives = store.about(ids)  # this patient's: another's guardian is not hers
     guardian_since = _guardianship_start(representatives, related)
+    unattributed = [p for p in representatives if patient_key(p) == UNATTRIBUTED and _guardianship_start([p], [])]
+    if unattributed:
+        names = ", ".join(f"RelatedPerson/{p.get('id')}" for p in unattributed)
+        ignored.append(
+            Basis(
+                "consent:representative-unattributed",
+                f"{names} names no patient identifier: taken as possibly this patient's legal representative",
+            )
+        )
 
     valid: list[tuple[datetime, ConsentVersion]] = []
     for versions in consents:

@@ -354,3 +354,29 @@ def test_the_index_finds_what_reading_everything_finds() -> None:
         keys = {(INS[0], p) for p in ids}
         assert index.about(keys) == about_patient(versions, related, keys), ids
     assert [g[0].id for g in index.about({(INS[0], "B")})[0]] == ["c1", "c2"]
+
+
+def test_a_guardian_naming_no_patient_counts_for_everyone_and_is_said() -> None:
+    """A legal representative stored without the patient's identifier (before one was required, or in a
+    file) may be this patient's: her own later consent is not taken — fail closed — and the decision
+    says which record is to blame, through the store's index as through a plain list."""
+    own = consent(
+        "p1",
+        "2026-10-01T10:00:00+02:00",
+        {"type": "permit", "actor": [kind_actor("home-help")], "securityLabel": labels("logistics")},
+    )
+    nameless = {**_guardian(INS[1], "2019-06-20"), "id": "nameless", "patient": {"reference": "Patient/p"}}
+    store = MemoryConsentStore()
+    store.add(own)
+    store.related.append(nameless)
+    indexed = _OnlyAbout()
+    indexed.add(own)
+    indexed.related.append(nameless)
+    for source in (store, indexed):
+        decision = decide({INS}, SAAD, at("2026-10-30T12:00:00+01:00"), source, policy_from(mappings()))
+        assert decision.categories == frozenset()
+        assert [b.rule for b in decision.ignored] == [
+            "consent:representative-unattributed",
+            "consent:invalid-performer",
+        ]
+        assert "RelatedPerson/nameless" in decision.ignored[0].text
