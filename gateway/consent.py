@@ -93,21 +93,23 @@ class ConsentStore(Protocol):
         """RelatedPerson resources: legal representatives, with the start of their mandate."""
 
     def about(self, patient_ids: Collection[PatientKey]) -> tuple[Sequence[Sequence[ConsentVersion]], Sequence[Json]]:
-        """The consents (every version, in :meth:`versions`' order) and the RelatedPersons that name one of
-        ``patient_ids`` as their patient (a consent: in any of its versions)."""
+        """The consents (every version) that name one of ``patient_ids`` as their patient in any of their
+        versions, and the RelatedPersons that name one of them or no one (:data:`UNATTRIBUTED`)."""
+
+
+# the key of what names no patient identifier (no system, or no value): a Consent of no one, and a
+# RelatedPerson that might be anyone's legal representative (stored before the identifier was required,
+# or read from a file), so every patient's decision takes it into account — and says so — rather than
+# let a protected adult's own consent count
+UNATTRIBUTED: PatientKey = ("", "")
 
 
 def patient_key(resource: Mapping[str, Any]) -> PatientKey:
     """Whose a Consent or RelatedPerson is: its ``patient.identifier`` (a reference alone names no one we
     can match, so both are stored only with the identifier: :func:`what_is_missing`)."""
     ident = (resource.get("patient") or {}).get("identifier") or {}
-    return (str(ident.get("system")), str(ident.get("value")))
-
-
-# the key of a RelatedPerson that names no patient identifier (stored before one was required, or read
-# from a file): it might be anyone's legal representative, so every patient's decision takes it into
-# account — and says so — rather than letting a protected adult's own consent count
-UNATTRIBUTED: PatientKey = ("None", "None")
+    system, value = ident.get("system"), ident.get("value")
+    return (str(system), str(value)) if system and value else UNATTRIBUTED
 
 
 def what_is_missing(body: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -268,7 +270,8 @@ class MemoryConsentStore:
 
 
 def _patient_matches(consent: Mapping[str, Any], patient_ids: set[tuple[str, str]]) -> bool:
-    return patient_key(consent) in patient_ids
+    key = patient_key(consent)
+    return key != UNATTRIBUTED and key in patient_ids
 
 
 def _covers(period: Mapping[str, Any] | None, at: datetime) -> bool:

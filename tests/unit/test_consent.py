@@ -365,18 +365,20 @@ def test_a_guardian_naming_no_patient_counts_for_everyone_and_is_said() -> None:
         "2026-10-01T10:00:00+02:00",
         {"type": "permit", "actor": [kind_actor("home-help")], "securityLabel": labels("logistics")},
     )
-    nameless = {**_guardian(INS[1], "2019-06-20"), "id": "nameless", "patient": {"reference": "Patient/p"}}
-    store = MemoryConsentStore()
-    store.add(own)
-    store.related.append(nameless)
-    indexed = _OnlyAbout()
-    indexed.add(own)
-    indexed.related.append(nameless)
-    for source in (store, indexed):
-        decision = decide({INS}, SAAD, at("2026-10-30T12:00:00+01:00"), source, policy_from(mappings()))
-        assert decision.categories == frozenset()
-        assert [b.rule for b in decision.ignored] == [
-            "consent:representative-unattributed",
-            "consent:invalid-performer",
-        ]
-        assert "RelatedPerson/nameless" in decision.ignored[0].text
+    for patient in ({"reference": "Patient/p"}, {"identifier": {"value": INS[1]}}):  # no identifier, no system
+        nameless = {**_guardian(INS[1], "2019-06-20"), "id": "nameless", "patient": patient}
+        store = MemoryConsentStore()
+        store.add(own)
+        store.related.append(nameless)
+        indexed = _OnlyAbout()
+        indexed.add(own)
+        indexed.related.append(nameless)
+        _decided_with_the_nameless_guardian(store)
+        _decided_with_the_nameless_guardian(indexed)
+
+
+def _decided_with_the_nameless_guardian(source: MemoryConsentStore) -> None:
+    decision = decide({INS}, SAAD, at("2026-10-30T12:00:00+01:00"), source, policy_from(mappings()))
+    assert decision.categories == frozenset()
+    assert [b.rule for b in decision.ignored] == ["consent:representative-unattributed", "consent:invalid-performer"]
+    assert "RelatedPerson/nameless" in decision.ignored[0].text
