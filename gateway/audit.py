@@ -268,6 +268,41 @@ def operation_event(
     }
 
 
+def erasure_event(letter_id: str, recorded: str, retention: str) -> Json:
+    """A letter's content erased at the end of its retention period (``retention``: how long, as said
+    to the reader); what the letter was and where it went stays in the trail, its content does not."""
+    text = f"letter content erased: kept {retention}, every delivery final"
+    return {
+        "resourceType": "AuditEvent",
+        "id": resource_id("AuditEvent", "erasure", letter_id, recorded),
+        "meta": {"security": [{"system": CATEGORY_SYSTEM, "code": "logistics"}]},
+        "text": nv.generated(nv.para(text)),
+        "type": {"system": DCM, "code": "110110", "display": "Patient Record"},
+        "subtype": [{"system": LIFECYCLE, "code": "destroy", "display": "Destroy"}],
+        "action": "D",
+        "recorded": recorded,
+        "outcome": "0",
+        "outcomeDesc": text,
+        "agent": [
+            {
+                "type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
+                "who": {"display": "discharge-gateway"},
+                "requestor": True,
+            },
+        ],
+        "source": {
+            "observer": OBSERVER,
+            "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+        "entity": [
+            {
+                "what": {"reference": f"Letter/{letter_id}"},
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+            }
+        ],
+    }
+
+
 def acknowledgement_event(
     message_id: str, ok: bool, detail: str, recipient: str, recorded: str, *, event: str | None = None
 ) -> Json:

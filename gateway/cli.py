@@ -287,6 +287,7 @@ def _serve_process(
     import logging
     import threading
     import time
+    from datetime import UTC, datetime, timedelta
 
     import uvicorn
 
@@ -334,13 +335,18 @@ def _serve_process(
     )
 
     def housekeeping() -> None:
-        """Sign the audit head periodically (besides every 1000 records: a quiet log is covered too), and
-        dead-letter what waited too long for its receipt (so someone looks at it)."""
+        """Sign the audit head periodically (besides every 1000 records: a quiet log is covered too),
+        dead-letter what waited too long for its receipt (so someone looks at it), and erase the content
+        of letters past their retention period (``GATEWAY_LETTER_RETENTION_DAYS``)."""
         signed = time.monotonic()
         while True:
             time.sleep(min(settings.audit_checkpoint_seconds, 60.0))
             try:
                 worker.expire_unacknowledged()
+                if settings.letter_retention_days > 0:
+                    now = datetime.now(UTC)
+                    days = settings.letter_retention_days
+                    outbox.erase_letters(now - timedelta(days=days), now, f"{days:g} days")
                 if time.monotonic() - signed >= settings.audit_checkpoint_seconds:
                     outbox.log.checkpoint()
                     signed = time.monotonic()

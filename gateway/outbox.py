@@ -38,11 +38,12 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
 
-from gateway import migrate
+from gateway import audit, migrate
 from gateway.auditlog import AuditLog
 from gateway.logs import get_logger
 from gateway.metrics import Metrics, refusal_reason
@@ -70,6 +71,13 @@ _letters = Table(
     Column("replaces", String(64), nullable=True),  # an earlier letter id of the same set
     # the earlier and later versions of a set, looked up at every accept (migration 0004)
     Index("ix_letter_set_key_version", "set_key", "version"),
+    # the letters whose content is still kept, oldest first: what the retention erases (migration 0006)
+    Index(
+        "ix_letter_kept",
+        "received_at",
+        sqlite_where=text("length(body) > 0"),
+        postgresql_where=text("length(body) > 0"),
+    ),
 )
 _deliveries = Table(
     "delivery",
@@ -453,6 +461,35 @@ class Outbox:
                 "client": row.client,
                 "deliveries": [_delivery(d) for d in deliveries],
             }
+
+    def erase_letters(self, received_before: datetime, now: datetime, retention: str, limit: int = 500) -> list[str]:
+        """Erase the bodies of letters received before ``received_before`` whose every delivery is final
+        (acknowledged or withheld: nothing can send or replay them again); the ids erased, each with an
+        AuditEvent (``retention``: the period, as the event says it).  What a letter was (ids, set,
+        version, deliveries, audit) is kept; its content is not.  A letter with a delivery still under way,
+        awaiting a receipt or dead-lettered (replayable) keeps its body until that delivery is final."""
+        unfinished = select(_deliveries.c.letter_id).where(
+            and_(_deliveries.c.letter_id == _letters.c.id, _deliveries.c.status.notin_(("acknowledged", "withheld")))
+        )
+        due = (
+            select(_letters.c.id)
+            .where(and_(_letters.c.received_at < received_before, text("length(letter.body) > 0")))
+            .where(~unfinished.exists())
+            .order_by(_letters.c.received_at)
+            .limit(limit)
+        )
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                due = due.with_for_update(of=_letters, skip_locked=True)  # two gateways never erase one twice
+            erased = [str(rid) for rid in conn.execute(due).scalars()]
+            if not erased:
+                return []
+            conn.execute(update(_letters).where(_letters.c.id.in_(erased)).values(body=b""))
+            recorded = now.isoformat(timespec="seconds")
+            events = [(audit.erasure_event(rid, recorded, retention), rid, None) for rid in erased]
+            self.log.append_many(conn, events, now)
+        _log.info("letters erased", count=len(erased))
+        return erased
 
     def letter_body(self, letter_id: str) -> tuple[bytes, str] | None:
         with self.reader.connect() as conn:

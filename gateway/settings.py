@@ -169,6 +169,12 @@ class Settings(BaseSettings):
     audit_checkpoint_seconds: float = Field(
         default=60.0, gt=0, description="sign the audit head at least this often while it moves"
     )
+    letter_retention_days: float = Field(
+        default=0.0,
+        ge=0,
+        description="erase a letter's body this long after it was received, once every delivery of it is "
+        "final (0: keep)",
+    )
     tls_cert_file: Path | None = Field(default=None, description="serve the API over HTTPS with this certificate (PEM)")
     tls_key_file: Path | None = Field(default=None, description="its private key")
     tls_ca_file: Path | None = Field(default=None, description="CAs that sign HIS client certificates")

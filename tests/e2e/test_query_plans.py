@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ def recorded(tmp_path: Path, database_url: str) -> Iterator[tuple[Engine, dict[s
         assert client.get(f"/Patient/$audit-report?identifier={patient}", headers=admin).status_code == 200
         worker.expire_unacknowledged()
         service["outbox"].log.checkpoint()
+        later = datetime.now(UTC) + timedelta(days=31)
+        assert service["outbox"].erase_letters(later - timedelta(days=30), later, "30 days"), "the retention ran"
         yield engine, seen
 
 
