@@ -283,13 +283,7 @@ def erasure_event(letter_id: str, recorded: str, retention: str) -> Json:
         "recorded": recorded,
         "outcome": "0",
         "outcomeDesc": text,
-        "agent": [
-            {
-                "type": {"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]},
-                "who": {"display": "discharge-gateway"},
-                "requestor": True,
-            },
-        ],
+        "agent": [_requestor("discharge-gateway")],
         "source": {
             "observer": OBSERVER,
             "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
