@@ -137,10 +137,11 @@ def about_patient(
     versions: Iterable[Sequence[ConsentVersion]], related: Iterable[Json], patient_ids: Collection[PatientKey]
 ) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
     """:meth:`ConsentStore.about` by reading everything (a store small enough, or read once)."""
-    ids = set(patient_ids) | {UNATTRIBUTED}
+    named = set(patient_ids) - {UNATTRIBUTED}
+    representing = named | {UNATTRIBUTED}
     return (
-        [group for group in versions if any(patient_key(v.resource) in ids - {UNATTRIBUTED} for v in group)],
-        [person for person in related if patient_key(person) in ids],
+        [group for group in versions if not named.isdisjoint(_keys(group))],
+        [person for person in related if patient_key(person) in representing],
     )
 
 
