@@ -85,13 +85,13 @@ _changes = Table(
 _CHANGES = "SELECT resource_type, changes FROM resource_change"
 # one statement on SQLite and PostgreSQL alike, run before the write it numbers: concurrent writers of a
 # type queue on its row until commit, so its numbers become visible in order (no reader sees 12 before 11)
-_HOLD = text(  # the counter's row lock without counting a write (a missing row starts at 0)
-    "INSERT INTO resource_change (resource_type, changes) VALUES (:resource_type, 0) "
-    "ON CONFLICT (resource_type) DO UPDATE SET changes = resource_change.changes"
-)
 _CHANGED = text(
     "INSERT INTO resource_change (resource_type, changes) VALUES (:resource_type, 1) "
     "ON CONFLICT (resource_type) DO UPDATE SET changes = resource_change.changes + 1 RETURNING changes"
+)
+_HOLD = text(  # the counter's row lock without counting a write (a missing row starts at 0)
+    "INSERT INTO resource_change (resource_type, changes) VALUES (:resource_type, 0) "
+    "ON CONFLICT (resource_type) DO UPDATE SET changes = resource_change.changes"
 )
 
 
@@ -394,7 +394,7 @@ class ConsentSnapshot:
     """Consents and legal representatives as read at one instant (a :class:`ConsentStore`), by id, and
     indexed by patient: each decision reads only its patient's.  Never mutated once made."""
 
-    __slots__ = ("_consents", "_related", "index")
+    __slots__ = ("by_id", "index", "related_by_id")
 
     def __init__(
         self,
@@ -402,15 +402,15 @@ class ConsentSnapshot:
         related: Mapping[str, Json],
         index: PatientIndex | None = None,
     ) -> None:
-        self._consents, self._related = consents, related
+        self.by_id, self.related_by_id = consents, related  # each consent's versions, each RelatedPerson
         self.index = index if index is not None else PatientIndex(consents.values(), related.values())
 
     def versions(self) -> Sequence[Sequence[ConsentVersion]]:
-        return [self._consents[rid] for rid in sorted(self._consents)]
+        return [self.by_id[rid] for rid in sorted(self.by_id)]
 
     @property
     def related(self) -> list[Json]:
-        return [self._related[rid] for rid in sorted(self._related)]
+        return [self.related_by_id[rid] for rid in sorted(self.related_by_id)]
 
     def about(self, patient_ids: Collection[PatientKey]) -> tuple[list[Sequence[ConsentVersion]], list[Json]]:
         return self.index.about(patient_ids)
@@ -458,8 +458,6 @@ class _Consents:
     (``tests/unit/test_store_changes.py`` checks the result against a whole re-read)."""
 
     key: tuple[int, int]
-    consents: dict[str, tuple[ConsentVersion, ...]]
-    related: dict[str, Json]
     snapshot: ConsentSnapshot
 
     @classmethod
@@ -467,7 +465,7 @@ class _Consents:
         if before is None or before.key[0] > key[0] or before.key[1] > key[1]:  # first, or another database
             consents = consent_versions(store.all_versions("Consent"))
             related = {str(r["id"]): r for r in store.current("RelatedPerson")}
-            return cls(key, consents, related, ConsentSnapshot(consents, related))
+            return cls(key, ConsentSnapshot(consents, related))
         new_consents: dict[str, tuple[ConsentVersion, ...] | None] = {}
         new_related: dict[str, Json | None] = {}
         if key[0] != before.key[0]:
@@ -477,12 +475,13 @@ class _Consents:
             new_related = dict.fromkeys(store.changed("RelatedPerson", before.key[1], key[1]))
             for rid, _, _, deleted, body in store.versions_of("RelatedPerson", new_related):
                 new_related[rid] = None if deleted else body  # by version: the last one stands
-        consents, related = _replaced(before.consents, new_consents), _replaced(before.related, new_related)
-        index = before.snapshot.index.changed(new_consents, new_related, (before.consents, before.related))
-        return cls(key, consents, related, ConsentSnapshot(consents, related, index))
+        old = before.snapshot
+        consents, related = _replaced(old.by_id, new_consents), _replaced(old.related_by_id, new_related)
+        index = old.index.changed(new_consents, new_related, (old.by_id, old.related_by_id))
+        return cls(key, ConsentSnapshot(consents, related, index))
 
 
-def _replaced(old: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+def _replaced(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """``old`` with ``new``'s entries (by id) in place of its own; ``None`` removes one."""
     made = dict(old)
     for rid, value in new.items():
