@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 from tenacity import wait_exponential_jitter
 
 from gateway import audit, crypt, label, package, seal, validate
@@ -327,10 +326,9 @@ class Deliverer:
             message, audited = cut.message, cut.event
         if message["entry"][0]["resource"]["id"] != delivery.message_id:
             raise AssertionError("message identity must be stable across attempts")
-        sealed = seal.sign(message, self.signer, now.isoformat(timespec="seconds"))
         outcome, protection = _send_sealed(
             transport_for(recipient.endpoint.address, self.transports),
-            orjson.dumps(sealed),
+            seal.sign_bytes(message, self.signer, now.isoformat(timespec="seconds")),
             recipient.endpoint,
             delivery.message_id,
             now,

@@ -26,7 +26,7 @@ from joserfc.util import json_b64decode, json_b64encode, urlsafe_b64decode
 
 from gateway.errors import GatewayError
 
-__all__ = ["SealError", "Signer", "canonical", "generate_key", "load_key", "sign", "verify"]
+__all__ = ["SealError", "Signer", "canonical", "generate_key", "load_key", "sign", "sign_bytes", "verify"]
 
 Json = dict[str, Any]
 SIGNATURE_TYPE = {
@@ -87,29 +87,44 @@ def _b64url(data: bytes) -> bytes:
     return binascii.b2a_base64(data, newline=False).replace(b"+", b"-").replace(b"/", b"_").rstrip(b"=")
 
 
-def sign(bundle: Mapping[str, Any], signer: Signer, when: str) -> Json:
-    """A copy of the Bundle carrying a detached JWS over its canonical JSON (without ``signature``).
+def _signature(payload: bytes, signer: Signer, when: str) -> Json:
+    """The R4 Signature element of a detached JWS over ``payload`` (the canonical JSON of the unsigned Bundle).
 
     The steps of ``jws.serialize_compact`` (joserfc's header and key checks, joserfc's ES256), without
     building the attached form only to cut its payload out again: the payload is most of a message.
     """
-    unsigned = {k: v for k, v in bundle.items() if k != "signature"}
     header = {"alg": "ES256", "kid": signer.kid, "typ": "application/fhir+json"}
     _REGISTRY.check_header(header)
     _ES256.check_key(signer.key)
     head = json_b64encode(header)
-    signature = _ES256.sign(head + b"." + _b64url(canonical(unsigned)), signer.key)
+    signature = _ES256.sign(head + b"." + _b64url(payload), signer.key)
     detached = head + b".." + _b64url(signature)
     return {
-        **unsigned,
-        "signature": {
-            "type": [SIGNATURE_TYPE],
-            "when": when,
-            "who": {"display": signer.who},
-            "sigFormat": "application/jose",
-            "data": base64.b64encode(detached).decode("ascii"),
-        },
+        "type": [SIGNATURE_TYPE],
+        "when": when,
+        "who": {"display": signer.who},
+        "sigFormat": "application/jose",
+        "data": base64.b64encode(detached).decode("ascii"),
     }
+
+
+def sign(bundle: Mapping[str, Any], signer: Signer, when: str) -> Json:
+    """A copy of the Bundle carrying a detached JWS over its canonical JSON (without ``signature``)."""
+    unsigned = {k: v for k, v in bundle.items() if k != "signature"}
+    return {**unsigned, "signature": _signature(canonical(unsigned), signer, when)}
+
+
+def sign_bytes(bundle: Mapping[str, Any], signer: Signer, when: str) -> bytes:
+    """:func:`sign`, serialised: the JSON of the signed Bundle, as a transport sends it.
+
+    The canonical JSON the signature covers is written once and sent as it is, with the ``signature``
+    element added before its closing brace (JSON objects are unordered: a receiver takes the element
+    out and canonicalises the rest again, :func:`verify`), instead of serialising the message twice.
+    """
+    unsigned = {k: v for k, v in bundle.items() if k != "signature"}
+    payload = canonical(unsigned)
+    element = orjson.dumps(_signature(payload, signer, when))
+    return payload[:-1] + (b',"signature":' if len(payload) > 2 else b'"signature":') + element + b"}"
 
 
 def verify(bundle: Mapping[str, Any], keys: Iterable[ECKey]) -> str:

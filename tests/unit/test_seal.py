@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import orjson
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from gateway.seal import SealError, Signer, generate_key, sign, verify
+from gateway.seal import SealError, Signer, generate_key, sign, sign_bytes, verify
 from tests.dispatch_cases import run
 
 
@@ -62,3 +63,19 @@ def test_large_messages_verify(signer: Signer) -> None:
     message = copy.deepcopy(run("s1").messages["PractitionerRole-gp-roussel"])
     sealed = sign(message, signer, "2026-10-30T11:30:00+01:00")
     assert verify(sealed, [signer.key]) == signer.kid
+
+
+def test_the_sent_bytes_are_the_signed_bundle_and_verify(signer: Signer) -> None:
+    """What a transport sends (the canonical JSON with the signature spliced in) is the signed Bundle."""
+    for message in (_message(), copy.deepcopy(run("s1").messages["PractitionerRole-gp-roussel"])):
+        sent = orjson.loads(sign_bytes(message, signer, "2026-10-30T11:30:00+01:00"))
+        assert verify(sent, [signer.key]) == signer.kid
+        Bundle.model_validate(sent)
+        expected = sign(message, signer, "2026-10-30T11:30:00+01:00")
+        assert {k: v for k, v in sent.items() if k != "signature"} == {
+            k: v for k, v in expected.items() if k != "signature"
+        }
+        assert {**sent["signature"], "data": ""} == {**expected["signature"], "data": ""}  # ECDSA: data differs
+    stale = {**_message(), "signature": {"data": "old"}}  # an earlier signature is replaced, never kept
+    assert orjson.loads(sign_bytes(stale, signer, "2026-10-30T11:30:00+01:00"))["signature"]["data"] != "old"
+    assert orjson.loads(sign_bytes({}, signer, "2026-10-30T11:30:00+01:00")).keys() == {"signature"}
