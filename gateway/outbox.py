@@ -89,7 +89,7 @@ _deliveries = Table(
     Column("endpoint", String(1024), nullable=False),
     Column("status", String(32), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
-    Column("due_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("due_at", DateTime(timezone=True), nullable=False),
     Column("claimed_by", String(64), nullable=True),
     Column("claimed_at", DateTime(timezone=True), nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
@@ -104,6 +104,8 @@ _deliveries = Table(
     # order (the claim of what is due): neither reads deliveries that are not wanted (migration 0004)
     Index("ix_delivery_letter_status", "letter_id", "status"),
     Index("ix_delivery_status_due", "status", "due_at"),
+    # one state's deliveries in the order they last changed: GET /deliveries?status= pages (migration 0007)
+    Index("ix_delivery_status_updated", "status", "updated_at", "message_id"),
 )
 
 
@@ -692,9 +694,27 @@ class Outbox:
             row = conn.execute(select(_deliveries).where(_deliveries.c.message_id == message_id)).first()
         return _delivery(row) if row is not None else None
 
-    def deliveries(self, status: str | None = None) -> list[Delivery]:
-        stmt = select(_deliveries).order_by(_deliveries.c.updated_at)
+    def deliveries(
+        self, status: str | None = None, *, limit: int | None = None, after: tuple[datetime, str] | None = None
+    ) -> list[Delivery]:
+        """Deliveries (in one ``status``, or all) in the order they last changed, then by message id.
+
+        ``limit`` and ``after`` (the ``(updated_at, message_id)`` of the last one seen) page through them:
+        keyset paging, so that a page of one state is read from ``ix_delivery_status_updated`` and costs
+        the same on the thousandth page as on the first (the unfiltered listing sorts every delivery).
+        """
+        stmt = select(_deliveries).order_by(_deliveries.c.updated_at, _deliveries.c.message_id)
         if status is not None:
             stmt = stmt.where(_deliveries.c.status == status)
+        if after is not None:
+            changed, message_id = after
+            stmt = stmt.where(
+                or_(
+                    _deliveries.c.updated_at > changed,
+                    and_(_deliveries.c.updated_at == changed, _deliveries.c.message_id > message_id),
+                )
+            )
+        if limit is not None:
+            stmt = stmt.limit(limit)
         with self.reader.connect() as conn:
             return [_delivery(r) for r in conn.execute(stmt)]

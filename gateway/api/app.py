@@ -9,12 +9,14 @@ and ``$process-message``.  Callers authenticate with an API key (``Authorization
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import Depends, FastAPI, Path, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
@@ -388,11 +390,27 @@ def _letters(
         )
 
     @app.get("/deliveries")
-    def deliveries(status: str | None = None, roles: frozenset[str] = Depends(role("admin", "auditor"))) -> Response:
-        """Deliveries by state, e.g. ``?status=dead-lettered`` (what operators must look at)."""
+    def deliveries(
+        request: Request,
+        status: str | None = None,
+        count: Annotated[str | None, Query(alias="_count", description="deliveries per page, 1 to 1000")] = None,
+        cursor: Annotated[str | None, Query(alias="_cursor", description="from the Link header")] = None,
+        roles: frozenset[str] = Depends(role("admin", "auditor")),
+    ) -> Response:
+        """Deliveries by state, e.g. ``?status=dead-lettered`` (what operators must look at), in the order
+        they last changed: ``_count`` (≤ 1000, default 100) per page, the next page in the ``Link`` header
+        (``rel="next"``, with an opaque ``_cursor``) while there is one."""
         if status is not None and status not in STATES:
             raise ApiError(400, "value", f"status must be one of {', '.join(STATES)}")
-        return _json([_delivery_json(d) for d in outbox.deliveries(status)])
+        size = _int(count, 100, 1, 1000, "_count")
+        found = outbox.deliveries(status, limit=size + 1, after=_after(cursor))
+        response = _json([_delivery_json(d) for d in found[:size]])
+        if len(found) > size:
+            last = found[size - 1]
+            url = request.url.remove_query_params(["_cursor", "_count"])
+            url = url.include_query_params(_count=size, _cursor=_cursor(last.updated_at, last.message_id))
+            response.headers["Link"] = f'<{url}>; rel="next"'
+        return response
 
     @app.post("/deliveries/{message_id}/$replay")
     def replay(
@@ -596,6 +614,26 @@ def _int(value: str | None, default: int, low: int, high: int, name: str) -> int
     if not value.isdigit() or not low <= int(value) <= high:
         raise ApiError(400, "value", f"{name} must be a whole number from {low} to {high}")
     return int(value)
+
+
+def _cursor(updated_at: datetime, message_id: str) -> str:
+    """Where a page of deliveries ended, for the next one (opaque to clients: base64url of JSON)."""
+    stamp = updated_at.astimezone(UTC).isoformat()
+    return base64.urlsafe_b64encode(orjson.dumps([stamp, message_id])).decode("ascii").rstrip("=")
+
+
+def _after(cursor: str | None) -> tuple[datetime, str] | None:
+    """The ``(updated_at, message_id)`` a ``_cursor`` names; a cursor this service did not write is a 400."""
+    if not cursor:
+        return None
+    try:
+        stamp, message_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        moment = datetime.fromisoformat(stamp)
+        if not isinstance(message_id, str) or moment.tzinfo is None:
+            raise ValueError(cursor)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise ApiError(400, "value", "_cursor is not one this service gave (take it from the Link header)") from None
+    return moment.astimezone(UTC), message_id
 
 
 def _date_range(values: list[str]) -> tuple[str | None, str | None]:

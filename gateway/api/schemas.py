@@ -110,7 +110,17 @@ ANSWERS: dict[tuple[str, str], dict[str, Json]] = {
             "A letter already stored, or an acknowledgement applied (OperationOutcome)",
         ),
     },
-    ("get", "/deliveries"): {"200": _fhir({"type": "array", "items": _ref("Delivery")}, "Deliveries")},
+    ("get", "/deliveries"): {
+        "200": {
+            **_fhir({"type": "array", "items": _ref("Delivery")}, "A page of deliveries, oldest change first"),
+            "headers": {
+                "Link": {
+                    "description": 'the next page (`<url>; rel="next"`), absent on the last one',
+                    "schema": {"type": "string"},
+                }
+            },
+        }
+    },
     ("post", "/deliveries/{message_id}/$replay"): {"200": _fhir(_ref("Replayed"), "Back in the queue")},
     ("get", "/letters/{letter_id}"): {"200": _fhir(_ref("LetterStatus"), "Each recipient's delivery state")},
     ("get", "/AuditEvent"): {"200": _fhir(_ref("SearchSet"), "A page of AuditEvents")},

@@ -176,3 +176,68 @@ def test_a_document_message_is_a_letter_and_junk_is_refused(world: dict[str, Any
     assert client.post("/$process-message", content=orjson.dumps(message)).status_code == 401
     refused_after = len([e for e in outbox.audit_events() if e["type"]["code"] == "110107"])
     assert refused_after == refused_before + 3
+
+
+def _page_through(client: TestClient, query: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """Every delivery the listing gives, following its Link headers; (deliveries, pages)."""
+    seen: list[dict[str, Any]] = []
+    answer = client.get("/deliveries", params=query, headers=AS_ADMIN)
+    pages = 1
+    while True:
+        assert answer.status_code == 200, answer.text
+        seen += answer.json()
+        link = answer.headers.get("link")
+        if link is None:
+            return seen, pages
+        assert link.endswith('>; rel="next"'), link
+        answer = client.get(link[1 : -len('>; rel="next"')], headers=AS_ADMIN)
+        pages += 1
+        assert pages < 100, "the Link header loops"
+
+
+def test_the_delivery_listing_pages_through_every_delivery_once_in_order(world: dict[str, Any]) -> None:
+    """``GET /deliveries`` answers a page (``_count``, 100 by default) and links the next one; followed to
+    the end, the pages hold each delivery exactly once, in the order they last changed — ties (one
+    letter's deliveries change at the same instant) broken by message id, so none is skipped."""
+    client, outbox = world["client"], world["outbox"]
+    start = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
+    for n in range(23):  # 69 deliveries; each letter's 3 share their timestamps
+        outbox.accept(
+            document_key=f"urn:oid:1.2.3|paging-{n}",
+            set_key=None,
+            version=None,
+            client="his",
+            media_type="application/hl7-cda+xml",
+            body=b"<ClinicalDocument/>",
+            deliveries=[(f"m-{n:02d}-{r}", f"r-{r}", f"Organization/r-{r}", "http://127.0.0.1:9/") for r in "cab"],
+            audit_events=[],
+            now=start + timedelta(seconds=n % 7),  # not in insertion order either
+        )
+    every, pages = _page_through(client, {"status": "queued", "_count": 10})
+    assert pages == 7
+    ids = [d["messageHeader"] for d in every]
+    assert sorted(ids) == sorted(f"m-{n:02d}-{r}" for n in range(23) for r in "abc")
+    assert [(d["updated"], d["messageHeader"]) for d in every] == sorted((d["updated"], d["messageHeader"]) for d in every)
+    assert _page_through(client, {"status": "queued", "_count": 69})[1] == 1  # exactly full: no empty last page
+    first = client.get("/deliveries", params={"status": "queued"}, headers=AS_ADMIN)
+    assert len(first.json()) == 69 and "link" not in first.headers  # the default page (100) holds them all
+    assert [d["messageHeader"] for d in _page_through(client, {"_count": 50})[0]][:69] == ids
+    assert _page_through(client, {"status": "acknowledged", "_count": 5}) == ([], 1)
+
+
+def test_a_bad_page_size_or_a_forged_cursor_is_a_400_outcome(world: dict[str, Any]) -> None:
+    client = world["client"]
+    for query in (
+        {"_count": "0"},
+        {"_count": "1001"},
+        {"_count": "ten"},
+        {"_cursor": "not-a-cursor"},
+        {"_cursor": "WyJ5ZXN0ZXJkYXkiLCJtIl0"},  # ["yesterday","m"]: JSON, but no timestamp
+        {"_cursor": "WyIyMDI2LTExLTI0VDA4OjAwOjAwIiwibSJd"},  # a timestamp without its zone
+        {"_cursor": "WzEsMiwzXQ"},  # [1,2,3]
+    ):
+        answer = client.get("/deliveries", params={"status": "queued", **query}, headers=AS_ADMIN)
+        assert answer.status_code == 400, (query, answer.text)
+        outcome = answer.json()
+        assert outcome["resourceType"] == "OperationOutcome", outcome
+        assert outcome["issue"][0]["code"] == "value", outcome

@@ -15,8 +15,8 @@ table; PostgreSQL's, with sequential scans priced out (``enable_seqscan = off``,
 preference for scanning a tiny test table does not hide a missing index), must not ``Seq Scan`` one.
 
 Not run here, because they read everything by design: the audit export and chain verification, the
-unfiltered audit search (its ``total`` counts every record), ``GET /deliveries?status=`` and the
-``/metrics`` counts by status.
+unfiltered audit search (its ``total`` counts every record), the unfiltered ``GET /deliveries`` (its
+pages of one state are run: migration 0007 indexes them) and the ``/metrics`` counts by status.
 """
 
 from __future__ import annotations
@@ -93,6 +93,10 @@ def recorded(tmp_path: Path, database_url: str) -> Iterator[tuple[Engine, dict[s
         for query in (f"/AuditEvent?patient={patient}", f"/AuditEvent?letter={letter_id}"):
             assert client.get(query, headers=admin).status_code == 200, query
         assert client.get(f"/Patient/$audit-report?identifier={patient}", headers=admin).status_code == 200
+        # an operator paging through one state of the outbox, as far as a second page
+        listing = client.get("/deliveries", params={"status": "acknowledged", "_count": 1}, headers=admin)
+        assert listing.status_code == 200 and "link" in listing.headers, listing.headers
+        assert client.get(listing.headers["link"][1:-13], headers=admin).status_code == 200
         worker.expire_unacknowledged()
         service["outbox"].log.checkpoint()
         later = datetime.now(UTC) + timedelta(days=31)
@@ -112,3 +116,14 @@ def test_no_statement_of_a_letters_way_scans_a_growing_table(recorded: tuple[Eng
         if scan.search(plan):
             scans[" ".join(statement.split())[:200]] = plan
     assert scans == {}
+
+
+def test_a_page_of_one_delivery_state_is_read_in_index_order(recorded: tuple[Engine, dict[str, Any]]) -> None:
+    """``GET /deliveries?status=`` reads its page from ``ix_delivery_status_updated``: without it, every
+    page would read and sort every delivery in that state (all the acknowledged ones: the history)."""
+    engine, seen = recorded
+    listing = [s for s in seen if "ORDER BY delivery.updated_at, delivery.message_id" in s]
+    assert len(listing) == 2, "the first page and the next one"
+    for statement in listing:
+        plan = _explain(engine, statement, seen[statement])
+        assert "ix_delivery_status_updated" in plan and not re.search(r"TEMP B-TREE|Sort\b", plan), plan

@@ -111,7 +111,7 @@ def test_make_engine_gives_plain_postgresql_urls_the_psycopg3_driver() -> None:
 def test_the_scripts_ship_inside_the_package() -> None:
     assert migrate.SCRIPTS.is_relative_to(ROOT / "gateway")
     assert (migrate.SCRIPTS / "env.py").is_file() and (migrate.SCRIPTS / "script.py.mako").is_file()
-    assert migrate.head() == "0006"
+    assert migrate.head() == "0007"
 
 
 def test_several_processes_upgrading_at_once_all_succeed(database_url: str) -> None:
