@@ -294,7 +294,7 @@ def _serve_process(
     from gateway.api import auth
     from gateway.api.app import create_app
     from gateway.deliver import Deliverer, RetryPolicy
-    from gateway.mdn import inbox_from_env
+    from gateway.mdn import inbox_from_env, mailbox_from_env
     from gateway.outbox import Outbox
     from gateway.seal import Signer
     from gateway.store import ResourceStore, make_engine
@@ -319,11 +319,16 @@ def _serve_process(
         else None
     )
     transports: dict[str, Transport] = {"http": HttpTransport(), "https": HttpTransport(tls=out_tls)}
-    inbox = None
+    inbox = mailbox = None
     if smtp is not None:
         transports["mailto"] = SmtpTransport(smtp)
         if index == 0:
             inbox = inbox_from_env(outbox, smtp.sender)  # None unless GATEWAY_MDN_LISTEN
+            mailbox = mailbox_from_env(outbox, smtp)  # None unless GATEWAY_MDN_IMAP_URL
+            if mailbox is not None:
+                mailbox.start()
+    elif os.environ.get("GATEWAY_MDN_IMAP_URL"):
+        raise SettingsError("GATEWAY_MDN_IMAP_URL reads the MSSanté application mailbox: set GATEWAY_SMTP_HOST too")
     worker = Deliverer(
         outbox=outbox,
         store=store,
@@ -379,6 +384,8 @@ def _serve_process(
         worker.stop()
         if inbox is not None:
             inbox.stop()
+        if mailbox is not None:
+            mailbox.stop()
     return 0
 
 

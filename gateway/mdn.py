@@ -25,17 +25,22 @@ aiosmtpd handler for the application mailbox (the operator relays it to the gate
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import imaplib
 import os
 import re
 import ssl
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -44,9 +49,23 @@ from gateway.audit import acknowledgement_event
 from gateway.logs import get_logger
 from gateway.outbox import UNACKNOWLEDGED, Outbox
 from gateway.settings import SettingsError
-from gateway.transports.mssante import mailbox_of
+from gateway.transports.http import tls_context
+from gateway.transports.mssante import SmtpSettings, mailbox_of
 
-__all__ = ["Mdn", "MdnInbox", "MdnResult", "NotAnMdn", "apply_mdn", "inbox_from_env", "parse_mdn", "start_inbox"]
+__all__ = [
+    "ImapSettings",
+    "MailboxError",
+    "Mdn",
+    "MdnInbox",
+    "MdnMailbox",
+    "MdnResult",
+    "NotAnMdn",
+    "apply_mdn",
+    "inbox_from_env",
+    "mailbox_from_env",
+    "parse_mdn",
+    "start_inbox",
+]
 
 log = get_logger("gateway.mdn")
 
@@ -378,3 +397,255 @@ def inbox_from_env(outbox: Outbox, sender: str, environ: Mapping[str, str] | Non
         )
     mailbox = mailbox_of(sender)
     return start_inbox(outbox, host, int(port_text), context, domain=mailbox.rsplit("@", 1)[1], mailboxes=[mailbox])
+
+
+# -- the application mailbox over IMAP: how an MSSanté operator hands receipts to an application ---------
+_IMAP_SCHEMES = {"imap": 143, "imaps": 993}
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class MailboxError(Exception):
+    """The IMAP server refused a step (login, select, fetch...): the poll stops, the mail stays."""
+
+
+@dataclass(frozen=True)
+class ImapSettings:
+    """Where the gateway's application mailbox (BAL applicative) is read.
+
+    ``imap`` upgrades the connection with STARTTLS (refusing a server that does not offer it), ``imaps``
+    is TLS from the first byte; either way the server's certificate is checked against ``tls``.  With a
+    ``password`` the mailbox logs in (``LOGIN``); without one it authenticates with the client certificate
+    of ``tls`` (SASL ``EXTERNAL``, the IGC-Santé software certificate of an MSSanté application mailbox).
+    """
+
+    host: str
+    username: str
+    port: int = 143
+    implicit_tls: bool = False
+    folder: str = "INBOX"
+    password: str | None = field(default=None, repr=False)
+    tls: ssl.SSLContext | None = None  # None: the system's trust store, no client certificate
+    done_folder: str | None = None  # None: a receipt, once applied, is deleted (it returns the letter)
+    every: float = 30.0
+    timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, smtp: SmtpSettings, environ: Mapping[str, str] | None = None) -> ImapSettings | None:
+        """``GATEWAY_MDN_IMAP_URL`` (``imap://host[:143]/FOLDER`` or ``imaps://host[:993]/FOLDER``); the
+        account, password, trusted CAs and client certificate default to the SMTP relay's (one application
+        mailbox, one certificate), overridden by ``GATEWAY_MDN_IMAP_USERNAME``, ``_PASSWORD[_FILE]`` and
+        ``_CA_FILE`` / ``_CERT_FILE`` / ``_KEY_FILE`` (together).  None when no URL is set."""
+        env = os.environ if environ is None else environ
+        url = env.get("GATEWAY_MDN_IMAP_URL")
+        if not url:
+            return None
+        parts = urlsplit(url)
+        try:
+            port = parts.port or _IMAP_SCHEMES.get(parts.scheme, 0)
+        except ValueError:
+            port = 0
+        if parts.scheme not in _IMAP_SCHEMES or not parts.hostname or not port or parts.username or parts.query:
+            raise SettingsError(
+                "GATEWAY_MDN_IMAP_URL must be imap://host[:port][/folder] (STARTTLS) or imaps://host[:port][/folder]"
+            )
+
+        password = env.get("GATEWAY_MDN_IMAP_PASSWORD") or smtp.password
+        if env.get("GATEWAY_MDN_IMAP_PASSWORD_FILE"):
+            try:
+                password = Path(env["GATEWAY_MDN_IMAP_PASSWORD_FILE"]).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise SettingsError(f"GATEWAY_MDN_IMAP_PASSWORD_FILE: {exc.strerror}") from None
+        own = [env.get(f"GATEWAY_MDN_IMAP_{n}_FILE") or None for n in ("CA", "CERT", "KEY")]
+        if not password and not (own[1] or env.get("GATEWAY_SMTP_CERT_FILE")):
+            raise SettingsError(
+                "GATEWAY_MDN_IMAP_URL: the mailbox needs a password (GATEWAY_MDN_IMAP_PASSWORD_FILE, or the SMTP "
+                "relay's) or a client certificate (GATEWAY_MDN_IMAP_CERT_FILE, or the SMTP relay's)"
+            )
+        try:
+            every = float(env.get("GATEWAY_MDN_IMAP_POLL_SECONDS", "30"))
+        except ValueError:
+            every = -1.0
+        if not 1.0 <= every <= 3600.0:
+            raise SettingsError("GATEWAY_MDN_IMAP_POLL_SECONDS must be a number of seconds from 1 to 3600")
+        return cls(
+            host=parts.hostname,
+            port=port,
+            implicit_tls=parts.scheme == "imaps",
+            folder=unquote(parts.path.strip("/")) or "INBOX",
+            username=env.get("GATEWAY_MDN_IMAP_USERNAME") or smtp.username or mailbox_of(smtp.sender),
+            password=password,
+            tls=tls_context(*own) if any(own) else smtp.tls,  # the relay's trust and certificate by default
+            done_folder=env.get("GATEWAY_MDN_IMAP_DONE_FOLDER") or None,
+            every=every,
+            timeout=smtp.timeout,
+        )
+
+
+def _quote(name: str) -> str:
+    """An IMAP quoted string (RFC 3501 §4.3): a folder name may hold spaces."""
+    if any(c in name for c in "\r\n\0"):
+        raise SettingsError(f"an IMAP folder name cannot hold line breaks: {name!r}")
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _ok(answer: tuple[str, Any], step: str) -> list[Any]:
+    kind, data = answer[0], list(answer[1]) if isinstance(answer[1], list) else [answer[1]]
+    if kind != "OK":
+        said = b" ".join(d for d in data if isinstance(d, bytes)).decode("ascii", "replace")
+        raise MailboxError(f"IMAP {step}: {kind} {_clean(said, 200)}")
+    return data
+
+
+def _shut(imap: imaplib.IMAP4) -> None:
+    """Close a connection that failed half-way (its socket may be gone already): the first error is the one to report."""
+    with contextlib.suppress(OSError, imaplib.IMAP4.error):
+        imap.shutdown()
+
+
+class MdnMailbox:
+    """Reads the application mailbox over IMAP and applies every receipt in it (:func:`apply_mdn`).
+
+    An MSSanté operator does not relay mail to the gateway: its application reads its mailbox.  Each
+    poll takes the mail that arrived since the last one, oldest first.  A receipt (an MDN or a bounce,
+    whatever it did: acknowledged, dead-lettered, a duplicate) is deleted — or moved to ``done_folder`` —
+    only once its outcome is committed, so a crash in between reads it again, and a receipt applied
+    twice changes nothing.  A mail that is no receipt, or a receipt refused (malformed, or from another
+    mailbox than the one the message went to), stays in the mailbox for a person to read; a failure of
+    the database or of the server stops the poll and leaves the mail for the next one.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        settings: ImapSettings,
+        *,
+        domain: str | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        batch: int = 200,
+    ) -> None:
+        self.outbox, self.settings, self.domain, self.clock, self.batch = outbox, settings, domain, clock, batch
+        self._seen: tuple[int, int] = (0, 0)  # (UIDVALIDITY, last UID looked at): nothing before it again
+        self._stop = threading.Event()
+
+    def _connect(self) -> imaplib.IMAP4:
+        s = self.settings
+        context = s.tls or ssl.create_default_context()
+        if s.implicit_tls:
+            imap: imaplib.IMAP4 = imaplib.IMAP4_SSL(s.host, s.port, ssl_context=context, timeout=s.timeout)
+        else:
+            imap = imaplib.IMAP4(s.host, s.port, timeout=s.timeout)
+            try:
+                if "STARTTLS" not in imap.capabilities:
+                    raise MailboxError("IMAP: the server does not offer STARTTLS; the mailbox is never read in clear")
+                _ok(imap.starttls(ssl_context=context), "STARTTLS")
+            except BaseException:
+                _shut(imap)
+                raise
+        how = "LOGIN" if s.password is not None else "AUTHENTICATE EXTERNAL"
+        try:
+            if s.password is not None:
+                _ok(imap.login(s.username, s.password), how)
+            else:  # the client certificate is the identity (SASL EXTERNAL, RFC 4422 appendix A): an empty
+                # response asks for no other authorisation identity than the certificate's
+                _ok(imap.authenticate("EXTERNAL", lambda _challenge: b""), how)
+        except imaplib.IMAP4.error as exc:
+            _shut(imap)
+            said = exc.args[0] if exc.args else ""
+            said = said.decode("ascii", "replace") if isinstance(said, bytes) else str(said)
+            raise MailboxError(f"IMAP {how} as {s.username}: {_clean(said, 200)}") from None
+        except BaseException:
+            _shut(imap)
+            raise
+        return imap
+
+    def poll_once(self) -> list[MdnResult]:
+        """Read and apply what arrived since the last poll; what each mail did."""
+        results: list[MdnResult] = []
+        imap = self._connect()
+        try:
+            _ok(imap.select(_quote(self.settings.folder)), f"SELECT {self.settings.folder}")
+            [validity] = imap.response("UIDVALIDITY")[1] or [b"0"]
+            validity_no = int(validity)
+            last = self._seen[1] if self._seen[0] == validity_no else 0  # a rebuilt mailbox: read it all again
+            found = _ok(imap.uid("SEARCH", f"UID {last + 1}:*"), "SEARCH")
+            uids = sorted(int(u) for u in b" ".join(found).split() if int(u) > last)[: self.batch]
+            done: list[int] = []
+            for uid in uids:
+                result = self._one(imap, uid)
+                if result is not None:
+                    results.append(result)
+                    if result.status != "refused" and result.message_id is not None:
+                        done.append(uid)  # a receipt, applied (or applied before): it has done its work
+                self._seen = (validity_no, uid)
+            if done:
+                self._file(imap, done)
+        finally:
+            with contextlib.suppress(Exception):
+                imap.logout()
+        return results
+
+    def _one(self, imap: imaplib.IMAP4, uid: int) -> MdnResult | None:
+        """Apply one mail (None: too large to be a receipt, left alone).  A database failure raises."""
+        sized = _ok(imap.uid("FETCH", str(uid), "(RFC822.SIZE)"), "FETCH")
+        size = re.search(rb"RFC822\.SIZE (\d+)", b" ".join(d for d in sized if isinstance(d, bytes)))
+        if size is not None and int(size.group(1)) > MAX_BYTES:
+            log.warning("mailbox: a mail over the size limit is left unread", uid=uid, size=int(size.group(1)))
+            return None
+        fetched = _ok(imap.uid("FETCH", str(uid), "(BODY.PEEK[])"), "FETCH")  # PEEK: \Seen stays for people
+        raw = next((d[1] for d in fetched if isinstance(d, tuple) and len(d) == 2), None)
+        if raw is None:  # expunged meanwhile by someone else
+            return None
+        result = apply_mdn(self.outbox, raw, self.clock(), domain=self.domain)
+        log.info(
+            "MDN",
+            source="imap",
+            outcome=result.status,
+            message_id=result.message_id,
+            detail_kind=result.detail.split(":")[0][:60],
+        )
+        return result
+
+    def _file(self, imap: imaplib.IMAP4, uids: list[int]) -> None:
+        """Move the applied receipts to the done folder, or delete them (an MDN returns the letter sent)."""
+        which = ",".join(map(str, uids))
+        target = self.settings.done_folder
+        if target is not None and "MOVE" in imap.capabilities:
+            _ok(imap.uid("MOVE", which, _quote(target)), f"MOVE to {target}")
+            return
+        if target is not None:
+            _ok(imap.uid("COPY", which, _quote(target)), f"COPY to {target}")
+        _ok(imap.uid("STORE", which, "+FLAGS.SILENT", "(\\Deleted)"), "STORE")
+        if "UIDPLUS" in imap.capabilities:
+            _ok(imap.uid("EXPUNGE", which), "EXPUNGE")
+        else:
+            _ok(imap.expunge(), "EXPUNGE")
+
+    def run_forever(self) -> None:
+        """Poll every ``settings.every`` seconds until :meth:`stop`; a failed poll is logged and tried
+        again later, waiting longer after each failure in a row (up to ten minutes)."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+                failures = 0
+            except Exception as exc:  # the server or the database away: the mail waits in the mailbox
+                failures += 1
+                log.warning("mailbox not read", error=_clean(str(exc), 200), kind=type(exc).__name__)
+            self._stop.wait(min(600.0, self.settings.every * 2 ** min(failures, 5)))
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run_forever, name="mdn-mailbox", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def mailbox_from_env(outbox: Outbox, smtp: SmtpSettings, environ: Mapping[str, str] | None = None) -> MdnMailbox | None:
+    """The mailbox poller ``gateway serve`` runs when ``GATEWAY_MDN_IMAP_URL`` is set (None otherwise):
+    receipts for Message-IDs of the sender's domain only."""
+    settings = ImapSettings.from_env(smtp, environ)
+    if settings is None:
+        return None
+    return MdnMailbox(outbox, settings, domain=mailbox_of(smtp.sender).rsplit("@", 1)[1])

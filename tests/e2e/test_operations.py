@@ -217,7 +217,9 @@ def test_the_delivery_listing_pages_through_every_delivery_once_in_order(world: 
     assert pages == 7
     ids = [d["messageHeader"] for d in every]
     assert sorted(ids) == sorted(f"m-{n:02d}-{r}" for n in range(23) for r in "abc")
-    assert [(d["updated"], d["messageHeader"]) for d in every] == sorted((d["updated"], d["messageHeader"]) for d in every)
+    assert [(d["updated"], d["messageHeader"]) for d in every] == sorted(
+        (d["updated"], d["messageHeader"]) for d in every
+    )
     assert _page_through(client, {"status": "queued", "_count": 69})[1] == 1  # exactly full: no empty last page
     first = client.get("/deliveries", params={"status": "queued"}, headers=AS_ADMIN)
     assert len(first.json()) == 69 and "link" not in first.headers  # the default page (100) holds them all
