@@ -506,12 +506,13 @@ class MdnMailbox:
     """Reads the application mailbox over IMAP and applies every receipt in it (:func:`apply_mdn`).
 
     An MSSanté operator does not relay mail to the gateway: its application reads its mailbox.  Each
-    poll takes the mail that arrived since the last one, oldest first.  A receipt (an MDN or a bounce,
-    whatever it did: acknowledged, dead-lettered, a duplicate) is deleted — or moved to ``done_folder`` —
-    only once its outcome is committed, so a crash in between reads it again, and a receipt applied
-    twice changes nothing.  A mail that is no receipt, or a receipt refused (malformed, or from another
-    mailbox than the one the message went to), stays in the mailbox for a person to read; a failure of
-    the database or of the server stops the poll and leaves the mail for the next one.
+    poll takes the mail that arrived since the last one, oldest first.  A receipt for one of this
+    gateway's messages (an MDN or a bounce, whatever it did: acknowledged, dead-lettered, a duplicate) is
+    deleted — or moved to ``done_folder`` — only once its outcome is committed, so a crash in between
+    reads it again, and a receipt applied twice changes nothing.  A mail that is no receipt, a receipt
+    refused (malformed, or from another mailbox than the one the message went to) and a receipt for a
+    message this gateway does not know (a shared mailbox) stay in the mailbox for a person to read; a
+    failure of the database or of the server stops the poll and leaves the mail for the next one.
     """
 
     def __init__(
@@ -574,7 +575,7 @@ class MdnMailbox:
                 result = self._one(imap, uid)
                 if result is not None:
                     results.append(result)
-                    if result.status != "refused" and result.message_id is not None:
+                    if self._ours(result):
                         done.append(uid)  # a receipt, applied (or applied before): it has done its work
                 self._seen = (validity_no, uid)
             if done:
@@ -583,6 +584,17 @@ class MdnMailbox:
             with contextlib.suppress(Exception):
                 imap.logout()
         return results
+
+    def _ours(self, result: MdnResult) -> bool:
+        """A receipt this gateway has applied, now or before — never one for another sender's message (a
+        mailbox may be shared): that one, like a refused receipt or a mail that is none, stays."""
+        if result.status in ("acknowledged", "dead-lettered"):
+            return True
+        return (
+            result.status == "ignored"
+            and result.message_id is not None
+            and self.outbox.delivery(result.message_id) is not None
+        )
 
     def _one(self, imap: imaplib.IMAP4, uid: int) -> MdnResult | None:
         """Apply one mail (None: too large to be a receipt, left alone).  A database failure raises."""

@@ -28,6 +28,7 @@ from gateway.transports.mssante import SmtpSettings
 from tests.contract.test_mssante import (
     GATEWAY,
     GP,
+    _raw_mdn,
     _sent_s1,
     build_dsn,
     build_mdn,
@@ -47,6 +48,7 @@ pytestmark = pytest.mark.skipif(DOVECOT is None and not os.environ.get("CI"), re
 PHARMACIST = "julien.lemaire@pharmacien.mssante.fr"
 NURSE = "claire.benoit@infirmier.mssante.fr"
 CARDIOLOGIST = "nadia.bensaid@chu-glaciere.mssante.fr"
+DOMAIN = GATEWAY.split("@")[1]
 
 
 @pytest.fixture
@@ -72,7 +74,7 @@ def _reader(outbox: Outbox, server: ImapServer, paths: dict[str, Path], **overri
         "tls": tls_context(paths["server_ca"]),
         **overrides,
     }
-    return MdnMailbox(outbox, ImapSettings(**values), domain=GATEWAY.split("@")[1])
+    return MdnMailbox(outbox, ImapSettings(**values), domain=DOMAIN)
 
 
 def _subjects(server: ImapServer, folder: str = "INBOX") -> list[str]:
@@ -103,18 +105,30 @@ def test_receipts_in_the_mailbox_are_applied_once_and_the_rest_is_left_for_peopl
     forged = build_mdn(relay.to(CARDIOLOGIST), "processed", final_recipient="intruder@elsewhere.mssante.fr")
     server.append(GATEWAY_USER, forged)
     server.append(GATEWAY_USER, build_dsn(relay.to(NURSE), "failed"))
+    # a shared mailbox: receipts for messages this gateway never sent are another application's
+    server.append(GATEWAY_USER, b"Subject: not ours\r\n" + _raw_mdn("processed", message_id="<x-1@other.example>"))
+    server.append(GATEWAY_USER, b"Subject: unknown\r\n" + _raw_mdn("processed", message_id=f"<x-2@{DOMAIN}>"))
     reader = _reader(outbox, server, paths)
 
     results = reader.poll_once()
 
-    assert [r.status for r in results] == ["acknowledged", "dead-lettered", "ignored", "refused", "dead-lettered"]
+    assert [r.status for r in results] == [
+        "acknowledged",
+        "dead-lettered",
+        "ignored",
+        "refused",
+        "dead-lettered",
+        "ignored",
+        "ignored",
+    ]
     assert state(GP) == ("acknowledged", None)
     assert state(PHARMACIST)[0] == "dead-lettered" and "12^Document illisible" in (state(PHARMACIST)[1] or "")
     assert state(NURSE)[0] == "dead-lettered" and "5.1.1" in (state(NURSE)[1] or ""), "a bounce, at once"
     assert state(CARDIOLOGIST)[0] == "sent", "an MDN from another mailbox proves nothing"
     assert len(outbox.audit_events()) == audit_before + 3
     # the applied receipts are gone (they return the letter itself); the others wait for a person
-    assert _subjects(server) == ["Question about Mrs Durand's letter", "Accusé de traitement"]
+    left = ["Question about Mrs Durand's letter", "Accusé de traitement", "not ours", "unknown"]
+    assert _subjects(server) == left
     assert all("\\Seen" not in flags for _, flags, _ in server.messages(GATEWAY_USER)), "read with PEEK"
 
     server.append(GATEWAY_USER, build_mdn(relay.to(GP), "processed"))  # the far end sends it twice
@@ -123,12 +137,12 @@ def test_receipts_in_the_mailbox_are_applied_once_and_the_rest_is_left_for_peopl
         ("ignored", "no delivery awaits an acknowledgement for this message")
     ]
     assert len(outbox.audit_events()) == audit_before + 3 and state(GP) == ("acknowledged", None)
-    assert len(_subjects(server)) == 2, "the duplicate receipt is removed too"
+    assert _subjects(server) == left, "the duplicate receipt is removed too"
     assert reader.poll_once() == [], "what was looked at is not read again"
 
     restarted = _reader(outbox, server, paths)  # a new process reads the mail left there once more
-    assert [r.status for r in restarted.poll_once()] == ["ignored", "refused"]
-    assert len(outbox.audit_events()) == audit_before + 3 and len(_subjects(server)) == 2
+    assert [r.status for r in restarted.poll_once()] == ["ignored", "refused", "ignored", "ignored"]
+    assert len(outbox.audit_events()) == audit_before + 3 and _subjects(server) == left
 
 
 def test_a_receipt_applied_but_not_removed_is_removed_next_time_and_changes_nothing(
