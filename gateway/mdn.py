@@ -527,6 +527,7 @@ class MdnMailbox:
         self.outbox, self.settings, self.domain, self.clock, self.batch = outbox, settings, domain, clock, batch
         self._seen: tuple[int, int] = (0, 0)  # (UIDVALIDITY, last UID looked at): nothing before it again
         self._stop = threading.Event()
+        outbox.metrics.mailbox_watched()
 
     def _connect(self) -> imaplib.IMAP4:
         s = self.settings
@@ -560,7 +561,17 @@ class MdnMailbox:
         return imap
 
     def poll_once(self) -> list[MdnResult]:
-        """Read and apply what arrived since the last poll; what each mail did."""
+        """Read and apply what arrived since the last poll; what each mail did (counted in the metrics,
+        as a failed read is: ``gateway_mailbox_reads``)."""
+        try:
+            results = self._poll()
+        except BaseException:
+            self.outbox.metrics.mailbox_read(False)
+            raise
+        self.outbox.metrics.mailbox_read(True, (r.status for r in results))
+        return results
+
+    def _poll(self) -> list[MdnResult]:
         results: list[MdnResult] = []
         imap = self._connect()
         try:

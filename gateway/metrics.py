@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -152,6 +152,19 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.mailbox_reads = Counter(
+            "gateway_mailbox_reads",
+            "Reads of the MSSanté application mailbox (GATEWAY_MDN_IMAP_URL), by outcome (ok, failed): alert "
+            "when none succeeds for a while (an expired certificate, a changed password: receipts pile up)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.receipts = Counter(
+            "gateway_mailbox_mails",
+            "Mails read from the application mailbox, by what they did (acknowledged, dead-lettered, ignored, refused)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.accepted.labels("http")  # present at 0 from the start: rate() and increase() need a first sample
         for reason in AUTH_REFUSALS:
             self.auth_refused.labels(reason)
@@ -195,6 +208,16 @@ class Metrics:
             self.retries.inc()
         elif status == "dead-lettered":
             self.dead_letters.inc()
+
+    def mailbox_watched(self) -> None:
+        """A mailbox poller runs in this process: its read counters exist from 0 (for ``increase()``)."""
+        for outcome in ("ok", "failed"):
+            self.mailbox_reads.labels(outcome)
+
+    def mailbox_read(self, ok: bool, results: Iterable[str] = ()) -> None:
+        self.mailbox_reads.labels("ok" if ok else "failed").inc()
+        for status in results:  # an MdnResult status: a closed set
+            self.receipts.labels(status).inc()
 
     def handed_over(self, seconds: float) -> None:
         self.latency.observe(max(seconds, 0.0))

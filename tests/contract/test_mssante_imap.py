@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 from sqlalchemy import create_engine
 
 from gateway.mdn import ImapSettings, MailboxError, MdnMailbox, mailbox_from_env
@@ -140,6 +141,11 @@ def test_receipts_in_the_mailbox_are_applied_once_and_the_rest_is_left_for_peopl
     assert _subjects(server) == left, "the duplicate receipt is removed too"
     assert reader.poll_once() == [], "what was looked at is not read again"
 
+    shown = generate_latest(outbox.metrics.registry).decode()
+    assert 'gateway_mailbox_reads_total{outcome="ok"} 3.0' in shown
+    assert 'gateway_mailbox_reads_total{outcome="failed"} 0.0' in shown, "present at 0: an alert can use it"
+    assert 'gateway_mailbox_mails_total{outcome="acknowledged"} 1.0' in shown
+    assert 'gateway_mailbox_mails_total{outcome="ignored"} 4.0' in shown
     restarted = _reader(outbox, server, paths)  # a new process reads the mail left there once more
     assert [r.status for r in restarted.poll_once()] == ["ignored", "refused", "ignored", "ignored"]
     assert len(outbox.audit_events()) == audit_before + 3 and _subjects(server) == left
@@ -199,6 +205,7 @@ def test_the_mailbox_is_never_read_in_clear_nor_from_an_unchecked_server(
         _reader(outbox, server, paths, tls=tls_context(None)).poll_once()  # the system's CAs: not this server's
     with pytest.raises(MailboxError, match="LOGIN"):
         _reader(outbox, server, paths, password="wrong").poll_once()
+    assert 'gateway_mailbox_reads_total{outcome="failed"} 2.0' in generate_latest(outbox.metrics.registry).decode()
     stranger = tls_context(paths["server_ca"], paths["stranger_cert"], paths["stranger_key"])
     with pytest.raises(MailboxError, match="EXTERNAL"):
         _reader(outbox, server, paths, password=None, tls=stranger).poll_once()
