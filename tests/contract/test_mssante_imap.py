@@ -9,6 +9,11 @@ is committed, and mail that is not a usable receipt stays for a person to read.
 from __future__ import annotations
 
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from email import policy
@@ -17,6 +22,7 @@ from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import create_engine
@@ -76,6 +82,12 @@ def _reader(outbox: Outbox, server: ImapServer, paths: dict[str, Path], **overri
         **overrides,
     }
     return MdnMailbox(outbox, ImapSettings(**values), domain=DOMAIN)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _subjects(server: ImapServer, folder: str = "INBOX") -> list[str]:
@@ -285,3 +297,53 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
     for every in ("0", "soon", "7200"):
         with pytest.raises(SettingsError, match="POLL_SECONDS"):
             ImapSettings.from_env(smtp, {"GATEWAY_MDN_IMAP_URL": "imap://h", "GATEWAY_MDN_IMAP_POLL_SECONDS": every})
+
+
+def test_gateway_serve_reads_the_mailbox_its_environment_names(
+    tmp_path: Path, imap: tuple[ImapServer, dict[str, Path]]
+) -> None:
+    """The real ``gateway serve`` process starts the poller from ``GATEWAY_MDN_IMAP_URL`` (and refuses
+    the setting without an MSSanté relay): its reads show in ``/metrics``."""
+    server, paths = imap
+    gateway = str(Path(sys.executable).with_name("gateway"))
+    secret = tmp_path / "imap-password"
+    secret.write_text(GATEWAY_PASSWORD, encoding="utf-8")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+        "GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path / 'gw.db'}",
+        "GATEWAY_API_KEYS": "admin-key-0123456789abcdef:admin",
+        "GATEWAY_SIGNING_KEY_FILE": str(tmp_path / "keys" / "signing-key.jwk"),
+        "GATEWAY_MDN_IMAP_URL": f"imap://{server.host}:{server.port}/INBOX",
+        "GATEWAY_MDN_IMAP_USERNAME": GATEWAY_USER,
+        "GATEWAY_MDN_IMAP_PASSWORD_FILE": str(secret),
+        "GATEWAY_MDN_IMAP_CA_FILE": str(paths["server_ca"]),
+        "GATEWAY_MDN_IMAP_POLL_SECONDS": "1",
+    }
+    made = subprocess.run([gateway, "keys", "generate", "--out", str(tmp_path / "keys")], env=env, check=False)
+    assert made.returncode == 0
+    port = _free_port()
+    alone = subprocess.run(
+        [gateway, "serve", "--port", str(port)], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert alone.returncode != 0 and "set GATEWAY_SMTP_HOST too" in alone.stderr, alone.stderr[-2000:]
+
+    env |= {"GATEWAY_SMTP_HOST": "smtp.operator.invalid", "GATEWAY_SMTP_SENDER": GATEWAY}  # never reached here
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([gateway, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline, reads = time.monotonic() + 60, 0.0
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            while reads < 2 and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.2)
+                try:
+                    shown = client.get("/metrics").text
+                except httpx.TransportError:
+                    continue
+                found = re.search(r'gateway_mailbox_reads_total\{outcome="ok"\} (\S+)', shown)
+                reads = float(found.group(1)) if found else 0.0
+        assert reads >= 2, log.read_text()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
