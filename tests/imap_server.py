@@ -42,10 +42,14 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import Any
+
+from tests import pki
 
 DOVECOT: str | None = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)
 
@@ -444,3 +448,44 @@ def dovecot(
         listener.close()
         if short_base is not None:
             shutil.rmtree(short_base, ignore_errors=True)
+
+
+@cache
+def _issued() -> dict[str, Any]:
+    """The test PKI, made once per session: a server CA and the server's certificate, a client CA (it
+    stands for IGC-Santé) and the gateway mailbox's certificate, and a stranger's from another CA."""
+    server_ca, client_ca = pki.ca("IMAP server CA"), pki.ca("IMAP client CA")
+    return {
+        "server_ca": server_ca,
+        "client_ca": client_ca,
+        "server": pki.issue(server_ca, "localhost", server=True),
+        "gateway": pki.issue(client_ca, GATEWAY_USER, client=True),
+        "stranger": pki.issue(pki.ca("Some other CA"), GATEWAY_USER, client=True),
+    }
+
+
+def write_pki(tmp: Path) -> dict[str, Path]:
+    """The test PKI's files under ``tmp/pki``: ``server_ca``, ``client_ca`` and ``<name>_cert`` /
+    ``<name>_key`` for ``server``, ``gateway`` and ``stranger``."""
+    issued = _issued()
+    directory = tmp / "pki"
+    directory.mkdir()
+    paths = {"server_ca": directory / "server-ca.crt", "client_ca": directory / "client-ca.crt"}
+    paths["server_ca"].write_bytes(issued["server_ca"].cert_pem)
+    paths["client_ca"].write_bytes(issued["client_ca"].cert_pem)
+    for name in ("server", "gateway", "stranger"):
+        paths[f"{name}_cert"], paths[f"{name}_key"] = issued[name].write(directory, name)
+    return paths
+
+
+@contextmanager
+def dovecot_for(tmp: Path, paths: Mapping[str, Path], *, client_certificates: bool = True) -> Iterator[ImapServer]:
+    """:func:`dovecot` with :func:`write_pki`'s files (``client_certificates``: SASL EXTERNAL too)."""
+    with dovecot(
+        tmp / "dovecot",
+        cert_file=paths["server_cert"],
+        key_file=paths["server_key"],
+        server_ca_file=paths["server_ca"],
+        client_ca_file=paths["client_ca"] if client_certificates else None,
+    ) as server:
+        yield server

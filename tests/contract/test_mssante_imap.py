@@ -44,8 +44,7 @@ from tests.contract.test_mssante import (
     signer,
     world,
 )
-from tests.imap_server import DOVECOT, GATEWAY_PASSWORD, GATEWAY_USER, ImapServer, dovecot, quote_mailbox
-from tests.unit.test_imap_server import _pki
+from tests.imap_server import DOVECOT, GATEWAY_PASSWORD, GATEWAY_USER, ImapServer, dovecot_for, quote_mailbox, write_pki
 
 __all__ = ["pki", "serve", "signer", "world"]  # test_mssante's fixtures, used here by name
 
@@ -60,14 +59,8 @@ DOMAIN = GATEWAY.split("@")[1]
 
 @pytest.fixture
 def imap(tmp_path: Path) -> Iterator[tuple[ImapServer, dict[str, Path]]]:
-    paths = _pki(tmp_path)
-    with dovecot(
-        tmp_path / "dovecot",
-        cert_file=paths["server_cert"],
-        key_file=paths["server_key"],
-        server_ca_file=paths["server_ca"],
-        client_ca_file=paths["client_ca"],
-    ) as server:
+    paths = write_pki(tmp_path)
+    with dovecot_for(tmp_path, paths) as server:
         yield server, paths
 
 
@@ -276,7 +269,7 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
     anonymous = SmtpSettings(host="smtp.operator.example", sender=GATEWAY)
     with pytest.raises(SettingsError, match=r"password .* or a client certificate"):
         ImapSettings.from_env(anonymous, {"GATEWAY_MDN_IMAP_URL": "imap://imap.operator.example"})
-    paths = _pki(tmp_path)
+    paths = write_pki(tmp_path)
     by_certificate = ImapSettings.from_env(
         anonymous,
         {

@@ -9,43 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from tests import pki
-from tests.imap_server import DOVECOT, GATEWAY_PASSWORD, GATEWAY_USER, ImapServer, dovecot
+from tests.imap_server import DOVECOT, GATEWAY_PASSWORD, GATEWAY_USER, ImapServer, dovecot_for, write_pki
 
 # skipped where Dovecot is not installed (apt-get install dovecot-imapd), never under CI: .ci/run installs it
 pytestmark = pytest.mark.skipif(DOVECOT is None and not os.environ.get("CI"), reason="dovecot is not installed")
 
-SERVER_CA = pki.ca("IMAP server CA")
-SERVER = pki.issue(SERVER_CA, "localhost", server=True)
-CLIENT_CA = pki.ca("IMAP client CA")
-GATEWAY = pki.issue(CLIENT_CA, GATEWAY_USER, client=True)
-STRANGER = pki.issue(pki.ca("Some other CA"), GATEWAY_USER, client=True)
-
-
-def _pki(tmp: Path) -> dict[str, Path]:
-    directory = tmp / "pki"
-    directory.mkdir()
-    paths = {"server_ca": directory / "server-ca.crt", "client_ca": directory / "client-ca.crt"}
-    paths["server_ca"].write_bytes(SERVER_CA.cert_pem)
-    paths["client_ca"].write_bytes(CLIENT_CA.cert_pem)
-    for name, issued in {"server": SERVER, "gateway": GATEWAY, "stranger": STRANGER}.items():
-        paths[f"{name}_cert"], paths[f"{name}_key"] = issued.write(directory, name)
-    return paths
-
 
 @pytest.fixture
 def paths(tmp_path: Path) -> dict[str, Path]:
-    return _pki(tmp_path)
+    return write_pki(tmp_path)
 
 
 @pytest.fixture
 def server(tmp_path: Path, paths: dict[str, Path]) -> Iterator[ImapServer]:
-    with dovecot(
-        tmp_path / "dovecot",
-        cert_file=paths["server_cert"],
-        key_file=paths["server_key"],
-        server_ca_file=paths["server_ca"],
-    ) as running:
+    with dovecot_for(tmp_path, paths, client_certificates=False) as running:
         yield running
 
 
@@ -82,13 +59,7 @@ def test_implicit_tls_and_append_round_trip(server: ImapServer) -> None:
 
 
 def test_client_certificate_sasl_external(tmp_path: Path, paths: dict[str, Path]) -> None:
-    with dovecot(
-        tmp_path / "dovecot",
-        cert_file=paths["server_cert"],
-        key_file=paths["server_key"],
-        server_ca_file=paths["server_ca"],
-        client_ca_file=paths["client_ca"],
-    ) as server:
+    with dovecot_for(tmp_path, paths) as server:
         context = server.ssl_context(cert=(paths["gateway_cert"], paths["gateway_key"]))
         with imaplib.IMAP4_SSL(server.host, server.tls_port, ssl_context=context, timeout=10) as imap:
             assert "AUTH=EXTERNAL" in imap.capabilities
