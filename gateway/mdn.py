@@ -25,6 +25,7 @@ aiosmtpd handler for the application mailbox (the operator relays it to the gate
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import imaplib
 import os
@@ -61,6 +62,7 @@ __all__ = [
     "MdnResult",
     "NotAnMdn",
     "apply_mdn",
+    "imap_folder",
     "inbox_from_env",
     "mailbox_from_env",
     "parse_mdn",
@@ -401,7 +403,6 @@ def inbox_from_env(outbox: Outbox, sender: str, environ: Mapping[str, str] | Non
 
 # -- the application mailbox over IMAP: how an MSSanté operator hands receipts to an application ---------
 _IMAP_SCHEMES = {"imap": 143, "imaps": 993}
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class MailboxError(Exception):
@@ -473,7 +474,7 @@ class ImapSettings:
             implicit_tls=parts.scheme == "imaps",
             folder=unquote(parts.path.strip("/")) or "INBOX",
             username=env.get("GATEWAY_MDN_IMAP_USERNAME") or smtp.username or mailbox_of(smtp.sender),
-            password=password,
+            password=password or None,
             tls=tls_context(*own) if any(own) else smtp.tls,  # the relay's trust and certificate by default
             done_folder=env.get("GATEWAY_MDN_IMAP_DONE_FOLDER") or None,
             every=every,
@@ -481,11 +482,24 @@ class ImapSettings:
         )
 
 
-def _quote(name: str) -> str:
-    """An IMAP quoted string (RFC 3501 §4.3): a folder name may hold spaces."""
+def imap_folder(name: str) -> str:
+    """A folder name as IMAP writes it: modified UTF-7 (RFC 3501 §5.1.3: ``Accusés`` is ``Accus&AOk-s``),
+    then quoted (§4.3: it may hold spaces)."""
     if any(c in name for c in "\r\n\0"):
         raise SettingsError(f"an IMAP folder name cannot hold line breaks: {name!r}")
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    encoded, pending = [], ""
+    for char in name + "\x00":  # the sentinel flushes the last run of other characters
+        if "\x20" <= char <= "\x7e" or char == "\x00":
+            if pending:
+                wide = base64.b64encode(pending.encode("utf-16-be")).decode("ascii").rstrip("=")
+                encoded.append("&" + wide.replace("/", ",") + "-")
+                pending = ""
+            if char != "\x00":
+                encoded.append("&-" if char == "&" else char)
+        else:
+            pending += char
+    text = "".join(encoded)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _ok(answer: tuple[str, Any], step: str) -> list[Any]:
@@ -575,7 +589,7 @@ class MdnMailbox:
         results: list[MdnResult] = []
         imap = self._connect()
         try:
-            _ok(imap.select(_quote(self.settings.folder)), f"SELECT {self.settings.folder}")
+            _ok(imap.select(imap_folder(self.settings.folder)), f"SELECT {self.settings.folder}")
             [validity] = imap.response("UIDVALIDITY")[1] or [b"0"]
             validity_no = int(validity)
             last = self._seen[1] if self._seen[0] == validity_no else 0  # a rebuilt mailbox: read it all again
@@ -633,10 +647,10 @@ class MdnMailbox:
         which = ",".join(map(str, uids))
         target = self.settings.done_folder
         if target is not None and "MOVE" in imap.capabilities:
-            _ok(imap.uid("MOVE", which, _quote(target)), f"MOVE to {target}")
+            _ok(imap.uid("MOVE", which, imap_folder(target)), f"MOVE to {target}")
             return
         if target is not None:
-            _ok(imap.uid("COPY", which, _quote(target)), f"COPY to {target}")
+            _ok(imap.uid("COPY", which, imap_folder(target)), f"COPY to {target}")
         _ok(imap.uid("STORE", which, "+FLAGS.SILENT", "(\\Deleted)"), "STORE")
         if "UIDPLUS" in imap.capabilities:
             _ok(imap.uid("EXPUNGE", which), "EXPUNGE")

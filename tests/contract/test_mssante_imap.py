@@ -27,7 +27,7 @@ import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import create_engine
 
-from gateway.mdn import ImapSettings, MailboxError, MdnMailbox, mailbox_from_env
+from gateway.mdn import ImapSettings, MailboxError, MdnMailbox, imap_folder, mailbox_from_env
 from gateway.outbox import Outbox
 from gateway.settings import SettingsError
 from gateway.transports.http import tls_context
@@ -44,7 +44,7 @@ from tests.contract.test_mssante import (
     signer,
     world,
 )
-from tests.imap_server import DOVECOT, GATEWAY_PASSWORD, GATEWAY_USER, ImapServer, dovecot_for, quote_mailbox, write_pki
+from tests.imap_server import DOVECOT, GATEWAY_PASSWORD, GATEWAY_USER, ImapServer, dovecot_for, write_pki
 
 __all__ = ["pki", "serve", "signer", "world"]  # test_mssante's fixtures, used here by name
 
@@ -167,17 +167,17 @@ def test_a_receipt_applied_but_not_removed_is_removed_next_time_and_changes_noth
     state = _sent_s1(world)
     server.append(GATEWAY_USER, build_mdn(world["relay"].to(GP), "processed"))
     audit_before = len(outbox.audit_events())
-    with pytest.raises(MailboxError, match="to Receipts done"):
-        _reader(outbox, server, paths, done_folder="Receipts done").poll_once()
+    with pytest.raises(MailboxError, match="to Accusés traités"):
+        _reader(outbox, server, paths, done_folder="Accusés traités").poll_once()
     assert state(GP) == ("acknowledged", None) and len(outbox.audit_events()) == audit_before + 1
     assert len(_subjects(server)) == 1, "the receipt is still in the mailbox"
 
     with server.client(GATEWAY_USER) as client:
-        assert client.create(quote_mailbox("Receipts done"))[0] == "OK"
-    results = _reader(outbox, server, paths, done_folder="Receipts done").poll_once()
+        assert client.create(imap_folder("Accusés traités"))[0] == "OK"  # IMAP's modified UTF-7
+    results = _reader(outbox, server, paths, done_folder="Accusés traités").poll_once()
     assert [r.status for r in results] == ["ignored"]
     assert len(outbox.audit_events()) == audit_before + 1
-    assert _subjects(server) == [] and _subjects(server, "Receipts done") == ["Accusé de traitement"]
+    assert _subjects(server) == [] and _subjects(server, "Accus&AOk-s trait&AOk-s") == ["Accusé de traitement"]
 
 
 def test_a_database_failure_leaves_the_receipt_in_the_mailbox(
@@ -284,6 +284,11 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
     assert by_certificate.username == GATEWAY and by_certificate.tls is not None, (
         "the application mailbox, by certificate"
     )
+    # RFC 3501 §5.1.3's own example, and what a French operator's folders look like
+    assert imap_folder("~peter/mail/台北/日本語") == '"~peter/mail/&U,BTFw-/&ZeVnLIqe-"'
+    assert imap_folder('Accusés "OK" & co') == '"Accus&AOk-s \\"OK\\" &- co"'
+    with pytest.raises(SettingsError, match="line breaks"):
+        imap_folder("INBOX\r\nA1 DELETE INBOX")
     for bad in ("pop3://x", "imap://", "imap://user@host", "imap://host:notaport", "imap://host?x=1"):
         with pytest.raises(SettingsError, match="GATEWAY_MDN_IMAP_URL"):
             ImapSettings.from_env(smtp, {"GATEWAY_MDN_IMAP_URL": bad})
