@@ -22,8 +22,11 @@ extension for one.  Existing extensions elsewhere were looked at and not reused:
 A certificate is checked when it is used, at send time: it must parse, be valid at that instant, carry a
 supported key, and — when it has a KeyUsage extension — allow key agreement (EC) or key encipherment
 (RSA).  Anything else is a :class:`CryptError` and the delivery fails permanently; the gateway never
-falls back to sending the message in clear.  (Chain validation against a trust anchor is not done
-here: the certificate comes from the directory, which only ``admin`` callers write.)
+falls back to sending the message in clear.  With :class:`RecipientTrust` (``GATEWAY_RECIPIENT_CA_FILE``,
+e.g. the IGC-Santé authorities) the certificate must also chain, at that instant, to one of them: a
+directory entry that publishes any other certificate — a mistake, or someone who could write the
+directory and wants to read the letters — is refused the same way.  Without it, the certificate is
+trusted as the directory (which only ``admin`` callers write) holds it.
 """
 
 from __future__ import annotations
@@ -33,18 +36,21 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 from joserfc import jwe
 from joserfc.errors import ExceededSizeError, JoseError
 from joserfc.jwk import ECKey, RSAKey
 
 from gateway.directory import ENDPOINT_CERTIFICATE
 from gateway.errors import GatewayError
+from gateway.settings import SettingsError
 
 __all__ = [
     "ENDPOINT_CERTIFICATE",
@@ -52,11 +58,13 @@ __all__ = [
     "JOSE_JSON",
     "CryptError",
     "RecipientKey",
+    "RecipientTrust",
     "certificate_extension",
     "decrypt",
     "encrypt",
     "load_private_key",
     "recipient_key",
+    "trust_from",
 ]
 
 JOSE = "application/jose"  # compact serialization
@@ -110,8 +118,58 @@ def certificate_extension(der: bytes) -> dict[str, str]:
     return {"url": ENDPOINT_CERTIFICATE, "valueBase64Binary": base64.b64encode(der).decode("ascii")}
 
 
-def recipient_key(der: bytes, at: datetime) -> RecipientKey:
-    """Check a recipient's DER certificate for use at ``at`` and return its encryption key."""
+class RecipientTrust:
+    """The authorities recipients' encryption certificates must be issued under (a PEM bundle).
+
+    Every certificate of the bundle is a trust anchor, so a bundle holding a root and its intermediate
+    (IGC-Santé's) accepts leaves of either.  The checks are cryptography's path validation (signatures,
+    validity of every certificate at the instant, CA constraints); the leaf's own extensions are left to
+    :func:`recipient_key` (an encryption certificate carries no TLS purpose).
+    """
+
+    def __init__(self, pem: bytes, name: str = "the recipients' CA file") -> None:
+        try:
+            self.authorities = x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise CryptError(f"{name}: no PEM certificate in it") from None
+        self._store = Store(self.authorities)
+        self.name = name
+
+    def check(self, cert: x509.Certificate, at: datetime, subject: str) -> None:
+        verifier = (
+            PolicyBuilder()
+            .store(self._store)
+            .time(at)
+            .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=ExtensionPolicy.permit_all())
+            .build_client_verifier()
+        )
+        try:
+            verifier.verify(cert, [])
+        except VerificationError as exc:
+            raise CryptError(
+                f"the recipient certificate ({subject}) is not issued under the trusted authorities ({self.name}): "
+                f"{str(exc)[:200]}"
+            ) from None
+
+
+def trust_from(path: Path | None) -> RecipientTrust | None:
+    """The :class:`RecipientTrust` of a PEM file (``GATEWAY_RECIPIENT_CA_FILE``), None without one; a file
+    that cannot be read or holds no certificate stops the start (no silent fall back to trusting all)."""
+    if path is None:
+        return None
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"GATEWAY_RECIPIENT_CA_FILE: {path}: {exc.strerror}") from None
+    try:
+        return RecipientTrust(pem, path.name)
+    except CryptError as exc:
+        raise SettingsError(f"GATEWAY_RECIPIENT_CA_FILE: {exc.message}") from None
+
+
+def recipient_key(der: bytes, at: datetime, trust: RecipientTrust | None = None) -> RecipientKey:
+    """Check a recipient's DER certificate for use at ``at`` (and that it chains to ``trust``'s
+    authorities, when given) and return its encryption key."""
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
@@ -123,6 +181,8 @@ def recipient_key(der: bytes, at: datetime) -> RecipientKey:
         )
     if at > cert.not_valid_after_utc:
         raise CryptError(f"the recipient certificate ({subject}) expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    if trust is not None:
+        trust.check(cert, at, subject)
     public = cert.public_key()
     try:
         usage: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value

@@ -82,11 +82,17 @@ class _Attempt:
 
 
 def _send_sealed(
-    transport: Transport, sealed: bytes, endpoint: Endpoint, message_id: str, now: datetime
+    transport: Transport,
+    sealed: bytes,
+    endpoint: Endpoint,
+    message_id: str,
+    now: datetime,
+    trust: crypt.RecipientTrust | None = None,
 ) -> tuple[Outcome, str]:
     """Send the sealed message — encrypted for the recipient when its endpoint publishes a certificate —
     and say how it went (for the audit).  A certificate that cannot be used at ``now``, or a transport
-    that cannot carry a JWE, fails the delivery permanently: the message is never sent in clear instead."""
+    that cannot carry a JWE, or one not issued under ``trust``'s authorities (when the gateway has them),
+    fails the delivery permanently: the message is never sent in clear instead."""
     if endpoint.certificate is None:
         return transport.send(sealed, endpoint.address, message_id), "signed, not encrypted (no recipient certificate)"
     try:
@@ -95,7 +101,7 @@ def _send_sealed(
             raise crypt.CryptError(
                 f"the endpoint publishes an encryption certificate but the {scheme} transport cannot carry a JWE"
             )
-        key = crypt.recipient_key(endpoint.certificate, now)
+        key = crypt.recipient_key(endpoint.certificate, now, trust)
         token = crypt.encrypt(sealed, key)
     except crypt.CryptError as exc:
         return Outcome("permanent", f"not sent: {exc.message}"), "not sent in clear: the recipient requires encryption"
@@ -121,6 +127,8 @@ class Deliverer:
         self.outbox, self.store, self.mappings, self.settings = outbox, store, mappings, settings
         self.signer, self.transports, self.retry, self.clock = signer, dict(transports), retry, clock
         self.worker = f"worker-{uuid.uuid4()}"
+        # the authorities recipients' encryption certificates must chain to (GATEWAY_RECIPIENT_CA_FILE)
+        self.trust = crypt.trust_from(settings.recipient_ca_file)
         self.snapshot = StoreSnapshot(store, policy_from(mappings))
         self._prepared: OrderedDict[str, Prepared] = OrderedDict()  # claimed lately (their retries too)
         # accepted here, not claimed yet (held for us), oldest first, each with its translation: however
@@ -332,6 +340,7 @@ class Deliverer:
             recipient.endpoint,
             delivery.message_id,
             now,
+            self.trust,
         )
         event = {
             **audited,

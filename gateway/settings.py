@@ -193,6 +193,12 @@ class Settings(BaseSettings):
     out_tls_ca_file: Path | None = Field(
         default=None, description="CAs for recipients' servers (default: the system store)"
     )
+    recipient_ca_file: Path | None = Field(
+        default=None,
+        description="authorities recipients' encryption certificates must be issued under (PEM; IGC-Santé): "
+        "a certificate published in the directory that does not chain to them is refused, and nothing is "
+        "sent in clear instead (default: the directory's certificates are trusted as they are)",
+    )
     mllp_port: int | None = Field(
         default=None, gt=0, lt=65536, description="open the HL7 v2 MLLP listener on this port"
     )

@@ -297,6 +297,49 @@ def test_the_worker_encrypts_for_endpoints_with_a_certificate_and_never_sends_in
     engine.dispose()
 
 
+def test_with_trusted_authorities_a_certificate_from_anyone_else_is_never_encrypted_for(
+    certs: Pki, receiver: tuple[Server, str], tmp_path: Path
+) -> None:
+    """``GATEWAY_RECIPIENT_CA_FILE``: the GP's directory entry publishes a certificate from another
+    authority (whoever wrote it could then read the letter): that delivery is dead-lettered with the
+    reason and nothing goes to it; the others, issued under the trusted authority, are delivered."""
+    server, _ = receiver
+    engine = create_engine(f"sqlite:///{tmp_path / 'gw.db'}")
+    store, outbox = ResourceStore(engine=engine), Outbox(engine)
+    rogue = pki.issue(pki.ca("Rogue authority"), "gp-roussel", encryption=True)
+
+    def publish(endpoint: dict[str, Any]) -> None:
+        published = rogue if endpoint["id"] == "ep-gp-roussel" else certs.recipient
+        endpoint["extension"] = [crypt.certificate_extension(published.der)]
+
+    seed_store(store, lambda ep: f"{server.url}/fhir/{ep}", endpoint=publish)
+    settings = Settings(api_keys={HIS: frozenset({"his"})}, recipient_ca_file=certs.ca)
+    transport = RecordingTransport(tls=tls_context(certs.ca, *certs.gateway))
+    worker = Deliverer(
+        outbox=outbox,
+        store=store,
+        mappings=mappings(),
+        settings=settings,
+        signer=SIGNER,
+        transports={"https": transport},
+    )
+    with TestClient(create_app(settings, store, outbox, mappings())) as client:
+        answer = client.post(
+            "/letters",
+            content=(DISPATCH / "ldl-ses-s1-pharmacy.xml").read_bytes(),
+            headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
+        )
+    assert answer.status_code == 202, answer.text
+    worker.run_once()
+    worker.close()
+    states = {d.recipient_id: (d.status, d.last_error) for d in outbox.deliveries()}
+    gp = states.pop("PractitionerRole-gp-roussel")
+    assert gp[0] == "dead-lettered" and "not issued under the trusted authorities" in (gp[1] or ""), gp
+    assert states and set(states.values()) == {("acknowledged", None)}
+    assert len(transport.wire) == len(states) and not any("ep-gp-roussel" in e for e, _, _ in transport.wire)
+    engine.dispose()
+
+
 @pytest.fixture
 def gateway_api(certs: Pki, tmp_path: Path) -> Iterator[Server]:
     """The gateway API over HTTPS: client certificates optional (mode both), mapped to roles."""

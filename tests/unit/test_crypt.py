@@ -199,3 +199,57 @@ def test_the_receiver_decrypts_refuses_what_it_cannot_and_may_require_encryption
         answer = client.post("/$process-message", content=token, headers={"Content-Type": "application/jose; q=1"})
         assert answer.status_code == 200, answer.text
         assert answer.json()["entry"][0]["resource"]["response"]["code"] == "ok"
+
+
+class _JoseTransport(_PlainTransport):
+    """A transport that carries JWEs too (as the HTTP one does)."""
+
+    media_types = frozenset({"application/fhir+json", crypt.JOSE})
+
+    def send(self, payload: bytes, endpoint: str, message_id: str, content_type: str = "") -> Outcome:
+        self.sent.append(payload)
+        return Outcome("sent", "handed over")
+
+
+def test_with_trusted_authorities_only_their_certificates_are_encrypted_for(tmp_path: Path) -> None:
+    """``GATEWAY_RECIPIENT_CA_FILE``: a published certificate must chain to one of the authorities at send
+    time; one from anyone else (a wrong entry, or someone who wrote the directory to read the letters) is
+    refused like an expired one — the delivery fails permanently and nothing is sent, in clear or not."""
+    from gateway.deliver import _send_sealed
+
+    bundle = tmp_path / "igc-sante.pem"
+    bundle.write_bytes(pki.ca("Another authority").cert_pem + CA.cert_pem)  # a bundle: any of them anchors
+    trust = crypt.trust_from(bundle)
+    assert trust is not None and len(trust.authorities) == 2
+    assert crypt.recipient_key(EC_RECIPIENT.der, NOW, trust).subject == "CN=gp-roussel"
+    assert crypt.recipient_key(RSA_RECIPIENT.der, NOW, trust).alg == "RSA-OAEP-256"
+    intruder = pki.issue(pki.ca("Intruder CA"), "gp-roussel", encryption=True)
+    with pytest.raises(crypt.CryptError, match="not issued under the trusted authorities"):
+        crypt.recipient_key(intruder.der, NOW, trust)
+    crypt.recipient_key(intruder.der, NOW)  # without the setting, the directory's certificate is taken as it is
+    self_signed = pki.ca("gp-roussel")
+    with pytest.raises(crypt.CryptError, match="not issued under"):
+        crypt.recipient_key(self_signed.der, NOW, trust)
+
+    def endpoint(certificate: bytes) -> Endpoint:
+        return Endpoint("Endpoint/e", "https://gp.example/fhir", "hl7-fhir-msg", {}, certificate)
+
+    transport, sealed = _JoseTransport(), _sealed()
+    outcome, how = _send_sealed(transport, sealed, endpoint(intruder.der), "m1", NOW, trust)
+    assert outcome.kind == "permanent" and "not issued under" in outcome.detail and "not sent in clear" in how
+    assert transport.sent == []
+    outcome, how = _send_sealed(transport, sealed, endpoint(EC_RECIPIENT.der), "m2", NOW, trust)
+    assert outcome.kind == "sent" and "signed and encrypted" in how and len(transport.sent) == 1
+    assert crypt.decrypt(transport.sent[0], [_key(EC_RECIPIENT)]) == sealed
+
+
+def test_a_recipient_ca_file_that_cannot_be_used_stops_the_start(tmp_path: Path) -> None:
+    from gateway.settings import SettingsError
+
+    assert crypt.trust_from(None) is None
+    with pytest.raises(SettingsError, match=r"GATEWAY_RECIPIENT_CA_FILE: .*missing\.pem"):
+        crypt.trust_from(tmp_path / "missing.pem")
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"not a certificate\n")
+    with pytest.raises(SettingsError, match="no PEM certificate"):
+        crypt.trust_from(empty)
