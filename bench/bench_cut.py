@@ -1,11 +1,15 @@
-"""The per-recipient cost at send time: ``cut_for`` (consent, redact, package, validate, audit) + ``seal.sign``.
+"""The per-recipient cost at send time: ``cut_for`` (consent, redact, package, validate, audit) + the sealed
+bytes the transport sends (``seal.sign_bytes``, as ``Deliverer`` does).
 
     python bench/bench_cut.py [--rounds 200] [--profile]
     python bench/bench_cut.py --compare /path/to/other/checkout [--turns 6]
 
 The letter is translated once (as the service does) and cut for each routed recipient, as in the load
 benchmark: the S6 letter, its GP, and the social recipients (CLIC, SAAD) allowed logistics + social data
-by a permit for the outside-care-team.  ``--compare`` runs this file against another checkout and this
+by a permit for the outside-care-team.  The last lines compare, on the same three messages, sealing as
+the worker does (``seal.sign_bytes``: the signed canonical JSON is sent as it is) with signing and then
+serialising the signed Bundle again (``orjson.dumps(seal.sign(...))``, the worker until 2026-11-24).
+``--compare`` runs this file against another checkout and this
 one in alternating processes, so a noisy machine drifts on both sides alike, and prints both medians.
 """
 
@@ -69,7 +73,7 @@ def measure(rounds: int, profile: bool, fresh: bool) -> dict[str, float]:
             start = time.thread_time()
             cut = cut_for(letter, item, AT, store, settings)
             if cut.message is not None:
-                seal.sign(cut.message, signer, stamp)
+                seal.sign_bytes(cut.message, signer, stamp)
             times[item.recipient.id].append((time.thread_time() - start) * 1000)
             if profiler:
                 profiler.disable()
@@ -77,6 +81,18 @@ def measure(rounds: int, profile: bool, fresh: bool) -> dict[str, float]:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
     medians = {k: statistics.median(v) for k, v in times.items()}
     medians["total"] = sum(medians.values())
+    messages = [m for m in (cut_for(prepared, r, AT, store, settings).message for r in routed) if m is not None]
+    ways = {
+        "seal 3 messages, sign_bytes": lambda: [seal.sign_bytes(m, signer, stamp) for m in messages],
+        "seal 3 messages, dumps(sign)": lambda: [orjson.dumps(seal.sign(m, signer, stamp)) for m in messages],
+    }
+    sealed: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():  # alternating: the machine's drift weighs on both
+            start = time.thread_time()
+            way()
+            sealed[name].append((time.thread_time() - start) * 1000)
+    medians.update({name: statistics.median(v) for name, v in sealed.items()})
     return medians
 
 
