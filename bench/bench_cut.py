@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def measure(rounds: int, profile: bool, fresh: bool) -> dict[str, float]:
     medians = {k: statistics.median(v) for k, v in times.items()}
     medians["total"] = sum(medians.values())
     messages = [m for m in (cut_for(prepared, r, AT, store, settings).message for r in routed) if m is not None]
-    ways = {
+    ways: dict[str, Callable[[], object]] = {
         "seal 3 messages, sign_bytes": lambda: [seal.sign_bytes(m, signer, stamp) for m in messages],
         "seal 3 messages, dumps(sign)": lambda: [orjson.dumps(seal.sign(m, signer, stamp)) for m in messages],
     }
