@@ -590,8 +590,8 @@ class MdnMailbox:
         imap = self._connect()
         try:
             _ok(imap.select(imap_folder(self.settings.folder)), f"SELECT {self.settings.folder}")
-            [validity] = imap.response("UIDVALIDITY")[1] or [b"0"]
-            validity_no = int(validity)
+            stated = [v for v in imap.response("UIDVALIDITY")[1] if isinstance(v, bytes) and v.strip().isdigit()]
+            validity_no = int(stated[-1]) if stated else 0  # RFC 3501 requires it; 0 if omitted
             last = self._seen[1] if self._seen[0] == validity_no else 0  # a rebuilt mailbox: read it all again
             found = _ok(imap.uid("SEARCH", f"UID {last + 1}:*"), "SEARCH")
             uids = sorted(int(u) for u in b" ".join(found).split() if int(u) > last)[: self.batch]
