@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
 
 from gateway import crypt
 from gateway.api import auth
@@ -242,19 +243,14 @@ class RecordingTransport(HttpTransport):
         return super().send(payload, endpoint, message_id, content_type)
 
 
-def test_the_worker_encrypts_for_endpoints_with_a_certificate_and_never_sends_in_clear_to_an_expired_one(
-    certs: Pki, receiver: tuple[Server, str], tmp_path: Path
-) -> None:
-    server, database = receiver
+def _s1_through_a_worker(
+    certs: Pki, server: Server, tmp_path: Path, publish: Callable[[dict[str, Any]], None], settings: Settings
+) -> tuple[Outbox, RecordingTransport, int, Engine]:
+    """S1 pushed to a gateway whose directory endpoints ``publish`` their certificates, then one worker
+    batch over mutual TLS to the receiver: (outbox, what went on the wire, deliveries attempted, engine)."""
     engine = create_engine(f"sqlite:///{tmp_path / 'gw.db'}")
     store, outbox = ResourceStore(engine=engine), Outbox(engine)
-
-    def publish(endpoint: dict[str, Any]) -> None:
-        published = certs.expired if endpoint["id"] == "ep-gp-roussel" else certs.recipient
-        endpoint["extension"] = [crypt.certificate_extension(published.der)]
-
     seed_store(store, lambda ep: f"{server.url}/fhir/{ep}", endpoint=publish)
-    settings = Settings(api_keys={HIS: frozenset({"his"})})
     transport = RecordingTransport(tls=tls_context(certs.ca, *certs.gateway))
     worker = Deliverer(
         outbox=outbox,
@@ -274,6 +270,21 @@ def test_the_worker_encrypts_for_endpoints_with_a_certificate_and_never_sends_in
     assert answer.status_code == 202, answer.text
     attempted = worker.run_once()
     worker.close()
+    return outbox, transport, attempted, engine
+
+
+def test_the_worker_encrypts_for_endpoints_with_a_certificate_and_never_sends_in_clear_to_an_expired_one(
+    certs: Pki, receiver: tuple[Server, str], tmp_path: Path
+) -> None:
+    server, database = receiver
+
+    def publish(endpoint: dict[str, Any]) -> None:
+        published = certs.expired if endpoint["id"] == "ep-gp-roussel" else certs.recipient
+        endpoint["extension"] = [crypt.certificate_extension(published.der)]
+
+    outbox, transport, attempted, engine = _s1_through_a_worker(
+        certs, server, tmp_path, publish, Settings(api_keys={HIS: frozenset({"his"})})
+    )
     states = {d.recipient_id: (d.status, d.last_error) for d in outbox.deliveries()}
     assert attempted == len(states) >= 2
     gp = states.pop("PractitionerRole-gp-roussel")
@@ -304,34 +315,14 @@ def test_with_trusted_authorities_a_certificate_from_anyone_else_is_never_encryp
     authority (whoever wrote it could then read the letter): that delivery is dead-lettered with the
     reason and nothing goes to it; the others, issued under the trusted authority, are delivered."""
     server, _ = receiver
-    engine = create_engine(f"sqlite:///{tmp_path / 'gw.db'}")
-    store, outbox = ResourceStore(engine=engine), Outbox(engine)
     rogue = pki.issue(pki.ca("Rogue authority"), "gp-roussel", encryption=True)
 
     def publish(endpoint: dict[str, Any]) -> None:
         published = rogue if endpoint["id"] == "ep-gp-roussel" else certs.recipient
         endpoint["extension"] = [crypt.certificate_extension(published.der)]
 
-    seed_store(store, lambda ep: f"{server.url}/fhir/{ep}", endpoint=publish)
     settings = Settings(api_keys={HIS: frozenset({"his"})}, recipient_ca_file=certs.ca)
-    transport = RecordingTransport(tls=tls_context(certs.ca, *certs.gateway))
-    worker = Deliverer(
-        outbox=outbox,
-        store=store,
-        mappings=mappings(),
-        settings=settings,
-        signer=SIGNER,
-        transports={"https": transport},
-    )
-    with TestClient(create_app(settings, store, outbox, mappings())) as client:
-        answer = client.post(
-            "/letters",
-            content=(DISPATCH / "ldl-ses-s1-pharmacy.xml").read_bytes(),
-            headers={"Authorization": f"Bearer {HIS}", "Content-Type": "application/hl7-cda+xml"},
-        )
-    assert answer.status_code == 202, answer.text
-    worker.run_once()
-    worker.close()
+    outbox, transport, _, engine = _s1_through_a_worker(certs, server, tmp_path, publish, settings)
     states = {d.recipient_id: (d.status, d.last_error) for d in outbox.deliveries()}
     gp = states.pop("PractitionerRole-gp-roussel")
     assert gp[0] == "dead-lettered" and "not issued under the trusted authorities" in (gp[1] or ""), gp
