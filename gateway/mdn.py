@@ -104,6 +104,7 @@ class MdnResult:
     status: Literal["acknowledged", "dead-lettered", "ignored", "refused"]
     detail: str
     message_id: str | None = None
+    ours: bool = False  # it answers a message this outbox sent (a duplicate receipt included)
 
 
 def _clean(text: str, limit: int = 300) -> str:
@@ -269,7 +270,8 @@ def apply_mdn(outbox: Outbox, raw: bytes, now: datetime, *, domain: str | None =
         and (delivery.last_error or "").startswith(UNACKNOWLEDGED)
     )  # the wait for this receipt had timed out: it still proves the delivery
     if delivery is None or not (delivery.status == "sent" or given_up):
-        return MdnResult("ignored", "no delivery awaits an acknowledgement for this message", mdn.message_id)
+        detail = "no delivery awaits an acknowledgement for this message"
+        return MdnResult("ignored", detail, mdn.message_id, ours=delivery is not None)
     try:
         sent_to = mailbox_of(delivery.endpoint).lower()
     except ValueError:
@@ -286,8 +288,8 @@ def apply_mdn(outbox: Outbox, raw: bytes, now: datetime, *, domain: str | None =
         now.isoformat(timespec="seconds"),
     )
     if not outbox.acknowledge(mdn.message_id, mdn.ok, now, detail=f"{mdn.kind}: {mdn.detail}", audit_events=[event]):
-        return MdnResult("ignored", "already acknowledged", mdn.message_id)
-    return MdnResult("acknowledged" if mdn.ok else "dead-lettered", mdn.detail, mdn.message_id)
+        return MdnResult("ignored", "already acknowledged", mdn.message_id, ours=True)
+    return MdnResult("acknowledged" if mdn.ok else "dead-lettered", mdn.detail, mdn.message_id, ours=True)
 
 
 class MdnInbox:
@@ -613,13 +615,7 @@ class MdnMailbox:
     def _ours(self, result: MdnResult) -> bool:
         """A receipt this gateway has applied, now or before — never one for another sender's message (a
         mailbox may be shared): that one, like a refused receipt or a mail that is none, stays."""
-        if result.status in ("acknowledged", "dead-lettered"):
-            return True
-        return (
-            result.status == "ignored"
-            and result.message_id is not None
-            and self.outbox.delivery(result.message_id) is not None
-        )
+        return result.ours and result.status != "refused"
 
     def _one(self, imap: imaplib.IMAP4, uid: int) -> MdnResult | None:
         """Apply one mail (None: too large to be a receipt, left alone).  A database failure raises."""
