@@ -251,6 +251,8 @@ def _serve(args: argparse.Namespace) -> int:
     if key is None:
         _log("gateway.serve").warning("demo mode: no GATEWAY_SIGNING_KEY_FILE, signing with a throw-away key")
         key = generate_key()
+    if args.mllp_port or settings.mllp_port:
+        _mllp_tls(args, settings)  # checked before any worker starts
     processes = args.processes if args.processes is not None else settings.processes
     if not 1 <= processes <= 64:
         raise SettingsError(f"--processes must be between 1 and 64, not {processes}")
@@ -397,18 +399,36 @@ def _mllp(
     port = args.mllp_port or settings.mllp_port
     if port is None:
         return None
+    from gateway.api.logins import RefusedLogins
     from gateway.intake import Intake
     from gateway.mllp import MllpListener
 
-    host = args.mllp_host or settings.mllp_host
     listener = MllpListener(
         Intake(settings, store, outbox, mappings, on_accepted=remember, source="mllp"),
-        host=host,
+        host=args.mllp_host or settings.mllp_host,
         port=port,
         senders=args.mllp_sender or sorted(settings.mllp_senders) or None,
+        tls=_mllp_tls(args, settings),
+        certificates=settings.client_certs,
+        logins=RefusedLogins(outbox.log, outbox.metrics),
     )
     listener.start_in_thread()  # logs where it listens
     return listener
+
+
+def _mllp_tls(args: argparse.Namespace, settings: Settings) -> Any:
+    """The MLLP listener's TLS context (None for plain MLLP), or a SettingsError saying what is missing."""
+    if (args.mllp_tls or settings.mllp_tls) != "client-cert":
+        return None
+    from gateway.mllp import his_certificates, server_tls_context
+
+    if settings.tls_cert_file is None or settings.tls_ca_file is None:
+        raise SettingsError(
+            "GATEWAY_MLLP_TLS=client-cert serves the API's certificate and checks clients against its CAs: "
+            "set GATEWAY_TLS_CERT_FILE (and GATEWAY_TLS_KEY_FILE) and GATEWAY_TLS_CA_FILE"
+        )
+    his_certificates(settings.client_certs)
+    return server_tls_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
 
 
 def _receiver(args: argparse.Namespace) -> int:
@@ -653,6 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--mllp-host", help="address of the MLLP listener (GATEWAY_MLLP_HOST, default 127.0.0.1)")
     sv.add_argument(
         "--mllp-sender", action="append", metavar="FACILITY", help="allowed MSH-4 sending facility (repeatable)"
+    )
+    sv.add_argument(
+        "--mllp-tls",
+        choices=("off", "client-cert"),
+        help="MLLP over TLS with client certificates required (GATEWAY_MLLP_TLS, default off)",
     )
     sv.set_defaults(handler=_serve)
     rx = sub.add_parser("receiver", help="run a reference FHIR messaging recipient ($process-message)")

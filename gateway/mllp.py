@@ -6,6 +6,14 @@ worker thread, and AA is sent only once the letter is stored with its deliveries
 refusal is audited and answered AE or AR with an ERR segment saying why.  The same message sent again
 is answered AA with the same letter id.
 
+Over TLS (``tls``, :func:`server_tls_context`; IHE ATNA's secure node), the sender must present a client
+certificate chained to the configured CAs (a handshake without one fails), and that certificate must be
+mapped to the ``his`` role (``certificates``, the API's ``GATEWAY_CLIENT_CERTS``): the TLS layer says the
+certificate is genuine, the mapping says it may send letters.  A genuine but unmapped certificate gets
+one AR (ERR-8 says why) and the connection is closed; the refusal is audited and counted like the API's
+401s (:class:`~gateway.api.logins.RefusedLogins`), and nothing of the message is processed.  The
+certificate's fingerprint names the sender in the audit trail, beside MSH-4.
+
 Bounded by construction: a frame over ``max_frame_bytes`` is refused and the connection closed
 without reading the rest; a sender silent for ``idle_timeout`` seconds between messages, or slower
 than ``read_timeout`` within one, is disconnected; at most ``max_connections`` connections and
@@ -17,21 +25,71 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from os import PathLike
 from typing import Any
 
+from gateway.api.auth import fingerprint
+from gateway.api.logins import RefusedLogins
 from gateway.errors import GatewayError
 from gateway.ingest import hl7v2
 from gateway.intake import Intake
+from gateway.settings import SettingsError
 
-__all__ = ["MllpListener"]
+__all__ = ["MllpListener", "Peer", "his_certificates", "server_tls_context"]
+
+HIS_ROLE = "his"
 
 START, END = b"\x0b", b"\x1c\r"
 log = logging.getLogger("gateway.mllp")
+
+
+def server_tls_context(
+    cert_file: str | PathLike[str], key_file: str | PathLike[str] | None, ca_file: str | PathLike[str]
+) -> ssl.SSLContext:
+    """The listener's TLS: our server certificate, TLS 1.2 at least, and a client certificate required and
+    verified against ``ca_file`` (the CAs that sign the HIS's certificates)."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca_file))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    except FileNotFoundError as exc:
+        raise SettingsError(f"MLLP TLS: {exc.filename}: no such file") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise SettingsError(f"MLLP TLS: cannot load the certificate, key or CA file: {exc}") from None
+    return context
+
+
+def his_certificates(certificates: Mapping[str, frozenset[str]]) -> None:
+    """Refuse to serve MLLP over TLS when no client certificate may send letters (every sender would be refused)."""
+    if not any(HIS_ROLE in roles for roles in certificates.values()):
+        raise SettingsError(
+            "MLLP over TLS takes letters only from client certificates mapped to the his role: "
+            "list them in GATEWAY_CLIENT_CERTS (sha256-fingerprint:his)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of a connection: its address and, over TLS, its certificate's name
+    (``cert-`` + fingerprint, as the API names certificate clients) and why it may not send, if it may not."""
+
+    address: str = "unknown"
+    certificate: str | None = None
+    refusal: str | None = None
+
+    def client(self, header: hl7v2.Header | None) -> str:
+        """The audit trail's name for the sender: MSH-4 as the message says, and the certificate that proves it."""
+        sender = f"mllp:{header.sender}" if header is not None else "mllp:unknown"
+        return f"{sender} ({self.certificate})" if self.certificate else sender
 
 
 class MllpListener:
@@ -39,6 +97,8 @@ class MllpListener:
 
     ``senders``: the allowed sending facilities (MSH-4 namespace or universal id); None allows any.
     ``processing_ids``: the MSH-11 values taken (P for production; add T on a test platform).
+    ``tls``: serve MLLP over TLS with this context (:func:`server_tls_context`); ``certificates`` then maps
+    client certificate fingerprints to roles (only ``his`` may send) and ``logins`` audits the refusals.
     """
 
     def __init__(
@@ -55,8 +115,15 @@ class MllpListener:
         workers: int = 4,
         senders: Iterable[str] | None = None,
         processing_ids: Iterable[str] = ("P",),
+        tls: ssl.SSLContext | None = None,
+        certificates: Mapping[str, frozenset[str]] | None = None,
+        logins: RefusedLogins | None = None,
     ) -> None:
+        if tls is not None:
+            his_certificates(certificates or {})
         self.intake = intake
+        self.tls, self.certificates = tls, dict(certificates or {})
+        self.logins = logins
         self.host, self.port = host, port
         self.max_document_bytes = max_document_bytes or intake.settings.max_document_bytes
         # a base64 CDA of the maximum size is 4/3 of it; room on top for a PDF beside it (ORU^R01)
@@ -73,14 +140,17 @@ class MllpListener:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- one message ---------------------------------------------------------------------------------
-    def handle(self, raw: bytes, now: datetime | None = None) -> bytes:
+    def handle(self, raw: bytes, now: datetime | None = None, peer: Peer | None = None) -> bytes:
         """One message in, its ACK out (blocking: translation and the durable commit happen here)."""
         now = now or datetime.now(UTC)
+        peer = peer or Peer()
         header: hl7v2.Header | None = None
-        client = "mllp:unknown"
+        client = peer.client(None)
+        if peer.refusal is not None:
+            return self._refuse_peer(raw, peer, now)
         try:
             header = hl7v2.read_header(raw)
-            client = f"mllp:{header.sender}"
+            client = peer.client(header)
             if self.senders is not None and header.facility not in self.senders:
                 raise hl7v2.Hl7Refusal(
                     "this sending facility (MSH-4) is not allowed to send letters here",
@@ -112,6 +182,39 @@ class MllpListener:
         self._log(header, "AA", accepted.letter_id)
         return hl7v2.build_ack(header, hl7v2.Answer("AA", text), now=now)
 
+    def _refuse_peer(self, raw: bytes, peer: Peer, now: datetime) -> bytes:
+        """AR to a sender whose certificate may not send letters, audited as a refused authentication;
+        only the header is read, to address the ACK."""
+        try:
+            header: hl7v2.Header | None = hl7v2.read_header(raw)
+        except GatewayError:
+            header = None
+        why = peer.refusal or "not authorised"
+        if self.logins is not None:
+            what = f"MLLP {header.message_type[:3]}^{header.trigger[:3]}" if header else "MLLP"
+            try:
+                self.logins.record(what, peer.certificate or "anonymous", peer.address, "unknown-certificate", why)
+            except Exception:  # the audit store away: the sender is refused all the same
+                log.exception("mllp: could not audit a refused certificate")
+        self._log(header, "AR", "client certificate not authorised")
+        return hl7v2.build_ack(header, hl7v2.Answer("AR", why, "103"), now=now)
+
+    def _peer(self, writer: asyncio.StreamWriter) -> Peer:
+        """The connection's sender; over TLS, its certificate and whether it may send letters."""
+        where = writer.get_extra_info("peername")
+        address = str(where[0]) if isinstance(where, tuple) and where else "unknown"
+        if self.tls is None:
+            return Peer(address)
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:  # CERT_REQUIRED makes the handshake fail first; never let one through regardless
+            return Peer(address, None, "a client certificate is required")
+        print_ = fingerprint(der)
+        name = "cert-" + print_[:16]
+        if HIS_ROLE not in self.certificates.get(print_, frozenset()):
+            return Peer(address, name, f"client certificate {print_[:16]}… is not authorised to send letters here")
+        return Peer(address, name)
+
     def _system_of(self, oid: str) -> str | None:
         entry = self.intake.mappings.codes.get("identifier-systems")
         found = entry.entries.get(oid) if entry is not None else None
@@ -141,7 +244,8 @@ class MllpListener:
         if task is not None:
             self._tasks.add(task)
         try:
-            while await self._one(reader, writer):
+            peer = self._peer(writer)
+            while await self._one(reader, writer, peer) and peer.refusal is None:
                 pass
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
@@ -153,7 +257,7 @@ class MllpListener:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> bool:
         """Read one frame, answer it; False when the connection should close."""
         skipped = 0
         while True:  # whitespace (or stray bytes) between frames, within reason
@@ -181,7 +285,7 @@ class MllpListener:
                 header = None
             loop = asyncio.get_running_loop()
             refusal = hl7v2.Hl7Refusal(answer.text, condition="104")
-            client = f"mllp:{header.sender}" if header else "mllp:unknown"
+            client = peer.client(header)
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(self._pool, self.intake.refuse, refusal, client, datetime.now(UTC))
             self._log(header, "AE", "frame too large")
@@ -191,7 +295,7 @@ class MllpListener:
         except asyncio.IncompleteReadError:
             return False  # the sender hung up mid-frame: nothing was processed
         loop = asyncio.get_running_loop()
-        ack = await loop.run_in_executor(self._pool, self.handle, frame[: -len(END)])
+        ack = await loop.run_in_executor(self._pool, self.handle, frame[: -len(END)], None, peer)
         writer.write(START + ack + END)
         await writer.drain()
         return True
@@ -200,10 +304,25 @@ class MllpListener:
     async def start(self) -> int:
         """Listen (on the event loop running now); the port bound (useful with port 0)."""
         self._server = await asyncio.start_server(
-            self._serve, self.host, self.port, limit=self.max_frame_bytes + len(END)
+            self._serve,
+            self.host,
+            self.port,
+            limit=self.max_frame_bytes + len(END),
+            ssl=self.tls,
+            ssl_handshake_timeout=self.read_timeout if self.tls is not None else None,
         )
         port = int(self._server.sockets[0].getsockname()[1])
-        log.info("mllp: listening on %s:%d", self.host, port)
+        if self.tls is not None:
+            log.info("mllp: listening on %s:%d over TLS, client certificates required", self.host, port)
+        elif _loopback(self.host):
+            log.info("mllp: listening on %s:%d", self.host, port)
+        else:
+            log.warning(
+                "mllp: listening on %s:%d WITHOUT TLS: letters cross the network in clear and senders are "
+                "not authenticated; set GATEWAY_MLLP_TLS=client-cert",
+                self.host,
+                port,
+            )
         return port
 
     async def stop(self) -> None:
@@ -253,3 +372,15 @@ class MllpListener:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.logins is not None:
+            self.logins.flush()  # the refusals only counted so far
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (plain MLLP is then out of the network's reach)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

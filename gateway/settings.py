@@ -207,6 +207,12 @@ class Settings(BaseSettings):
         default_factory=frozenset,
         description="sending facilities (MSH-4) allowed over MLLP, comma separated (empty: any)",
     )
+    mllp_tls: Literal["off", "client-cert"] = Field(
+        default="off",
+        description="`client-cert`: MLLP over TLS with the API's certificate (`GATEWAY_TLS_CERT_FILE`), a client "
+        "certificate required (chained to `GATEWAY_TLS_CA_FILE`, mapped to `his` in `GATEWAY_CLIENT_CERTS`); "
+        "`off`: plain MLLP, for the hospital network only",
+    )
     log_format: Literal["json", "console"] = Field(
         default="json", description="`json` (one object per line) or `console`"
     )

@@ -1,4 +1,5 @@
-"""Refused authentications (every 401 of the API and of the audit page's login form): audited and counted.
+"""Refused authentications (every 401 of the API and of the audit page's login form, and every MLLP client
+certificate the listener does not know): audited and counted.
 
 Each refusal is counted (``gateway_auth_refused_total{reason}``) and written to the audit log as a
 User Authentication AuditEvent (:func:`gateway.audit.authentication_event`) naming the method and route
@@ -67,13 +68,17 @@ class RefusedLogins:
     def refused(self, request: Request, reason: str, why: str, api_key: str | None) -> None:
         """One 401 answered to ``request``: ``reason`` one of :data:`REASONS`, ``why`` the answer's text,
         ``api_key`` the key presented (its hash names the caller; it is never written)."""
-        if self.metrics is not None:
-            self.metrics.login_refused(reason)
         scope = request.scope
         what = f"{scope.get('method')} {route_template(scope)}"
         who = "anonymous" if reason == "no-credentials" else auth.client_id(request, api_key)
         client: Any = scope.get("client")
-        address = str(client[0]) if client else "unknown"
+        self.record(what, who, str(client[0]) if client else "unknown", reason, why)
+
+    def record(self, what: str, who: str, address: str, reason: str, why: str) -> None:
+        """One refused authentication outside an HTTP request (the MLLP listener's client certificates):
+        ``what`` was tried, by ``who`` (never a secret), from ``address``; coalesced and counted alike."""
+        if self.metrics is not None:
+            self.metrics.login_refused(reason)
         now = datetime.now(UTC)
         stamp = now.isoformat(timespec="seconds")
         tick = self.clock()
