@@ -7,12 +7,12 @@ refusal is audited and answered AE or AR with an ERR segment saying why.  The sa
 is answered AA with the same letter id.
 
 Over TLS (``tls``, :func:`server_tls_context`; IHE ATNA's secure node), the sender must present a client
-certificate chained to the configured CAs (a handshake without one fails), and that certificate must be
-mapped to the ``his`` role (``certificates``, the API's ``GATEWAY_CLIENT_CERTS``): the TLS layer says the
-certificate is genuine, the mapping says it may send letters.  A genuine but unmapped certificate gets
-one AR (ERR-8 says why) and the connection is closed; the refusal is audited and counted like the API's
-401s (:class:`~gateway.api.logins.RefusedLogins`), and nothing of the message is processed.  The
-certificate's fingerprint names the sender in the audit trail, beside MSH-4.
+certificate chained to the configured CAs (a handshake without one fails, and the log says why), and that
+certificate must be mapped to the ``his`` role (``certificates``, the API's ``GATEWAY_CLIENT_CERTS``): the
+TLS layer says the certificate is genuine, the mapping says it may send letters.  A genuine but unmapped
+certificate gets one AR (ERR-8 says why) and the connection is closed; the refusal is audited and counted
+like the API's 401s (:class:`~gateway.api.logins.RefusedLogins`), and nothing of the message is processed.
+The certificate's fingerprint names the sender in the audit trail, beside MSH-4.
 
 Bounded by construction: a frame over ``max_frame_bytes`` is refused and the connection closed
 without reading the rest; a sender silent for ``idle_timeout`` seconds between messages, or slower
@@ -244,6 +244,8 @@ class MllpListener:
         if task is not None:
             self._tasks.add(task)
         try:
+            if self.tls is not None and not await self._handshake(writer):
+                return
             peer = self._peer(writer)
             while await self._one(reader, writer, peer) and peer.refusal is None:
                 pass
@@ -256,6 +258,23 @@ class MllpListener:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _handshake(self, writer: asyncio.StreamWriter) -> bool:
+        """TLS on the accepted connection, here rather than in ``start_server``: asyncio drops a failed
+        handshake silently, and the engineer wiring a HIS needs to read why it was refused."""
+        assert self.tls is not None
+        try:
+            await asyncio.wait_for(writer.start_tls(self.tls), self.read_timeout)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            where = writer.get_extra_info("peername")
+            reason = (exc.reason if isinstance(exc, ssl.SSLError) else None) or type(exc).__name__
+            log.warning(
+                "mllp: TLS handshake with %s failed (%s): nothing read",
+                where[0] if isinstance(where, tuple) and where else "unknown",
+                reason,
+            )
+            return False
+        return True
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer) -> bool:
         """Read one frame, answer it; False when the connection should close."""
@@ -303,14 +322,13 @@ class MllpListener:
     # -- running -------------------------------------------------------------------------------------
     async def start(self) -> int:
         """Listen (on the event loop running now); the port bound (useful with port 0)."""
-        self._server = await asyncio.start_server(
-            self._serve,
-            self.host,
-            self.port,
-            limit=self.max_frame_bytes + len(END),
-            ssl=self.tls,
-            ssl_handshake_timeout=self.read_timeout if self.tls is not None else None,
-        )
+        loop = asyncio.get_running_loop()
+        limit, held = self.max_frame_bytes + len(END), self.tls is not None
+
+        def connection() -> asyncio.StreamReaderProtocol:  # what asyncio.start_server builds, held for TLS
+            return _Held(asyncio.StreamReader(limit=limit, loop=loop), self._serve, held=held)
+
+        self._server = await loop.create_server(connection, self.host, self.port)
         port = int(self._server.sockets[0].getsockname()[1])
         if self.tls is not None:
             log.info("mllp: listening on %s:%d over TLS, client certificates required", self.host, port)
@@ -374,6 +392,20 @@ class MllpListener:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.logins is not None:
             self.logins.flush()  # the refusals only counted so far
+
+
+class _Held(asyncio.StreamReaderProtocol):
+    """A stream connection that, when ``held``, reads nothing until :meth:`MllpListener._handshake` starts TLS
+    on it: the client's first bytes (its ClientHello) must reach the TLS layer, not the stream's buffer."""
+
+    def __init__(self, reader: asyncio.StreamReader, connected: Any, *, held: bool) -> None:
+        super().__init__(reader, connected)
+        self._held = held
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._held and isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()  # start_tls resumes it, for the TLS protocol
+        super().connection_made(transport)
 
 
 def _loopback(host: str) -> bool:

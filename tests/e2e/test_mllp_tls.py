@@ -172,24 +172,38 @@ def test_a_genuine_certificate_not_mapped_to_his_gets_one_ar_and_is_audited(
 
 @pytest.mark.parametrize("who", ["none", "rogue"])
 def test_without_a_certificate_of_the_hospital_ca_the_handshake_fails_and_nothing_is_read(
-    listening: Listening, certs: Certs, who: str
+    listening: Listening, certs: Certs, who: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     identity = None if who == "none" else certs.rogue
-    try:
-        acks = _exchange(listening.port, _client(certs, identity), [mdm(control="ANON1")])
-    except (ssl.SSLError, ConnectionError):
-        acks = [b""]  # refused in the handshake (TLS 1.2), or at the first read (TLS 1.3)
+    with caplog.at_level(logging.WARNING, logger="gateway.mllp"):
+        try:
+            acks = _exchange(listening.port, _client(certs, identity), [mdm(control="ANON1")])
+        except (ssl.SSLError, ConnectionError):
+            acks = [b""]  # refused in the handshake (TLS 1.2), or at the first read (TLS 1.3)
+        _logged(caplog, "TLS handshake with 127.0.0.1 failed")
     assert acks == [b""]
     assert listening.rows() == {"letter": 0, "delivery": 0, "audit_event": 0}
 
 
-def test_plain_mllp_to_the_tls_port_is_not_read(listening: Listening) -> None:
-    with socket.create_connection(("127.0.0.1", listening.port), timeout=10) as sock:
+def _logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    """Wait for the listener's thread to log ``text`` (the client may see the refusal first)."""
+    deadline = time.monotonic() + 10
+    while not any(text in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        time.sleep(0.02)
+
+
+def test_plain_mllp_to_the_tls_port_is_not_read(listening: Listening, caplog: pytest.LogCaptureFixture) -> None:
+    with (
+        caplog.at_level(logging.WARNING, logger="gateway.mllp"),
+        socket.create_connection(("127.0.0.1", listening.port), timeout=10) as sock,
+    ):
         sock.sendall(frame(mdm(control="CLEAR1")))
         try:
             answer = sock.recv(65536)
         except ConnectionError:
             answer = b""
+        _logged(caplog, "TLS handshake with 127.0.0.1 failed")
     assert b"MSA" not in answer
     assert listening.rows() == {"letter": 0, "delivery": 0, "audit_event": 0}
 
