@@ -104,7 +104,12 @@ def make_engine(url: str) -> Engine:
         # one connection per process: threads queue on the pool (fair, no sleeping) instead of meeting
         # in SQLite's busy handler, whose back-off sleeps up to 100 ms per collision
         engine = create_engine(
-            url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=1, max_overflow=0, pool_timeout=60
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=60,
+            hide_parameters=True,  # a database error's message must not carry a letter or a patient into a log
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         if engine.url.database and engine.url.database != ":memory:" and not engine.url.database.startswith("file:"):
@@ -113,7 +118,7 @@ def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, pool_pre_ping=True)
+    return create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
 
 
 def _one_writer_at_a_time(engine: Engine, lock_path: str) -> None:
@@ -159,7 +164,11 @@ def reader_for(engine: Engine) -> Engine:
         found = _readers.get(engine)
         if found is None:
             found = create_engine(
-                url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=4, max_overflow=4
+                url,
+                connect_args={"timeout": 30, "check_same_thread": False},
+                pool_size=4,
+                max_overflow=4,
+                hide_parameters=True,
             )
             event.listen(found, "connect", _sqlite_reader_pragmas)
             _readers[engine] = found

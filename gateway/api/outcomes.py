@@ -9,6 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.errors import GatewayError, IngestError, MissingIdentity, ProfileViolation, UnsupportedDocument
@@ -21,6 +23,7 @@ __all__ = ["NO_TELEMETRY", "ApiError", "install", "outcome"]
 
 FHIR_JSON = "application/fhir+json"
 log = logging.getLogger("gateway.api")
+STORAGE_RETRY_AFTER = 10  # seconds a caller is asked to wait when the database is away (503)
 
 
 class ApiError(GatewayError):
@@ -107,6 +110,11 @@ def _declare_refusals(app: FastAPI) -> None:
                 if (method, path) in REQUESTS:
                     operation["requestBody"] = REQUESTS[(method, path)]
                 responses["4XX"] = {"description": "Refused: a FHIR OperationOutcome", **refusal}
+                responses["503"] = {
+                    "description": "The database is not available: nothing was applied; send again after "
+                    "`Retry-After` seconds (a FHIR OperationOutcome, code transient)",
+                    **refusal,
+                }
                 responses["500"] = {
                     "description": "Internal error (never expected): a FHIR OperationOutcome",
                     **refusal,
@@ -140,6 +148,21 @@ def install(app: FastAPI) -> None:
             error.status_code, "processing"
         )
         return _response(error.status_code, outcome(code, str(error.detail)))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def _storage(_: Request, error: Exception) -> JSONResponse:
+        """The database away (unreachable, disk full, locked too long): nothing was stored, and the caller
+        should send again later — a 503 its interface engine retries, not a 500 that reads as our bug."""
+        cause = getattr(error, "orig", None) or error
+        first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+        log.warning("database unavailable: %s: %s", type(cause).__name__, first)  # no SQL, no parameters
+        return _response(
+            503,
+            outcome("transient", "the database is not available: nothing was stored; send the request again later"),
+            {"Retry-After": str(STORAGE_RETRY_AFTER)},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:
