@@ -18,18 +18,16 @@ from __future__ import annotations
 import inspect
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from joserfc.jwk import ECKey
 from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, bindparam, select
-from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.sql import ClauseElement
-from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.engine import Engine
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -37,6 +35,7 @@ from gateway.api.auth import StrPath, uvicorn_tls_options
 from gateway.api.limits import BodyLimit
 from gateway.api.outcomes import FHIR_JSON, NO_TELEMETRY, ApiError, install
 from gateway.crypt import JOSE, JOSE_JSON, CryptError, PrivateKey, decrypt
+from gateway.dbapi import DriverSQL, stamp_for
 from gateway.errors import GatewayError
 from gateway.package import EVENT
 from gateway.seal import SealError, verify
@@ -57,16 +56,6 @@ _received = Table(
 )
 _INSERT = _received.insert()
 _FIRST_RESPONSE = select(_received.c.response).where(_received.c.message_id == bindparam("message_id"))
-_Bound = tuple[str, Any]  # SQL in the driver's paramstyle and its parameters
-
-
-def _for_driver(statement: ClauseElement, dialect: Dialect) -> Callable[[Mapping[str, Any]], _Bound]:
-    """``statement`` compiled once for the driver, and how to bind named values to it."""
-    compiled = cast(SQLCompiler, statement.compile(dialect=dialect))  # an INSERT or a SELECT
-    sql, order = compiled.string, compiled.positiontup
-    if order is None:  # a named paramstyle (psycopg): the values as they are
-        return lambda values: (sql, values)
-    return lambda values: (sql, tuple(values[name] for name in order))
 
 
 class _Messages:
@@ -80,11 +69,9 @@ class _Messages:
     def __init__(self, engine: Engine) -> None:
         dialect = engine.dialect
         self._engine = engine
-        self._insert = _for_driver(_INSERT, dialect)
-        self._first = _for_driver(_FIRST_RESPONSE, dialect)
-        # what SQLAlchemy binds for a DateTime: SQLite stores its own text format, PostgreSQL the datetime
-        stamp = _received.c.received_at.type.dialect_impl(dialect).bind_processor(dialect)
-        self._stamp: Callable[[datetime], Any] = stamp or (lambda value: value)
+        self._insert = DriverSQL(_INSERT, dialect)
+        self._first = DriverSQL(_FIRST_RESPONSE, dialect)
+        self._stamp = stamp_for(_received.c.received_at, dialect)
         self._duplicate: type[Exception] = dialect.loaded_dbapi.IntegrityError
 
     def store(self, values: dict[str, Any]) -> str | None:
@@ -95,12 +82,12 @@ class _Messages:
         try:
             cursor = connection.cursor()
             try:
-                cursor.execute(*self._insert(values))
+                cursor.execute(self._insert.sql, self._insert.params(values))
                 connection.commit()
                 return None
             except self._duplicate:
                 connection.rollback()
-                cursor.execute(*self._first(values))
+                cursor.execute(self._first.sql, self._first.params(values))
                 [[first]] = cursor.fetchall()
                 return str(first)
         finally:

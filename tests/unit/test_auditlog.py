@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import orjson
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from gateway import cli, migrate
-from gateway.auditlog import GENESIS, digest, pack, unpack, verify
+from gateway.auditlog import GENESIS, audit_table, digest, pack, unpack, verify
 from gateway.outbox import Outbox
 from gateway.seal import Signer, generate_key
 from gateway.store import make_engine
@@ -80,6 +81,37 @@ def test_an_untouched_log_verifies(log: Engine) -> None:
 def _zbody(engine: Engine, seq: int) -> bytes:
     with engine.connect() as conn:
         return bytes(conn.execute(text("SELECT zbody FROM audit_event WHERE seq = :s"), {"s": seq}).scalar_one())
+
+
+def test_the_append_stores_what_sqlalchemys_insert_stored(database_url: str) -> None:
+    """The append writes on the driver's cursor (gateway.dbapi): every stored value, the time with its
+    offset included, is what SQLAlchemy's INSERT of the same row stores."""
+    engine = make_engine(database_url)
+    outbox = Outbox(engine, Signer(KEY))
+    now = datetime(2026, 11, 2, 10, 0, 0, 1234, tzinfo=timezone(timedelta(hours=1)))
+    outbox.audit([_event(n) for n in range(3)], now=now)
+    outbox.audit([_event(3)], letter_id="L-1", now=now + timedelta(seconds=1))
+    assert verify(engine, [KEY]).ok
+    columns = ", ".join(c.name for c in audit_table.columns if c.name != "seq")
+    with engine.begin() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(select(audit_table).order_by(audit_table.c.seq))]
+        conn.execute(audit_table.insert(), [{**r, "seq": r["seq"] + 100} for r in rows])
+        stored = conn.exec_driver_sql(f"SELECT {columns} FROM audit_event ORDER BY seq").all()
+    engine.dispose()
+    assert len(stored) == 8 and stored[:4] == stored[4:]
+
+
+def test_a_driver_error_in_the_append_comes_out_as_sqlalchemys_without_parameters(database_url: str) -> None:
+    """What the API's 503 handler and the callers catch is SQLAlchemy's exception, as before the append
+    ran on the driver's cursor; a patient's identifier must not ride along in its message."""
+    engine = make_engine(database_url)
+    outbox = Outbox(engine, Signer(KEY))
+    outbox.audit([_event(1)], now=T0)
+    _sql(engine, "DROP TABLE audit_head")
+    with pytest.raises(DBAPIError, match="audit_head") as caught:
+        outbox.audit([_event(2)], now=T0)
+    engine.dispose()
+    assert "2080175" not in str(caught.value) and "ev-0002" not in str(caught.value)
 
 
 def test_one_changed_byte_is_named(log: Engine) -> None:

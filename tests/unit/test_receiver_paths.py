@@ -25,7 +25,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway import crypt, receiver, seal
-from gateway.receiver import _FIRST_RESPONSE, _INSERT, _for_driver, _Messages, _metadata, create_receiver
+from gateway.dbapi import DriverSQL
+from gateway.receiver import _FIRST_RESPONSE, _INSERT, _Messages, _metadata, create_receiver
 from gateway.seal import Signer, generate_key, sign
 from gateway.store import make_engine
 from tests import pki
@@ -213,14 +214,14 @@ def test_the_raw_insert_stores_what_sqlalchemys_insert_stored(tmp_path: Path) ->
 
 def test_statements_are_compiled_for_the_drivers_paramstyle() -> None:
     values = {"message_id": "m", "bundle_id": "b", "received_at": "t", "response": "r", "body": "x"}
-    sql, params = _for_driver(_INSERT, sqlite.dialect())(values)
+    insert = DriverSQL(_INSERT, sqlite.dialect())
     assert (
-        sql
+        insert.sql
         == "INSERT INTO received_message (message_id, bundle_id, received_at, response, body) VALUES (?, ?, ?, ?, ?)"
     )
-    assert params == ("m", "b", "t", "r", "x")
-    sql, params = _for_driver(_FIRST_RESPONSE, postgresql.psycopg.dialect())(values)
-    assert "%(message_id)s" in sql and params is values
+    assert insert.params(values) == ("m", "b", "t", "r", "x")
+    first = DriverSQL(_FIRST_RESPONSE, postgresql.psycopg.dialect())
+    assert "%(message_id)s" in first.sql and first.params(values) is values
     engine = create_engine("postgresql+psycopg://rx@127.0.0.1:1/rx")  # never connected
     messages = _Messages(engine)
     assert messages._duplicate is psycopg.IntegrityError
