@@ -267,11 +267,14 @@ class MllpListener:
             await asyncio.wait_for(writer.start_tls(self.tls), self.read_timeout)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             where = writer.get_extra_info("peername")
-            reason = (exc.reason if isinstance(exc, ssl.SSLError) else None) or type(exc).__name__
-            log.warning(
+            # a refused certificate or protocol is worth a warning; a peer that connected and left without
+            # a word (a load balancer's TCP probe, a port scan) or stalled is only noted
+            refused = isinstance(exc, ssl.SSLError)
+            log.log(
+                logging.WARNING if refused else logging.INFO,
                 "mllp: TLS handshake with %s failed (%s): nothing read",
                 where[0] if isinstance(where, tuple) and where else "unknown",
-                reason,
+                (exc.reason if isinstance(exc, ssl.SSLError) else None) or type(exc).__name__,
             )
             return False
         return True

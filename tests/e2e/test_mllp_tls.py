@@ -311,3 +311,11 @@ def test_plain_mllp_beyond_loopback_is_warned_about(
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert bool(warnings) is warned, warnings
     assert not warned or "WITHOUT TLS" in warnings[0]
+
+
+def test_a_tcp_probe_that_says_nothing_is_only_noted(listening: Listening, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="gateway.mllp"):
+        socket.create_connection(("127.0.0.1", listening.port), timeout=10).close()  # a load balancer's probe
+        _logged(caplog, "TLS handshake with 127.0.0.1 failed")
+    failed = [r for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.INFO], [r.getMessage() for r in failed]
