@@ -24,18 +24,21 @@ __all__ = ["DriverSQL", "cursor_of", "stamp_for"]
 class DriverSQL:
     """``statement`` compiled once for ``dialect``'s driver, and how to bind named values to it.
 
-    Every parameter must be a named ``bindparam`` (or a column's value): a literal compared in the
-    statement (``id == 1``) would be a parameter the values do not hold."""
+    The values are bound as they are: a ``DateTime`` goes through :func:`stamp_for` first.  What the
+    statement holds itself (``status == "sending"``, ``attempts + 1``) is bound as SQLAlchemy binds it."""
 
-    __slots__ = ("_order", "sql")
+    __slots__ = ("_fixed", "_order", "sql")
 
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
         self.sql: str = compiled.string  # in the driver's paramstyle
         self._order = compiled.positiontup  # a positional paramstyle (SQLite's ?): the names in order
+        self._fixed = {name: bind.effective_value for bind, name in compiled.bind_names.items() if not bind.required}
 
     def params(self, values: Mapping[str, Any]) -> Any:
-        """The parameters of ``cursor.execute(self.sql, ...)``: a tuple, or the mapping itself (psycopg)."""
+        """The parameters of ``cursor.execute(self.sql, ...)``: a tuple, or a mapping (psycopg)."""
+        if self._fixed:
+            values = {**self._fixed, **values}
         if self._order is None:
             return values
         return tuple(values[name] for name in self._order)

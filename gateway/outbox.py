@@ -41,10 +41,11 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 
 from gateway import audit, migrate
 from gateway.auditlog import AuditLog
+from gateway.dbapi import DriverSQL, cursor_of, stamp_for
 from gateway.logs import get_logger
 from gateway.metrics import Metrics, refusal_reason
 from gateway.seal import Signer
@@ -198,6 +199,13 @@ def _finish_group(stamps: tuple[str, ...], count: int) -> Any:
         )
         .returning(_deliveries.c.message_id)
     )
+
+
+@lru_cache(maxsize=64)
+def _finish_sql(stamps: tuple[str, ...], count: int, dialect: Dialect) -> tuple[DriverSQL, Callable[[datetime], Any]]:
+    """:func:`_finish_group` for the driver's cursor (:mod:`gateway.dbapi`), and how its times are bound:
+    executed through SQLAlchemy it cost a worker batch's ``finish_many`` ~8% more CPU."""
+    return DriverSQL(_finish_group(stamps, count), dialect), stamp_for(_deliveries.c.updated_at, dialect)
 
 
 # statements the hot path runs, built once: building and hashing a statement per call costs more than
@@ -568,10 +576,12 @@ class Outbox:
         done = [False] * len(outcomes)
         with self.engine.begin() as conn:
             for (status, error, due_at), indices in groups:
-                params: dict[str, Any] = {"w": worker, "s": status, "t": now, "e": error, "d": due_at}
+                sql, stamp = _finish_sql(_STAMPS.get(status, ()), len(indices), conn.dialect)
+                params: dict[str, Any] = {"w": worker, "s": status, "t": stamp(now), "e": error, "d": stamp(due_at)}
                 params.update((f"m{n}", outcomes[i].message_id) for n, i in enumerate(indices))
-                stmt = _finish_group(_STAMPS.get(status, ()), len(indices))
-                recorded = {row[0] for row in conn.execute(stmt, params)}
+                with cursor_of(conn) as cursor:  # in this transaction
+                    cursor.execute(sql.sql, sql.params(params))
+                    recorded = {row[0] for row in cursor.fetchall()}
                 for i in indices:
                     done[i] = outcomes[i].message_id in recorded
             audited = [
