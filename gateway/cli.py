@@ -360,6 +360,7 @@ def _serve_process(
             except Exception:  # the database away for a moment: try again next period
                 logging.getLogger("gateway.audit").exception("housekeeping failed")
 
+    _watch_certificates(outbox.metrics, settings, smtp, warn=index == 0)
     if index == 0:
         threading.Thread(target=housekeeping, name="housekeeping", daemon=True).start()
     threading.Thread(
@@ -389,6 +390,30 @@ def _serve_process(
         if mailbox is not None:
             mailbox.stop()
     return 0
+
+
+def _watch_certificates(metrics: Any, settings: Settings, smtp: Any, *, warn: bool) -> None:
+    """Export when each certificate the gateway presents expires (``/metrics``), and say so at start when
+    one expires within 30 days or has expired: an IGC-Santé renewal takes weeks."""
+    from datetime import UTC, datetime, timedelta
+
+    expiries = metrics.certificates(
+        {
+            "server": settings.tls_cert_file,  # the API's, and the MLLP listener's over TLS
+            "recipients-client": settings.out_tls_cert_file,
+            "mssante-client": os.environ.get("GATEWAY_SMTP_CERT_FILE") if smtp is not None else None,
+            "smime-signing": smtp.smime_cert_file if smtp is not None else None,
+            "mailbox-client": os.environ.get("GATEWAY_MDN_IMAP_CERT_FILE") if smtp is not None else None,
+        }
+    )
+    now = datetime.now(UTC)
+    for name, expires in sorted(expiries.items()) if warn else ():
+        if expires - now < timedelta(days=30):
+            _log("gateway.serve").warning(
+                "certificate expires soon" if expires > now else "certificate EXPIRED",
+                certificate=name,
+                expires=expires.isoformat(timespec="seconds"),
+            )
 
 
 def _mllp(

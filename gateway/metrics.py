@@ -17,17 +17,26 @@ series stays small whatever the traffic.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["AUTH_REFUSALS", "LATENCY_BUCKETS", "Metrics", "refusal_reason", "share_between_processes"]
+__all__ = [
+    "AUTH_REFUSALS",
+    "LATENCY_BUCKETS",
+    "Metrics",
+    "certificate_expiry",
+    "refusal_reason",
+    "share_between_processes",
+]
 
 _MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -37,7 +46,6 @@ def share_between_processes() -> str | None:
     multiprocess mode); must run before the workers are forked.  The directory is
     ``PROMETHEUS_MULTIPROC_DIR`` if set (the operator empties it between runs), else a fresh one,
     returned so that the caller removes it at the end."""
-    import os
     import tempfile
 
     from prometheus_client import values
@@ -111,6 +119,39 @@ class _OutboxCollector(Collector):
         )
 
 
+def certificate_expiry(path: str | os.PathLike[str]) -> datetime | None:
+    """When the first certificate of a PEM file (the leaf of a chain) expires; None if there is none to read."""
+    from cryptography import x509
+
+    try:
+        found = x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return found[0].not_valid_after_utc if found else None
+
+
+class _CertificateCollector(Collector):
+    """``gateway_certificate_expiry_timestamp_seconds{certificate}``: when each certificate the gateway
+    presents expires, as read when the process started (what it uses until it restarts)."""
+
+    def __init__(self, expiries: Mapping[str, datetime]) -> None:
+        self.expiries = dict(expiries)
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "gateway_certificate_expiry_timestamp_seconds",
+            "When each certificate the gateway presents expires (Unix time): alert weeks before, a renewed "
+            "IGC-Santé certificate takes time to obtain",
+            labels=["certificate"],
+        )
+        for name, expires in sorted(self.expiries.items()):
+            family.add_metric([name], expires.timestamp())
+        yield family
+
+
 class Metrics:
     """The gateway's counters and histogram, in a registry of their own (see the module docstring)."""
 
@@ -172,8 +213,6 @@ class Metrics:
     def exposition(self) -> CollectorRegistry:
         """What ``/metrics`` shows: this registry, or with several processes the counters summed over
         all of them plus this process's read of the outbox."""
-        import os
-
         if not os.environ.get(_MULTIPROCESS):
             return self.registry
         from prometheus_client.multiprocess import MultiProcessCollector
@@ -192,6 +231,16 @@ class Metrics:
                 self.registry.register(collector)
                 self._collectors.append(collector)
                 self._watched = True
+
+    def certificates(self, paths: Mapping[str, str | os.PathLike[str] | None]) -> dict[str, datetime]:
+        """Report when the certificates in use expire (``paths``: a closed set of names → PEM files, None for
+        one not configured); the expiries read, by name."""
+        expiries = {name: found for name, path in paths.items() if path and (found := certificate_expiry(path))}
+        collector = _CertificateCollector(expiries)
+        with self._lock:
+            self.registry.register(collector)
+            self._collectors.append(collector)
+        return expiries
 
     def letter_accepted(self, source: str) -> None:
         self.accepted.labels(source).inc()

@@ -8,6 +8,7 @@ fails and nothing is read.  What is stored is checked in the database each time.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -18,9 +19,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from gateway.api.auth import fingerprint
@@ -42,6 +46,7 @@ GATEWAY = str(Path(sys.executable).with_name("gateway"))
 
 @dataclass(frozen=True)
 class Certs:
+    authority: pki.Issued
     ca: Path
     server: tuple[Path, Path]
     his: tuple[Path, Path]
@@ -62,6 +67,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     auditor = pki.issue(ca, "dim-auditor", client=True)
     intruder = pki.issue(ca, "intruder", client=True)
     return Certs(
+        authority=ca,
         ca=where / "ca.crt",
         server=pki.issue(ca, "localhost", server=True).write(where, "server"),
         his=his.write(where, "his"),
@@ -244,6 +250,11 @@ def _serve_env(tmp_path: Path, certs: Certs, mllp_port: int) -> dict[str, str]:
 
 def test_gateway_serve_takes_mllp_over_tls_from_its_environment(tmp_path: Path, certs: Certs) -> None:
     env = _serve_env(tmp_path, certs, mllp_port := _free_port())
+    soon = pki.issue(certs.authority, "localhost", server=True, not_after=pki.NOW + timedelta(days=10))
+    env["GATEWAY_TLS_CERT_FILE"], env["GATEWAY_TLS_KEY_FILE"] = map(str, soon.write(tmp_path, "server-soon"))
+    env["GATEWAY_OUT_TLS_CERT_FILE"], env["GATEWAY_OUT_TLS_KEY_FILE"] = map(str, certs.his)
+    env["GATEWAY_OUT_TLS_CA_FILE"] = str(certs.ca)
+    api_port = _free_port()
     imported = subprocess.run(
         [GATEWAY, "directory", "import", str(FIXTURES / "dispatch" / "directory.json")],
         env=env,
@@ -254,9 +265,7 @@ def test_gateway_serve_takes_mllp_over_tls_from_its_environment(tmp_path: Path, 
     )
     assert imported.returncode == 0, imported.stderr
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [GATEWAY, "serve", "--port", str(_free_port())], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen([GATEWAY, "serve", "--port", str(api_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while "over TLS, client certificates required" not in (tmp_path / "serve.log").read_text():
@@ -266,6 +275,18 @@ def test_gateway_serve_takes_mllp_over_tls_from_its_environment(tmp_path: Path, 
         assert parse_ack(ack).code == "AA", ack
         [refused] = _exchange(mllp_port, _client(certs, certs.intruder), [mdm(control="SERVE-TLS-2")])
         assert parse_ack(refused).code == "AR"
+        # the API's certificate (the same) expires in 10 days: said at start, and exported for alerting
+        scraped = httpx.get(f"https://127.0.0.1:{api_port}/metrics", verify=_client(certs, None), timeout=10).text
+        expiries = {
+            s.labels["certificate"]: s.value
+            for family in text_string_to_metric_families(scraped)
+            for s in family.samples
+            if s.name == "gateway_certificate_expiry_timestamp_seconds"
+        }
+        assert expiries == {
+            "server": soon.cert.not_valid_after_utc.timestamp(),
+            "recipients-client": pki.NOW.timestamp() + 30 * 86400,
+        }
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -277,6 +298,11 @@ def test_gateway_serve_takes_mllp_over_tls_from_its_environment(tmp_path: Path, 
     finally:
         engine.dispose()
     assert clients == [f"mllp:DPI@CHU-PARIS (cert-{certs.his_fp[:16]})"]
+    warned = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines() if "certificate" in line]
+    assert [(w["event"], w["certificate"]) for w in warned if w.get("level") == "warning"] == [
+        ("certificate expires soon", "recipients-client"),
+        ("certificate expires soon", "server"),
+    ]
 
 
 def test_gateway_serve_refuses_mllp_tls_without_a_server_certificate(tmp_path: Path, certs: Certs) -> None:
