@@ -296,6 +296,12 @@ class MllpListener:
             frame = await asyncio.wait_for(reader.readuntil(END), self.read_timeout)
         except asyncio.LimitOverrunError as overrun:
             head = await reader.read(min(overrun.consumed, 65536))  # enough for MSH; the rest is never read
+            if peer.refusal is not None:  # a sender who may not send: refused as such, whatever the size
+                loop = asyncio.get_running_loop()
+                ack = await loop.run_in_executor(self._pool, self._refuse_peer, head, peer, datetime.now(UTC))
+                writer.write(START + ack + END)
+                await writer.drain()
+                return False
             answer = hl7v2.Answer(
                 "AE",
                 f"message over the {self.max_frame_bytes}-byte frame limit: not read; the connection is closed",

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -96,7 +97,8 @@ class Listening:
 
 
 @pytest.fixture
-def listening(database_url: str, certs: Certs) -> Iterator[Listening]:
+def listening(database_url: str, certs: Certs, request: pytest.FixtureRequest) -> Iterator[Listening]:
+    options: dict[str, Any] = getattr(request, "param", {})
     engine = make_engine(database_url)
     store, outbox = ResourceStore(engine=engine), Outbox(engine)
     _load_s1(store)
@@ -107,6 +109,7 @@ def listening(database_url: str, certs: Certs) -> Iterator[Listening]:
         tls=server_tls_context(*certs.server, certs.ca),
         certificates={certs.his_fp: frozenset({"his"}), certs.auditor_fp: frozenset({"auditor"})},
         logins=RefusedLogins(outbox.log, metrics),
+        **options,
     )
     port = listener.start_in_thread()
     try:
@@ -174,6 +177,17 @@ def test_a_genuine_certificate_not_mapped_to_his_gets_one_ar_and_is_audited(
     assert refusal["entity"][0]["what"]["display"] == "MLLP MDM^T02"
     counted = listening.metrics.auth_refused.labels("unknown-certificate")._value.get()
     assert counted == 1
+
+
+@pytest.mark.parametrize("listening", [{"max_frame_bytes": 20_000}], indirect=True)
+def test_an_unmapped_certificate_sending_an_oversize_frame_is_refused_as_unauthorised(
+    listening: Listening, certs: Certs
+) -> None:
+    [answer] = _exchange(listening.port, _client(certs, certs.intruder), [mdm(control="BIGNOPE")])  # ~90 kB
+    ack = parse_ack(answer)
+    assert (ack.code, ack.condition) == ("AR", "103") and "not authorised" in ack.text
+    kinds = [e["type"]["code"] for e in listening.outbox.audit_events()]
+    assert kinds == ["110114"], "a refused authentication, not a refused letter"
 
 
 @pytest.mark.parametrize("who", ["none", "rogue"])
