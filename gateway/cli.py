@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from gateway.errors import GatewayError, IngestError, MappingError
 from gateway.mappings import Mappings, load_mappings
-from gateway.settings import Settings, SettingsError
+from gateway.settings import Settings, SettingsError, loopback
 
 if TYPE_CHECKING:
     from gateway.supervise import Listener
@@ -246,6 +246,12 @@ def _serve(args: argparse.Namespace) -> int:
     smtp = SmtpSettings.from_env()  # None unless GATEWAY_SMTP_HOST: MSSanté endpoints are then refused, explained
     if not settings.api_keys:
         _log("gateway.serve").warning("no API key configured (GATEWAY_API_KEYS[_FILE]): every call will get 401")
+    if settings.tls_cert_file is None and not loopback(args.host):
+        _log("gateway.serve").warning(
+            "the API listens beyond this machine over plain HTTP: letters and API keys cross the network in "
+            "clear unless a TLS proxy stands in front; or set GATEWAY_TLS_CERT_FILE",
+            host=args.host,
+        )
     key = load_key(_read_named(str(settings.signing_key_file))) if settings.signing_key_file else None
     refuse_demo_secrets(settings, key.thumbprint() if key is not None else None)  # production: own secrets only
     if key is None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import ssl
 import threading
@@ -41,7 +40,7 @@ from gateway.api.logins import RefusedLogins
 from gateway.errors import GatewayError
 from gateway.ingest import hl7v2
 from gateway.intake import Intake
-from gateway.settings import SettingsError
+from gateway.settings import SettingsError, loopback
 
 __all__ = ["MllpListener", "Peer", "his_certificates", "server_tls_context"]
 
@@ -341,7 +340,7 @@ class MllpListener:
         port = int(self._server.sockets[0].getsockname()[1])
         if self.tls is not None:
             log.info("mllp: listening on %s:%d over TLS, client certificates required", self.host, port)
-        elif _loopback(self.host):
+        elif loopback(self.host):
             log.info("mllp: listening on %s:%d", self.host, port)
         else:
             log.warning(
@@ -415,13 +414,3 @@ class _Held(asyncio.StreamReaderProtocol):
         if self._held and isinstance(transport, asyncio.ReadTransport):
             transport.pause_reading()  # start_tls resumes it, for the TLS protocol
         super().connection_made(transport)
-
-
-def _loopback(host: str) -> bool:
-    """Whether ``host`` only listens on this machine (plain MLLP is then out of the network's reach)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

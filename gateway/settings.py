@@ -13,6 +13,7 @@ make every earlier audit checkpoint and message signature unverifiable after a r
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "env_names",
+    "loopback",
     "parse_api_keys",
     "parse_roles",
     "refuse_demo_secrets",
@@ -324,3 +326,13 @@ def refuse_demo_secrets(settings: Settings, key_thumbprint: str | None) -> None:
         raise SettingsError(
             "GATEWAY_SIGNING_KEY_FILE is the published demo key: generate your own with `gateway keys generate`"
         )
+
+
+def loopback(host: str) -> bool:
+    """Whether a server bound to ``host`` is out of the network's reach (plain text is then acceptable)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

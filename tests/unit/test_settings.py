@@ -16,6 +16,7 @@ from gateway.settings import (
     Settings,
     SettingsError,
     env_names,
+    loopback,
     refuse_demo_secrets,
 )
 
@@ -136,3 +137,41 @@ def test_readme_documents_every_setting() -> None:
     documented = set(re.findall(r"`(GATEWAY_[A-Z_]+)`", table))
     missing = [name for name, _ in env_names() if name not in documented]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    ("host", "inside"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("gateway.chu.fr", False),
+    ],
+)
+def test_loopback_says_whether_a_listener_is_out_of_the_network_s_reach(host: str, inside: bool) -> None:
+    assert loopback(host) is inside
+
+
+def test_serve_warns_when_the_api_listens_beyond_loopback_in_plain_http(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_DATABASE_URL"] = f"sqlite:///{tmp_path / 'gw.db'}"
+    env["GATEWAY_MODE"] = "demo"  # a throw-away signing key, so that start-up gets as far as the processes
+    gateway = str(Path(sys.executable).with_name("gateway"))
+    # --processes 99 stops it right after the start-up checks: only what they say is looked at
+    done = subprocess.run(
+        [gateway, "serve", "--host", "0.0.0.0", "--processes", "99"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "--processes must be between 1 and 64" in done.stderr
+    assert "the API listens beyond this machine over plain HTTP" in done.stderr
