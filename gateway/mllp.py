@@ -252,11 +252,17 @@ class MllpListener:
             pass
         finally:
             self._connections -= 1
-            if task is not None:
-                self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:  # over TLS, closing waits for the peer's close_notify: bounded, and cut short by stop()
+                await asyncio.wait_for(writer.wait_closed(), self.read_timeout)
+            except asyncio.CancelledError:  # stop(): the socket is closed all the same
+                writer.transport.abort()
+                raise
+            except Exception:  # the peer never answered the close, or the connection broke
+                writer.transport.abort()
+            finally:
+                if task is not None:
+                    self._tasks.discard(task)  # only now: stop() cancels a connection still closing
 
     async def _handshake(self, writer: asyncio.StreamWriter) -> bool:
         """TLS on the accepted connection, here rather than in ``start_server``: asyncio drops a failed
