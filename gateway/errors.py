@@ -20,6 +20,11 @@ module that calls the foreign library, never further out.
     │   ├── MappingLoadError           exception      no    start-up: bad file, unknown translator, duplicates
     │   └── UnmappedCode               code-invalid   no    only when the table says on_unmapped: error
     └── ProfileViolation               invariant      no    an output resource fails validation
+
+Outside the tree, :data:`DATABASE_UNAVAILABLE` names SQLAlchemy's errors for a database that is away
+(unreachable, disk full, locked too long, no pooled connection in time): nothing was written and the
+same request later may succeed, so the edges answer "send again" (HTTP 503, MLLP AR) instead of an
+internal error.
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
 __all__ = [
+    "DATABASE_UNAVAILABLE",
     "EncodingError",
     "GatewayError",
     "IngestError",
@@ -41,6 +50,8 @@ __all__ = [
     "UnsafeInput",
     "UnsupportedDocument",
 ]
+
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeout)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from typing import Any
 
 from gateway.api.auth import fingerprint
 from gateway.api.logins import RefusedLogins
-from gateway.errors import GatewayError
+from gateway.errors import DATABASE_UNAVAILABLE, GatewayError
 from gateway.ingest import hl7v2
 from gateway.intake import Intake
 from gateway.settings import SettingsError, loopback
@@ -172,6 +172,14 @@ class MllpListener:
                 log.exception("mllp: could not audit a refusal")
                 answer = hl7v2.Answer("AR", "internal error: resend later", "207", retry=True)
             self._log(header, answer.code, answer.condition)
+            return hl7v2.build_ack(header, answer, now=now)
+        except DATABASE_UNAVAILABLE as error:  # nothing stored: the sender must resend later, as for a 503
+            cause = getattr(error, "orig", None) or error
+            log.warning("mllp: database unavailable (%s): nothing stored", type(cause).__name__)
+            answer = hl7v2.Answer(
+                "AR", "the database is not available: the message was not stored; resend it later", "207", retry=True
+            )
+            self._log(header, "AR", "database unavailable")
             return hl7v2.build_ack(header, answer, now=now)
         except Exception:
             log.exception("mllp: internal error (control id %s)", header.control_id[:40] if header else "?")

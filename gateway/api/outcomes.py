@@ -9,11 +9,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.errors import GatewayError, IngestError, MissingIdentity, ProfileViolation, UnsupportedDocument
+from gateway.errors import (
+    DATABASE_UNAVAILABLE,
+    GatewayError,
+    IngestError,
+    MissingIdentity,
+    ProfileViolation,
+    UnsupportedDocument,
+)
 
 # no OpenTelemetry in the gateway's apps: FastAPI looked for configured providers on every request (5% of
 # the receiver's CPU under load), and this project configures none
@@ -149,9 +154,6 @@ def install(app: FastAPI) -> None:
         )
         return _response(error.status_code, outcome(code, str(error.detail)))
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
-    @app.exception_handler(PoolTimeout)
     async def _storage(_: Request, error: Exception) -> JSONResponse:
         """The database away (unreachable, disk full, locked too long): nothing was stored, and the caller
         should send again later — a 503 its interface engine retries, not a 500 that reads as our bug."""
@@ -163,6 +165,9 @@ def install(app: FastAPI) -> None:
             outcome("transient", "the database is not available: nothing was stored; send the request again later"),
             {"Retry-After": str(STORAGE_RETRY_AFTER)},
         )
+
+    for unavailable in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, _storage)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:

@@ -1,4 +1,5 @@
-"""The database away while letters arrive: a 503 OperationOutcome with ``Retry-After``, nothing half-stored.
+"""The database away while letters arrive: a 503 OperationOutcome with ``Retry-After`` (over MLLP an AR
+"resend it later"), nothing half-stored.
 
 A full disk is SQLite's own ``SQLITE_FULL`` (``PRAGMA max_page_count`` at the file's current size, as a
 volume with no room left answers); a database that is gone is a renamed SQLite directory, or a PostgreSQL
@@ -23,10 +24,13 @@ from sqlalchemy.engine import Engine
 
 from gateway.api.app import create_app
 from gateway.demo import seed_store
+from gateway.intake import Intake
+from gateway.mllp import MllpListener
 from gateway.outbox import Outbox
 from gateway.settings import Settings
 from gateway.store import ResourceStore, make_engine
 from tests.conftest import FIXTURES, _postgres_admin_url, mappings
+from tests.hl7v2_messages import mdm, send_all
 
 HIS = "his-key-0123456789abcdef0000"
 LETTER = (FIXTURES / "dispatch" / "ldl-ses-s1-pharmacy.xml").read_bytes()
@@ -149,3 +153,34 @@ class _gone:
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
                     (name,),
                 )
+
+
+def test_over_mllp_a_full_disk_is_ar_resend_later_then_aa(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+    store, outbox = ResourceStore(engine=engine), Outbox(engine)
+    seed_store(store, lambda ep: f"https://{ep}.example.fr/fhir")
+    with engine.connect() as conn:
+        pages = int(conn.execute(text("PRAGMA page_count")).scalar_one())
+
+    def no_room(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    listener = MllpListener(Intake(Settings(), store, outbox, mappings(), source="mllp"), port=0)
+    port = listener.start_in_thread()
+    try:
+        event.listen(engine, "connect", no_room)
+        engine.dispose()
+        with caplog.at_level(logging.WARNING, logger="gateway.mllp"):
+            [refused] = send_all(port, [mdm(control="FULL-1")])
+        msa = next(s for s in refused.decode().split("\r") if s.startswith("MSA")).split("|")
+        err = next(s for s in refused.decode().split("\r") if s.startswith("ERR")).split("|")
+        assert msa[1:3] == ["AR", "FULL-1"] and "not stored; resend it later" in err[8]
+        assert any("database unavailable" in r.getMessage() for r in caplog.records)
+        assert not [r for r in caplog.records if r.exc_info], "no traceback: the failure is named, not dumped"
+        event.remove(engine, "connect", no_room)
+        engine.dispose()
+        [accepted] = send_all(port, [mdm(control="FULL-2")])
+        assert "|AA|FULL-2|" in accepted.decode()
+    finally:
+        listener.close()
+        engine.dispose()
