@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-__all__ = ["DriverSQL", "cursor_of", "stamp_for"]
+__all__ = ["DriverSQL", "bind_for", "cursor_of", "read_for", "stamp_for"]
 
 
 class DriverSQL:
@@ -44,11 +44,22 @@ class DriverSQL:
         return tuple(values[name] for name in self._order)
 
 
+def bind_for(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any]:
+    """What SQLAlchemy binds for a value of ``column`` (a ``LargeBinary``: the driver's ``Binary``)."""
+    process = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return process or (lambda value: value)
+
+
 def stamp_for(column: Column[Any], dialect: Dialect) -> Callable[[datetime], Any]:
     """What SQLAlchemy binds for a ``DateTime`` column: SQLite stores its own text format, PostgreSQL the
     datetime itself."""
-    process = column.type.dialect_impl(dialect).bind_processor(dialect)
-    return process or (lambda value: value)
+    return bind_for(column, dialect)
+
+
+def read_for(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
+    """How SQLAlchemy turns what the driver returns for ``column`` into its value (SQLite's text of a
+    ``DateTime`` into a datetime), or None when it takes the value as it is."""
+    return column.type.dialect_impl(dialect).result_processor(dialect, None)
 
 
 @contextmanager
