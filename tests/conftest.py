@@ -19,8 +19,10 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from gateway.mappings import Mappings, load_mappings
+from gateway.outbox import Outbox
 from gateway.pipeline import Result, translate_letter
 from gateway.settings import Settings
+from gateway.store import make_engine
 from gateway.translate.registry import SECTION_TRANSLATORS
 from tests.fuzz.counts import pytest_terminal_summary  # noqa: F401  (prints the fuzz/schemathesis counts)
 
@@ -166,6 +168,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     with postgres_database() as url:
         yield url
+
+
+@pytest.fixture
+def outbox(database_url: str) -> Iterator[Outbox]:
+    """An outbox on a fresh database (SQLite, then PostgreSQL), its engines disposed afterwards."""
+    engine = make_engine(database_url)
+    found = Outbox(engine)
+    yield found
+    found.reader.dispose()
+    engine.dispose()
 
 
 @pytest.fixture

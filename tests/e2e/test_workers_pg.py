@@ -12,11 +12,9 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import text
 
 from gateway.outbox import Outbox
@@ -132,13 +130,6 @@ def test_three_processes_share_the_outbox_and_send_each_message_exactly_once(
     assert {w for _, w in sent} == {f"worker-{i}" for i in range(WORKERS)}, "the work was shared"
     assert {d.message_id for d in deliveries} == expected
     assert {(d.status, d.attempts) for d in deliveries} == {("acknowledged", 1)}
-
-
-@pytest.fixture
-def outbox(database_url: str) -> Iterator[Outbox]:
-    engine = make_engine(database_url)
-    yield Outbox(engine)
-    engine.dispose()
 
 
 def test_a_crashed_workers_expired_lease_is_taken_back_by_another(outbox: Outbox, database_url: str) -> None:

@@ -7,25 +7,12 @@ hold is over; a crashed worker's claim is retaken after its lease.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from gateway.outbox import Outbox
-from gateway.store import make_engine
 from tests.e2e.test_workers_pg import accept_letters
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def outbox(database_url: str) -> Iterator[Outbox]:
-    engine = make_engine(database_url)
-    found = Outbox(engine)
-    yield found
-    found.reader.dispose()
-    engine.dispose()
 
 
 def test_a_claim_takes_at_most_its_limit_and_never_what_another_holds(outbox: Outbox) -> None:

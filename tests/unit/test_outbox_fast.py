@@ -5,7 +5,6 @@ still SQLAlchemy's exception without the letter in it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -27,18 +26,8 @@ from gateway.outbox import (
     _fast,
     _letters,
 )
-from gateway.store import make_engine
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, 1234, tzinfo=timezone(timedelta(hours=1)))  # an offset, microseconds
-
-
-@pytest.fixture
-def outbox(database_url: str) -> Iterator[Outbox]:
-    engine = make_engine(database_url)
-    found = Outbox(engine)
-    yield found
-    found.reader.dispose()
-    engine.dispose()
 
 
 def _sent_by_sqlalchemy(engine: Engine, statements: list[tuple[Any, dict[str, Any]]]) -> list[tuple[str, Any]]:
