@@ -442,6 +442,7 @@ def _mllp(
         tls=_mllp_tls(args, settings),
         certificates=settings.client_certs,
         logins=RefusedLogins(outbox.log, outbox.metrics),
+        metrics=outbox.metrics,
     )
     listener.start_in_thread()  # logs where it listens
     return listener

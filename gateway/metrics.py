@@ -206,6 +206,13 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.mllp_handshakes = Counter(
+            "gateway_mllp_tls_failures",
+            "MLLP-over-TLS handshakes that failed, by kind: refused (no certificate, another CA, an expired one, "
+            "not TLS at all: alert, a HIS may be locked out) or abandoned (a probe that said nothing, a stall)",
+            ["kind"],
+            registry=self.registry,
+        )
         self.accepted.labels("http")  # present at 0 from the start: rate() and increase() need a first sample
         for reason in AUTH_REFUSALS:
             self.auth_refused.labels(reason)
@@ -257,6 +264,9 @@ class Metrics:
             self.retries.inc()
         elif status == "dead-lettered":
             self.dead_letters.inc()
+
+    def mllp_handshake_failed(self, refused: bool) -> None:
+        self.mllp_handshakes.labels("refused" if refused else "abandoned").inc()
 
     def mailbox_watched(self) -> None:
         """A mailbox poller runs in this process: its read counters exist from 0 (for ``increase()``)."""

@@ -40,6 +40,7 @@ from gateway.api.logins import RefusedLogins
 from gateway.errors import DATABASE_UNAVAILABLE, GatewayError
 from gateway.ingest import hl7v2
 from gateway.intake import Intake
+from gateway.metrics import Metrics
 from gateway.settings import SettingsError, loopback
 
 __all__ = ["MllpListener", "Peer", "his_certificates", "server_tls_context"]
@@ -97,7 +98,8 @@ class MllpListener:
     ``senders``: the allowed sending facilities (MSH-4 namespace or universal id); None allows any.
     ``processing_ids``: the MSH-11 values taken (P for production; add T on a test platform).
     ``tls``: serve MLLP over TLS with this context (:func:`server_tls_context`); ``certificates`` then maps
-    client certificate fingerprints to roles (only ``his`` may send) and ``logins`` audits the refusals.
+    client certificate fingerprints to roles (only ``his`` may send), ``logins`` audits the refusals and
+    ``metrics`` counts the failed handshakes (``gateway_mllp_tls_failures_total{kind}``).
     """
 
     def __init__(
@@ -117,12 +119,17 @@ class MllpListener:
         tls: ssl.SSLContext | None = None,
         certificates: Mapping[str, frozenset[str]] | None = None,
         logins: RefusedLogins | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if tls is not None:
             his_certificates(certificates or {})
         self.intake = intake
         self.tls, self.certificates = tls, dict(certificates or {})
         self.logins = logins
+        self.metrics = metrics
+        if self.metrics is not None and tls is not None:
+            for refused in (True, False):  # present at 0: increase() needs a first sample
+                self.metrics.mllp_handshakes.labels("refused" if refused else "abandoned")
         self.host, self.port = host, port
         self.max_document_bytes = max_document_bytes or intake.settings.max_document_bytes
         # a base64 CDA of the maximum size is 4/3 of it; room on top for a PDF beside it (ORU^R01)
@@ -283,6 +290,8 @@ class MllpListener:
             # a refused certificate or protocol is worth a warning; a peer that connected and left without
             # a word (a load balancer's TCP probe, a port scan) or stalled is only noted
             refused = isinstance(exc, ssl.SSLError)
+            if self.metrics is not None:
+                self.metrics.mllp_handshake_failed(refused)
             log.log(
                 logging.WARNING if refused else logging.INFO,
                 "mllp: TLS handshake with %s failed (%s): nothing read",

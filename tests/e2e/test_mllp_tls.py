@@ -109,6 +109,7 @@ def listening(database_url: str, certs: Certs, request: pytest.FixtureRequest) -
         tls=server_tls_context(*certs.server, certs.ca),
         certificates={certs.his_fp: frozenset({"his"}), certs.auditor_fp: frozenset({"auditor"})},
         logins=RefusedLogins(outbox.log, metrics),
+        metrics=metrics,
         **options,
     )
     port = listener.start_in_thread()
@@ -203,6 +204,12 @@ def test_without_a_certificate_of_the_hospital_ca_the_handshake_fails_and_nothin
         _logged(caplog, "TLS handshake with 127.0.0.1 failed")
     assert acks == [b""]
     assert listening.rows() == {"letter": 0, "delivery": 0, "audit_event": 0}
+    assert _handshakes(listening) == {"refused": 1, "abandoned": 0}
+
+
+def _handshakes(listening: Listening) -> dict[str, float]:
+    counter = listening.metrics.mllp_handshakes
+    return {kind: counter.labels(kind)._value.get() for kind in ("refused", "abandoned")}
 
 
 def _logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
@@ -359,3 +366,4 @@ def test_a_tcp_probe_that_says_nothing_is_only_noted(listening: Listening, caplo
         _logged(caplog, "TLS handshake with 127.0.0.1 failed")
     failed = [r for r in caplog.records if "TLS handshake" in r.getMessage()]
     assert [r.levelno for r in failed] == [logging.INFO], [r.getMessage() for r in failed]
+    assert _handshakes(listening) == {"refused": 0, "abandoned": 1}
