@@ -31,9 +31,6 @@ from gateway.transports import Outcome
 from tests.conftest import FIXTURES, mappings
 from tests.e2e.test_workers_pg import accept_letters
 from tests.fuzz.world import Recording
-from tests.unit.test_claim import outbox
-
-__all__ = ["outbox"]  # the fixture, shared with the claim tests
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 HOLD = timedelta(seconds=5)
