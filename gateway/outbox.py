@@ -42,6 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import IntegrityError
 
 from gateway import audit, migrate
 from gateway.auditlog import AuditLog
@@ -359,73 +360,86 @@ class Outbox:
         holds the translation, claims them at once by letter (:meth:`claim` ``letters=``); another
         process takes them after ``hold`` if this one died.  With a :attr:`holder`, they are marked as
         its own, and it extends the hold while it lives (:meth:`renew_hold`)."""
-        with self.engine.begin() as conn:
-            sql = _fast(conn.dialect)
-            with cursor_of(conn) as cursor:  # in this transaction
-                cursor.execute(sql.find.sql, sql.find.params({"key": document_key}))
-                existing = cursor.fetchone()
-            if existing:
-                return str(existing[0]), False
-            earlier = later = None
-            if set_key is not None and version is not None:
-                earlier = conn.execute(_EARLIER, {"set_key": set_key, "version": version}).scalar()
-                later = conn.execute(_LATER, {"set_key": set_key, "version": version}).scalar()
-            letter_id = str(uuid.uuid4())
-            stamp = sql.stamp(now)
-            letter = {
-                "id": letter_id,
-                "document_key": document_key,
-                "set_key": set_key,
-                "version": version,
-                "received_at": stamp,
-                "client": client,
-                "media_type": media_type,
-                "body": sql.body(body),
-                "replaces": earlier,
-            }
-            with cursor_of(conn) as cursor:
-                cursor.execute(sql.letter.sql, sql.letter.params(letter))
-            left = self._supersede(conn, earlier, version, now) if earlier else {}
-            replaced = {recipient: sent[0] for recipient, sent in left.items()}
-            stale = f"superseded: version {later} of this letter was received first" if later else None
-            routed = {recipient_id for _, recipient_id, _, _ in deliveries}
-            withdrawals = [
-                (resource_id("MessageHeader", document_key, recipient_id, "withdrawal"), recipient_id, ref, endpoint)
-                for recipient_id, (_, ref, endpoint) in sorted(left.items())
-                if recipient_id not in routed and not stale
-            ]  # had an earlier version, not addressed by this one: told to set it aside
-            if deliveries or withdrawals:
-                status, due_at = "withheld" if stale else "queued", now + hold
-                holder = self.holder if hold and not stale else None
-                due = sql.stamp(due_at)
-                rows = [
-                    sql.deliveries.params(
-                        {
-                            "message_id": message_id,
-                            "letter_id": letter_id,
-                            "recipient_id": recipient_id,
-                            "recipient_ref": recipient_ref,
-                            "endpoint": endpoint,
-                            "status": status,
-                            "attempts": 0,
-                            "due_at": due,
-                            "updated_at": stamp,
-                            "queued_at": stamp,
-                            "last_error": stale,
-                            "claimed_by": holder,
-                            "claimed_at": None,
-                            "sent_at": None,
-                            "acknowledged_at": None,
-                            "kind": kind,
-                            "replaces": replaced.get(recipient_id),
-                        }
-                    )
-                    for kind, batch in (("letter", deliveries), ("withdrawal", withdrawals))
-                    for message_id, recipient_id, recipient_ref, endpoint in batch
-                ]
+        try:
+            with self.engine.begin() as conn:
+                sql = _fast(conn.dialect)
+                with cursor_of(conn) as cursor:  # in this transaction
+                    cursor.execute(sql.find.sql, sql.find.params({"key": document_key}))
+                    existing = cursor.fetchone()
+                if existing:
+                    return str(existing[0]), False
+                earlier = later = None
+                if set_key is not None and version is not None:
+                    earlier = conn.execute(_EARLIER, {"set_key": set_key, "version": version}).scalar()
+                    later = conn.execute(_LATER, {"set_key": set_key, "version": version}).scalar()
+                letter_id = str(uuid.uuid4())
+                stamp = sql.stamp(now)
+                letter = {
+                    "id": letter_id,
+                    "document_key": document_key,
+                    "set_key": set_key,
+                    "version": version,
+                    "received_at": stamp,
+                    "client": client,
+                    "media_type": media_type,
+                    "body": sql.body(body),
+                    "replaces": earlier,
+                }
                 with cursor_of(conn) as cursor:
-                    cursor.executemany(sql.deliveries.sql, rows)
-            self._append_audit(conn, audit_events, letter_id, now)
+                    cursor.execute(sql.letter.sql, sql.letter.params(letter))
+                left = self._supersede(conn, earlier, version, now) if earlier else {}
+                replaced = {recipient: sent[0] for recipient, sent in left.items()}
+                stale = f"superseded: version {later} of this letter was received first" if later else None
+                routed = {recipient_id for _, recipient_id, _, _ in deliveries}
+                withdrawals = [
+                    (
+                        resource_id("MessageHeader", document_key, recipient_id, "withdrawal"),
+                        recipient_id,
+                        ref,
+                        endpoint,
+                    )
+                    for recipient_id, (_, ref, endpoint) in sorted(left.items())
+                    if recipient_id not in routed and not stale
+                ]  # had an earlier version, not addressed by this one: told to set it aside
+                if deliveries or withdrawals:
+                    status, due_at = "withheld" if stale else "queued", now + hold
+                    holder = self.holder if hold and not stale else None
+                    due = sql.stamp(due_at)
+                    rows = [
+                        sql.deliveries.params(
+                            {
+                                "message_id": message_id,
+                                "letter_id": letter_id,
+                                "recipient_id": recipient_id,
+                                "recipient_ref": recipient_ref,
+                                "endpoint": endpoint,
+                                "status": status,
+                                "attempts": 0,
+                                "due_at": due,
+                                "updated_at": stamp,
+                                "queued_at": stamp,
+                                "last_error": stale,
+                                "claimed_by": holder,
+                                "claimed_at": None,
+                                "sent_at": None,
+                                "acknowledged_at": None,
+                                "kind": kind,
+                                "replaces": replaced.get(recipient_id),
+                            }
+                        )
+                        for kind, batch in (("letter", deliveries), ("withdrawal", withdrawals))
+                        for message_id, recipient_id, recipient_ref, endpoint in batch
+                    ]
+                    with cursor_of(conn) as cursor:
+                        cursor.executemany(sql.deliveries.sql, rows)
+                self._append_audit(conn, audit_events, letter_id, now)
+        except IntegrityError:
+            # the same letter pushed twice at once (a HIS resending after its timeout): both looked, both
+            # inserted, the unique document key let one through; the other answers as for a resend
+            raced = self.find_letter(document_key)
+            if raced is None:
+                raise
+            return raced, False
         self.metrics.letter_accepted(source)
         _log.info(
             "letter accepted",
