@@ -51,7 +51,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Dialect, Engine
 
-from gateway.dbapi import DriverSQL, cursor_of, stamp_for
+from gateway.dbapi import DriverSQL, bind_for, cursor_of
 from gateway.seal import Signer
 
 __all__ = [
@@ -131,7 +131,7 @@ class _Writes:
         self.insert = DriverSQL(_INSERT, dialect)
         self.start = DriverSQL(_INSERT_HEAD, dialect)
         self.move = DriverSQL(_MOVE_HEAD, dialect)
-        self.stamp = stamp_for(audit_table.c.recorded, dialect)
+        self.stamp = bind_for(audit_table.c.recorded, dialect)
 
 
 @lru_cache(maxsize=16)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Column
@@ -18,13 +17,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-__all__ = ["DriverSQL", "bind_for", "cursor_of", "read_for", "stamp_for"]
+__all__ = ["DriverSQL", "bind_for", "cursor_of", "read_for"]
 
 
 class DriverSQL:
     """``statement`` compiled once for ``dialect``'s driver, and how to bind named values to it.
 
-    The values are bound as they are: a ``DateTime`` goes through :func:`stamp_for` first.  What the
+    The values are bound as they are: a ``DateTime`` goes through :func:`bind_for` first.  What the
     statement holds itself (``status == "sending"``, ``attempts + 1``) is bound as SQLAlchemy binds it."""
 
     __slots__ = ("_fixed", "_order", "sql")
@@ -45,15 +44,10 @@ class DriverSQL:
 
 
 def bind_for(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any]:
-    """What SQLAlchemy binds for a value of ``column`` (a ``LargeBinary``: the driver's ``Binary``)."""
+    """What SQLAlchemy binds for a value of ``column``: for a ``DateTime``, SQLite's own text format (PostgreSQL
+    takes the datetime itself); for a ``LargeBinary``, the driver's ``Binary``."""
     process = column.type.dialect_impl(dialect).bind_processor(dialect)
     return process or (lambda value: value)
-
-
-def stamp_for(column: Column[Any], dialect: Dialect) -> Callable[[datetime], Any]:
-    """What SQLAlchemy binds for a ``DateTime`` column: SQLite stores its own text format, PostgreSQL the
-    datetime itself."""
-    return bind_for(column, dialect)
 
 
 def read_for(column: Column[Any], dialect: Dialect) -> Callable[[Any], Any] | None:

@@ -35,7 +35,7 @@ from gateway.api.auth import StrPath, uvicorn_tls_options
 from gateway.api.limits import BodyLimit
 from gateway.api.outcomes import FHIR_JSON, NO_TELEMETRY, ApiError, install
 from gateway.crypt import JOSE, JOSE_JSON, CryptError, PrivateKey, decrypt
-from gateway.dbapi import DriverSQL, stamp_for
+from gateway.dbapi import DriverSQL, bind_for
 from gateway.errors import GatewayError
 from gateway.package import EVENT
 from gateway.seal import SealError, verify
@@ -71,7 +71,7 @@ class _Messages:
         self._engine = engine
         self._insert = DriverSQL(_INSERT, dialect)
         self._first = DriverSQL(_FIRST_RESPONSE, dialect)
-        self._stamp = stamp_for(_received.c.received_at, dialect)
+        self._stamp = bind_for(_received.c.received_at, dialect)
         self._duplicate: type[Exception] = dialect.loaded_dbapi.IntegrityError
 
     def store(self, values: dict[str, Any]) -> str | None:
