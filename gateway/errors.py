@@ -49,9 +49,18 @@ __all__ = [
     "UnmappedCode",
     "UnsafeInput",
     "UnsupportedDocument",
+    "database_failure",
 ]
 
 DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeout)
+
+
+def database_failure(error: BaseException) -> str:
+    """What a log may say of a database error: the driver's error class and the first line of its message
+    (``OperationalError: database or disk is full``), never the SQL or its parameters."""
+    cause = getattr(error, "orig", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0][:200]}" if lines else type(cause).__name__
 
 
 @dataclass(frozen=True, slots=True)

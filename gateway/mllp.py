@@ -37,7 +37,7 @@ from typing import Any
 
 from gateway.api.auth import fingerprint
 from gateway.api.logins import RefusedLogins
-from gateway.errors import DATABASE_UNAVAILABLE, GatewayError
+from gateway.errors import DATABASE_UNAVAILABLE, GatewayError, database_failure
 from gateway.ingest import hl7v2
 from gateway.intake import Intake
 from gateway.metrics import Metrics
@@ -181,8 +181,7 @@ class MllpListener:
             self._log(header, answer.code, answer.condition)
             return hl7v2.build_ack(header, answer, now=now)
         except DATABASE_UNAVAILABLE as error:  # nothing stored: the sender must resend later, as for a 503
-            cause = getattr(error, "orig", None) or error
-            log.warning("mllp: database unavailable (%s): nothing stored", type(cause).__name__)
+            log.warning("mllp: database unavailable (%s): nothing stored", database_failure(error))
             answer = hl7v2.Answer(
                 "AR", "the database is not available: the message was not stored; resend it later", "207", retry=True
             )
@@ -215,8 +214,7 @@ class MllpListener:
 
     def _peer(self, writer: asyncio.StreamWriter) -> Peer:
         """The connection's sender; over TLS, its certificate and whether it may send letters."""
-        where = writer.get_extra_info("peername")
-        address = str(where[0]) if isinstance(where, tuple) and where else "unknown"
+        address = _address(writer)
         if self.tls is None:
             return Peer(address)
         ssl_object = writer.get_extra_info("ssl_object")
@@ -286,7 +284,6 @@ class MllpListener:
         try:
             await asyncio.wait_for(writer.start_tls(self.tls), self.read_timeout)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            where = writer.get_extra_info("peername")
             # a refused certificate or protocol is worth a warning; a peer that connected and left without
             # a word (a load balancer's TCP probe, a port scan) or stalled is only noted
             refused = isinstance(exc, ssl.SSLError)
@@ -295,7 +292,7 @@ class MllpListener:
             log.log(
                 logging.WARNING if refused else logging.INFO,
                 "mllp: TLS handshake with %s failed (%s): nothing read",
-                where[0] if isinstance(where, tuple) and where else "unknown",
+                _address(writer),
                 (exc.reason if isinstance(exc, ssl.SSLError) else None) or type(exc).__name__,
             )
             return False
@@ -423,6 +420,12 @@ class MllpListener:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self.logins is not None:
             self.logins.flush()  # the refusals only counted so far
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    """The peer's IP address, as the log and the audit name it."""
+    where = writer.get_extra_info("peername")
+    return str(where[0]) if isinstance(where, tuple) and where else "unknown"
 
 
 class _Held(asyncio.StreamReaderProtocol):

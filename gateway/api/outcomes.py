@@ -18,6 +18,7 @@ from gateway.errors import (
     MissingIdentity,
     ProfileViolation,
     UnsupportedDocument,
+    database_failure,
 )
 
 # no OpenTelemetry in the gateway's apps: FastAPI looked for configured providers on every request (5% of
@@ -157,9 +158,7 @@ def install(app: FastAPI) -> None:
     async def _storage(_: Request, error: Exception) -> JSONResponse:
         """The database away (unreachable, disk full, locked too long): nothing was stored, and the caller
         should send again later — a 503 its interface engine retries, not a 500 that reads as our bug."""
-        cause = getattr(error, "orig", None) or error
-        first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
-        log.warning("database unavailable: %s: %s", type(cause).__name__, first)  # no SQL, no parameters
+        log.warning("database unavailable: %s", database_failure(error))  # no SQL, no parameters
         return _response(
             503,
             outcome("transient", "the database is not available: nothing was stored; send the request again later"),
