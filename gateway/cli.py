@@ -246,6 +246,7 @@ def _serve(args: argparse.Namespace) -> int:
     smtp = SmtpSettings.from_env()  # None unless GATEWAY_SMTP_HOST: MSSanté endpoints are then refused, explained
     if not settings.api_keys:
         _log("gateway.serve").warning("no API key configured (GATEWAY_API_KEYS[_FILE]): every call will get 401")
+    _check_senders(settings)
     if settings.tls_cert_file is None and not loopback(args.host):
         _log("gateway.serve").warning(
             "the API listens beyond this machine over plain HTTP: letters and API keys cross the network in "
@@ -280,6 +281,34 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         if shared is not None:
             shutil.rmtree(shared, ignore_errors=True)
+
+
+def _check_senders(settings: Settings) -> None:
+    """Warn about ``GATEWAY_SENDER_ORGANIZATIONS`` entries no configured credential answers to (a typo
+    would refuse a hospital's letters) and about senders it leaves out (refused, once it is set)."""
+    from gateway.api.auth import certificate_name, key_name
+
+    if not settings.sender_organizations:
+        return
+    senders = {key_name(k): roles for k, roles in settings.api_keys.items()}
+    senders |= {certificate_name(f): roles for f, roles in settings.client_certs.items()}
+    for name in sorted(settings.sender_organizations):
+        facility = name.removeprefix("mllp:")
+        known = name in senders if facility == name else not settings.mllp_senders or facility in settings.mllp_senders
+        if not known:
+            _log("gateway.serve").warning(
+                "GATEWAY_SENDER_ORGANIZATIONS names a sender no API key, client certificate or MLLP facility "
+                "answers to",
+                sender=name,
+            )
+    for name, roles in sorted(senders.items()):
+        if roles & {"his", "admin"} and name not in settings.sender_organizations:
+            _log("gateway.serve").warning(
+                "this client may push letters but is bound to no establishment in GATEWAY_SENDER_ORGANIZATIONS: "
+                "its letters will be refused (403)",
+                sender=name,
+                roles="+".join(sorted(roles)),
+            )
 
 
 def _serve_process(

@@ -16,6 +16,7 @@ module that calls the foreign library, never further out.
     │   ├── UnsupportedDocument        not-supported  no    a document type no adapter handles
     │   ├── MissingIdentity            required       no    a letter without patient identity
     │   └── PriorMismatch              business-rule  no    a prior list that is not the same patient's
+    ├── SenderNotAllowed               forbidden      no    a client sending for an establishment it is not bound to
     ├── MappingError
     │   ├── MappingLoadError           exception      no    start-up: bad file, unknown translator, duplicates
     │   └── UnmappedCode               code-invalid   no    only when the table says on_unmapped: error
@@ -45,6 +46,7 @@ __all__ = [
     "MissingIdentity",
     "PriorMismatch",
     "ProfileViolation",
+    "SenderNotAllowed",
     "TooLarge",
     "UnmappedCode",
     "UnsafeInput",
@@ -142,6 +144,13 @@ class MissingIdentity(IngestError):
 
 class PriorMismatch(IngestError):
     issue_code = "business-rule"
+
+
+class SenderNotAllowed(GatewayError):
+    """The letter's establishment is not one its sender is bound to (``GATEWAY_SENDER_ORGANIZATIONS``):
+    the client authenticated, but may not speak for that custodian.  Resending it unchanged cannot help."""
+
+    issue_code = "forbidden"
 
 
 class MappingError(GatewayError):

@@ -14,13 +14,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway import audit
-from gateway.errors import GatewayError, TooLarge
+from gateway.errors import GatewayError, SenderNotAllowed, TooLarge, Where
 from gateway.mappings import Mappings
+from gateway.model import Letter
 from gateway.outbox import Outbox
 from gateway.pipeline import prepare
 from gateway.policy import policy_from
 from gateway.route import route
-from gateway.settings import Settings
+from gateway.settings import ANY_ORGANIZATION, Settings
 from gateway.store import ResourceStore, StoreSnapshot
 from gateway.translate.ids import resource_id
 
@@ -68,6 +69,54 @@ class Intake:
         self.snapshot = StoreSnapshot(store, self.policy)
         lease = timedelta(seconds=settings.claim_lease_seconds)
         self.hold = min(self.HOLD, lease) if on_accepted is not None else timedelta(0)
+        self.senders = {name: self._aliases(orgs) for name, orgs in settings.sender_organizations.items()}
+
+    def _aliases(self, organizations: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+        """The organisations as translated letters name them too: ``urn:oid:<root>`` is also the system the
+        ``identifier-systems`` table gives that root, if another."""
+        table = self.mappings.codes.get("identifier-systems")
+        out = set(organizations)
+        for system, value in organizations:
+            entry = table.entries.get(system.removeprefix("urn:oid:")) if table is not None else None
+            if system.startswith("urn:oid:") and isinstance(entry, dict) and entry.get("system"):
+                out.add((str(entry["system"]), value))
+        return frozenset(out)
+
+    def check_sender(self, sender: str, letter: Letter) -> None:
+        """Refuse a letter its sender may not send (``GATEWAY_SENDER_ORGANIZATIONS``; unset: any sender may
+        send any letter).  The establishment is the letter's custodian — the organisation answerable for the
+        document, which CDA requires — or, when the custodian carries no identifier, the author's organisation; an
+        authenticated hospital system thus cannot put letters in another establishment's name."""
+        if not self.senders:
+            return
+        allowed = self.senders.get(sender)
+        if allowed is None:
+            raise SenderNotAllowed(
+                f"sender {sender} is bound to no establishment (GATEWAY_SENDER_ORGANIZATIONS): "
+                "its letters are refused until an operator lists the organisations it sends for"
+            )
+        if ANY_ORGANIZATION in allowed:
+            return
+        organization = letter.custodian if letter.custodian and letter.custodian.ids else None
+        what = "custodian"
+        if organization is None and letter.author and letter.author.organization and letter.author.organization.ids:
+            organization, what = letter.author.organization, "author's organisation"
+        where = Where(
+            path="Composition.custodian" if letter.format.startswith("fhir") else "/ClinicalDocument/custodian"
+        )
+        if organization is None:
+            raise SenderNotAllowed(
+                "the letter names no custodian organisation identifier (nor an author organisation): which "
+                f"establishment it is sent for is unknown, so it cannot be checked against sender {sender}'s",
+                where=where,
+            )
+        if not {(i.system, i.value) for i in organization.ids} & allowed:
+            mine = ", ".join(sorted(f"{s}|{v}" for s, v in self.settings.sender_organizations[sender]))
+            theirs = ", ".join(f"{i.system}|{i.value}" for i in organization.ids)
+            named = f"{organization.name} " if organization.name else ""
+            raise SenderNotAllowed(
+                f"sender {sender} sends letters for {mine}; this letter's {what} is {named}({theirs})", where=where
+            )
 
     def accept(
         self,
@@ -76,14 +125,17 @@ class Intake:
         client: str,
         now: datetime,
         check: Callable[[Any], None] | None = None,
+        sender: str | None = None,
     ) -> Accepted:
         """Translate, route and store in one transaction; raises a :class:`GatewayError` on refusal.
 
-        ``check(prepared)`` runs after translation and before anything is stored: an edge's own
-        consistency rule (it raises to refuse, and then nothing is stored)."""
+        ``sender`` names the authenticated client for :meth:`check_sender` (``client`` itself unless the
+        edge audits a longer name).  ``check(prepared)`` runs after translation and before anything is
+        stored: an edge's own consistency rule (it raises to refuse, and then nothing is stored)."""
         if len(raw) > self.settings.max_document_bytes:
             raise TooLarge(f"letter over the {self.settings.max_document_bytes}-byte limit")
         prepared = prepare(raw, name="letter", mappings=self.mappings, settings=self.settings, now=now)
+        self.check_sender(client if sender is None else sender, prepared.result.translation.letter)
         if check is not None:
             check(prepared)
         routing = route(prepared.resources, self.snapshot.directory(), self.policy)

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from os import PathLike
 from typing import Any
 
-from gateway.api.auth import fingerprint
+from gateway.api.auth import certificate_name, fingerprint
 from gateway.api.logins import RefusedLogins
 from gateway.errors import DATABASE_UNAVAILABLE, GatewayError, database_failure
 from gateway.ingest import hl7v2
@@ -170,7 +170,11 @@ class MllpListener:
             def same_patient(prepared: Any) -> None:
                 hl7v2.check_patient(message.patient_ids, prepared.patient_ids, system_of)
 
-            accepted = self.intake.accept(message.document, "application/hl7-cda+xml", client, now, check=same_patient)
+            # the sender bound to establishments: its certificate over TLS, else the facility MSH-4 claims
+            sender = peer.certificate or f"mllp:{header.facility}"
+            accepted = self.intake.accept(
+                message.document, "application/hl7-cda+xml", client, now, check=same_patient, sender=sender
+            )
         except GatewayError as error:
             answer = hl7v2.answer_for(error)
             try:
@@ -222,7 +226,7 @@ class MllpListener:
         if not der:  # CERT_REQUIRED makes the handshake fail first; never let one through regardless
             return Peer(address, None, "a client certificate is required")
         print_ = fingerprint(der)
-        name = "cert-" + print_[:16]
+        name = certificate_name(print_)
         if HIS_ROLE not in self.certificates.get(print_, frozenset()):
             return Peer(address, name, f"client certificate {print_[:16]}… is not authorised to send letters here")
         return Peer(address, name)

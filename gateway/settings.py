@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,6 +39,7 @@ __all__ = [
     "loopback",
     "parse_api_keys",
     "parse_roles",
+    "parse_sender_organizations",
     "refuse_demo_secrets",
 ]
 
@@ -80,6 +82,65 @@ def parse_roles(text: str, what: str, check_key: Any = None) -> dict[str, frozen
     return mapping
 
 
+ANY_ORGANIZATION = ("*", "*")  # a sender bound to every establishment (a regional interface engine)
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+def _sender_name(text: str) -> str:
+    """A sender as the gateway names it: ``client-`` + 12 hex (an API key's SHA-256), ``cert-`` + 16 hex (a
+    client certificate's fingerprint; the whole fingerprint, with or without colons, is cut to that), or
+    ``mllp:`` + a sending facility (MSH-4) for plain MLLP, which authenticates nobody."""
+    name = text.strip()
+    low = name.lower()
+    if low.startswith("mllp:") and name[5:].strip():
+        return "mllp:" + name[5:].strip()
+    bare = low.removeprefix("cert-").replace(":", "")
+    if (low.startswith("cert-") or len(bare) == 64) and len(bare) in (16, 64) and _HEX.match(bare):
+        return "cert-" + bare[:16]
+    if low.startswith("client-") and len(low) == 19 and _HEX.match(low[7:]):
+        return low
+    raise SettingsError(
+        f"sender {name!r} is not client-<12 hex> (an API key's name), cert-<fingerprint> or mllp:<MSH-4>"
+    )
+
+
+def _organization(token: str) -> tuple[str, str]:
+    """``system|value`` (a bare OID system is ``urn:oid:<OID>``, as a CDA ``root`` becomes), an OID alone
+    (an organisation identified by its OID, a CDA id without extension), or ``*``."""
+    token = token.strip()
+    if token == "*":
+        return ANY_ORGANIZATION
+    system, bar, value = token.partition("|")
+    system, value = system.strip(), value.strip()
+    if not bar:
+        oid = system.removeprefix("urn:oid:")
+        if _OID.match(oid):
+            return ("urn:ietf:rfc:3986", f"urn:oid:{oid}")
+    elif system and value:
+        return (f"urn:oid:{system}" if _OID.match(system) else system, value)
+    raise SettingsError(f"organisation {token!r} is not system|value, an OID, or *")
+
+
+def parse_sender_organizations(text: str) -> dict[str, frozenset[tuple[str, str]]]:
+    """``sender = organisation + organisation`` items separated by commas or new lines (``#`` comments):
+    the establishments (custodians) each sender may send letters for."""
+    mapping: dict[str, frozenset[tuple[str, str]]] = {}
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item or item.startswith("#"):
+            continue
+        sender, equal, organizations = item.partition("=")
+        wanted = frozenset(_organization(o) for o in organizations.split("+") if o.strip())
+        if not equal or not wanted:
+            raise SettingsError(f"{item!r}: write sender = organisation + organisation")
+        name = _sender_name(sender)
+        if name in mapping:
+            raise SettingsError(f"sender {name} is listed twice")
+        mapping[name] = wanted
+    return mapping
+
+
 def _long_enough(key: str) -> str:
     if len(key) < 16:
         raise SettingsError("API keys must be at least 16 characters long")
@@ -92,6 +153,7 @@ def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
 
 
 Roles = Annotated[dict[str, frozenset[str]], NoDecode]
+Senders = Annotated[dict[str, frozenset[tuple[str, str]]], NoDecode]
 Names = Annotated[frozenset[str], NoDecode]
 
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("gateway_environ", default=None)
@@ -201,6 +263,12 @@ class Settings(BaseSettings):
         "a certificate published in the directory that does not chain to them is refused, and nothing is "
         "sent in clear instead (default: the directory's certificates are trusted as they are)",
     )
+    sender_organizations: Senders = Field(
+        default_factory=dict,
+        description="the establishments each client may send letters for, `sender = system|value + …` "
+        "(sender `client-<12 hex>` for an API key, `cert-<fingerprint>`, or `mllp:<MSH-4>`; `*`: any); once "
+        "set, a letter whose custodian is not among its sender's, or from a sender not listed, is refused (403)",
+    )
     mllp_port: int | None = Field(
         default=None, gt=0, lt=65536, description="open the HL7 v2 MLLP listener on this port"
     )
@@ -258,6 +326,14 @@ class Settings(BaseSettings):
         from gateway.api.auth import normal_fingerprint  # auth imports this module
 
         return parse_roles(value, "client certificate fingerprint", normal_fingerprint)
+
+    @field_validator("sender_organizations", mode="before")
+    @classmethod
+    def _senders(cls, value: Any) -> Any:
+        try:
+            return parse_sender_organizations(value) if isinstance(value, str) else value
+        except SettingsError as error:
+            raise SettingsError(f"GATEWAY_SENDER_ORGANIZATIONS: {error.message}") from None
 
     @field_validator("mllp_senders", mode="before")
     @classmethod

@@ -38,9 +38,11 @@ __all__ = [
     "TlsScopeH11Protocol",
     "Unauthenticated",
     "authenticate",
+    "certificate_name",
     "client_id",
     "fingerprint",
     "install",
+    "key_name",
     "normal_fingerprint",
     "parse_client_certificates",
     "peer_certificate",
@@ -174,11 +176,21 @@ def client_id(request: Request, api_key: str | None) -> str:
     fingerprint when the certificate does."""
     mode = _client_auth(request).mode
     if mode != "client-cert" and api_key:
-        return "client-" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+        return key_name(api_key)
     der = peer_certificate(request.scope) if mode != "api-key" else None
     if der is not None:
-        return "cert-" + fingerprint(der)[:16]
-    return "client-" + hashlib.sha256(b"").hexdigest()[:12]
+        return certificate_name(fingerprint(der))
+    return key_name("")
+
+
+def key_name(api_key: str) -> str:
+    """An API key's client name: ``client-`` + 12 hex of its SHA-256 (the key itself is never written)."""
+    return "client-" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+def certificate_name(fingerprint: str) -> str:
+    """A client certificate's name: ``cert-`` + the first 16 hex of its SHA-256 fingerprint."""
+    return "cert-" + fingerprint[:16]
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,6 +17,7 @@ from gateway.errors import (
     IngestError,
     MissingIdentity,
     ProfileViolation,
+    SenderNotAllowed,
     UnsupportedDocument,
     database_failure,
 )
@@ -52,6 +53,8 @@ def _response(status: int, body: dict[str, Any], headers: dict[str, str] | None 
 def _status(error: GatewayError) -> int:
     if isinstance(error, ApiError):
         return error.status
+    if isinstance(error, SenderNotAllowed):
+        return 403
     if isinstance(error, UnsupportedDocument):
         return 415 if "content type" in error.message else 422
     if isinstance(error, MissingIdentity | ProfileViolation):

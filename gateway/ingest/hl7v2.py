@@ -35,6 +35,7 @@ from gateway.errors import (
     MissingIdentity,
     PriorMismatch,
     ProfileViolation,
+    SenderNotAllowed,
     TooLarge,
     UnsafeInput,
     UnsupportedDocument,
@@ -676,6 +677,8 @@ def answer_for(error: BaseException) -> Answer:
         return Answer("AE", error.message, "103", location)
     if isinstance(error, PriorMismatch):
         return Answer("AE", error.message, "204", location)
+    if isinstance(error, SenderNotAllowed):  # not processed, and resending it unchanged will not help
+        return Answer("AR", error.message, "103", location)
     if isinstance(error, IngestError | ProfileViolation):
         return Answer("AE", error.message, "102" if isinstance(error, IngestError) else "207", location)
     return Answer("AR", error.message, "207", location, retry=error.retryable)
