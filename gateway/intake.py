@@ -85,8 +85,8 @@ class Intake:
     def check_sender(self, sender: str, letter: Letter) -> None:
         """Refuse a letter its sender may not send (``GATEWAY_SENDER_ORGANIZATIONS``; unset: any sender may
         send any letter).  The establishment is the letter's custodian — the organisation answerable for the
-        document, which CDA requires — or, when the custodian carries no identifier, the author's organisation; an
-        authenticated hospital system thus cannot put letters in another establishment's name."""
+        document, which CDA requires — or, when the custodian carries no identifier, the author's
+        organisation: an authenticated hospital system cannot put letters in another establishment's name."""
         if not self.senders:
             return
         allowed = self.senders.get(sender)
