@@ -129,8 +129,14 @@ def test_a_letter_in_another_establishment_s_name_is_refused_stored_nowhere_and_
     (refusal,) = _refusals(gateway)
     assert refusal["outcomeDesc"].startswith("refused (forbidden): sender ")
     assert refusal["agent"][0]["who"]["display"] == key_name(KEYS["other"])
-    # the same letter from its own hospital's system goes through
+    registry = gateway["outbox"].metrics.registry
+    assert registry.get_sample_value("gateway_letters_refused_total", {"reason": "forbidden"}) == 1
+    # the same letter from its own hospital's system goes through...
     assert _push(gateway, "glaciere", _letter("x")).status_code == 202
+    # ...and, once stored, the foreign sender resending it is refused, not told its id ("already stored")
+    again = _push(gateway, "other", _letter("x"))
+    assert again.status_code == 403 and "letterId" not in again.text
+    assert _stored(gateway) == 1
 
 
 def test_a_sender_bound_to_nothing_is_refused_once_the_binding_is_set(gateway: dict[str, Any]) -> None:
