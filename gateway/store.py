@@ -166,9 +166,11 @@ def reader_for(engine: Engine) -> Engine:
             found = _readers.get(engine)
             if found is None:
                 # a pool of its own, autocommit from the start (switching a pooled connection to it and back
-                # costs SQLAlchemy more round trips than it saves); small: reads are short
+                # costs SQLAlchemy more round trips than it saves); as many kept open as the delivery threads
+                # and the API read at once: an overflow connection is closed on return, and opening one
+                # costs the server a process
                 reader = create_engine(
-                    url, isolation_level="AUTOCOMMIT", pool_size=2, max_overflow=4, pool_pre_ping=True,
+                    url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5, pool_pre_ping=True,
                     hide_parameters=True,
                 )  # fmt: skip
                 event.listen(engine, "engine_disposed", lambda _: reader.dispose())  # its connections too
