@@ -156,41 +156,42 @@ _readers_lock = threading.Lock()
 def reader_for(engine: Engine) -> Engine:
     """The engine to read with.  A SQLite file gets a second, read-only pool beside the single writer
     connection: in WAL mode readers never wait for the writer, so a status query or a directory check
-    does not queue behind a commit's fsync.  PostgreSQL reads on the same pool in autocommit: under READ
+    does not queue behind a commit's fsync.  PostgreSQL gets a pool of its own in autocommit: under READ
     COMMITTED every statement sees its own snapshot whether or not a transaction wraps it, so the
     ``BEGIN`` and ``ROLLBACK`` psycopg sends around a read are two round trips for nothing (a quarter of
     the accept path's wall time under load went to them).  In-memory SQLite reads on the same engine."""
-    url = engine.url
-    if engine.dialect.name == "postgresql":
-        with _readers_lock:
-            found = _readers.get(engine)
-            if found is None:
-                # a pool of its own, autocommit from the start (switching a pooled connection to it and back
-                # costs SQLAlchemy more round trips than it saves); as many kept open as the delivery threads
-                # and the API read at once: an overflow connection is closed on return, and opening one
-                # costs the server a process
-                reader = create_engine(
-                    url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5, pool_pre_ping=True,
-                    hide_parameters=True,
-                )  # fmt: skip
-                event.listen(engine, "engine_disposed", lambda _: reader.dispose())  # its connections too
-                found = _readers[engine] = reader
-            return found
-    if engine.dialect.name != "sqlite" or url.database in (None, "", ":memory:"):
+    dialect, database = engine.dialect.name, engine.url.database
+    if dialect not in ("sqlite", "postgresql") or (dialect == "sqlite" and database in (None, "", ":memory:")):
         return engine
     with _readers_lock:
         found = _readers.get(engine)
         if found is None:
-            found = create_engine(
-                url,
-                connect_args={"timeout": 30, "check_same_thread": False},
-                pool_size=4,
-                max_overflow=4,
-                hide_parameters=True,
-            )
-            event.listen(found, "connect", _sqlite_reader_pragmas)
-            _readers[engine] = found
+            found = _readers[engine] = _postgresql_reader(engine) if dialect == "postgresql" else _sqlite_reader(engine)
         return found
+
+
+def _sqlite_reader(engine: Engine) -> Engine:
+    reader = create_engine(
+        engine.url,
+        connect_args={"timeout": 30, "check_same_thread": False},
+        pool_size=4,
+        max_overflow=4,
+        hide_parameters=True,
+    )
+    event.listen(reader, "connect", _sqlite_reader_pragmas)
+    return reader
+
+
+def _postgresql_reader(engine: Engine) -> Engine:
+    """Autocommit from the connection's start (switching a pooled connection to it and back costs SQLAlchemy
+    more round trips than it saves); as many kept open as the delivery threads and the API read at once (an
+    overflow connection is closed on return, and opening one costs the server a process); disposed with
+    ``engine``, whose connections it shares the server with."""
+    reader = create_engine(
+        engine.url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5, pool_pre_ping=True, hide_parameters=True
+    )
+    event.listen(engine, "engine_disposed", lambda _: reader.dispose())
+    return reader
 
 
 def _sqlite_reader_pragmas(dbapi_connection: Any, _record: Any) -> None:
