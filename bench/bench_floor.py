@@ -460,29 +460,13 @@ def _front(args: argparse.Namespace) -> int:
 # -- receiver: stands for `gateway receiver` ---------------------------------------------------------------
 
 
-def _response_message(message_id: str, now: datetime) -> dict[str, Any]:
-    header = {
-        "resourceType": "MessageHeader",
-        "id": str(uuid.uuid4()),
-        "eventCoding": {"system": "https://fhir.discharge-gateway.fr/CodeSystem/message-event", "code": "dn"},
-        "source": {"name": "floor-receiver", "endpoint": "http://127.0.0.1/fhir"},
-        "response": {"identifier": message_id, "code": "ok"},
-    }
-    return {
-        "resourceType": "Bundle",
-        "id": str(uuid.uuid4()),
-        "type": "message",
-        "timestamp": now.isoformat(timespec="seconds"),
-        "entry": [{"fullUrl": f"urn:uuid:{header['id']}", "resource": header}],
-    }
-
-
 def _receiver(args: argparse.Namespace) -> int:
     import uvicorn
     from fastapi import FastAPI, Request, Response
     from fastapi.routing import APIRoute
     from starlette.routing import request_response
 
+    from gateway.receiver import _response_message as response_message  # the reference receiver's answer
     from gateway.supervise import settle_heap
 
     conn = _connect(Path(args.db))
@@ -496,9 +480,10 @@ def _receiver(args: argparse.Namespace) -> int:
     async def process_message(request: Request) -> Response:
         body = await request.body()
         bundle = orjson.loads(body)
-        message_id = str(bundle["entry"][0]["resource"]["id"])
+        header = bundle["entry"][0]["resource"]
+        message_id = str(header["id"])
         now = datetime.now(UTC)
-        response = orjson.dumps(_response_message(message_id, now))
+        response = orjson.dumps(response_message(header, "http://127.0.0.1/fhir", now))  # the receiver's own
         try:  # on the event loop, as gateway.receiver stores; one statement, one commit (autocommit)
             conn.execute(
                 "INSERT INTO received_message (message_id, bundle_id, received_at, response, body) "
@@ -615,6 +600,16 @@ class Result:
         return self.letters / self.finished
 
 
+def _medians(results: list[Result]) -> tuple[float, float, float, float]:
+    """Median letters/s end to end, then CPU per letter of the server, the receiver and the load client."""
+    return (
+        statistics.median(r.rate for r in results),
+        statistics.median(r.server_cpu for r in results),
+        statistics.median(r.receiver_cpu for r in results),
+        statistics.median(r.client_cpu for r in results),
+    )
+
+
 def _throughput(
     load: _Load,
     urls: list[str],
@@ -700,18 +695,13 @@ def _measure(args: argparse.Namespace) -> int:
         if args.with_gateway:
             gateways.append(_gateway(load, args))
             _report(f"gateway {round_}/{args.rounds}, sqlite, {args.processes} process(es)", "gateway", gateways[-1])
-    floor_rate = statistics.median(r.rate for r in floors)
-    floor_cpu = statistics.median(r.server_cpu for r in floors)
-    floor_rx = statistics.median(r.receiver_cpu for r in floors)
+    floor_rate, floor_cpu, floor_rx, floor_client = _medians(floors)
     print(
         f"[floor] median of {len(floors)}: {floor_rate:.0f} letters/s end to end; CPU per letter: front "
-        f"{floor_cpu:.1f} ms, receiver {floor_rx:.1f} ms, load client "
-        f"{statistics.median(r.client_cpu for r in floors):.1f} ms"
+        f"{floor_cpu:.1f} ms, receiver {floor_rx:.1f} ms, load client {floor_client:.1f} ms"
     )
     if gateways:
-        rate = statistics.median(r.rate for r in gateways)
-        cpu = statistics.median(r.server_cpu for r in gateways)
-        rx = statistics.median(r.receiver_cpu for r in gateways)
+        rate, cpu, rx, _ = _medians(gateways)
         print(
             f"[compare] medians of {len(gateways)} interleaved rounds: gateway {rate:.0f} letters/s vs floor "
             f"{floor_rate:.0f} letters/s (gateway ÷ floor = {rate / floor_rate:.2f}); CPU per letter: gateway "

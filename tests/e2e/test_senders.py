@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from hl7apy.parser import parse_message
 from sqlalchemy import text
 
 from gateway.api.app import create_app
@@ -32,6 +32,7 @@ from gateway.outbox import Outbox
 from gateway.settings import ANY_ORGANIZATION, Settings, SettingsError, parse_sender_organizations
 from gateway.store import ResourceStore, make_engine
 from tests.conftest import FIXTURES, mappings
+from tests.e2e.test_mllp import parse_ack
 from tests.hl7v2_messages import CDA_S1, mdm, send_all
 
 S6 = (FIXTURES / "dispatch" / "ldl-ses-s6-objection.xml").read_bytes()
@@ -171,28 +172,14 @@ def test_unset_every_authenticated_sender_sends_for_any_establishment(database_u
     store, outbox = ResourceStore(engine=engine), Outbox(engine)
     intake = Intake(Settings(), store, outbox, mappings())
     try:
-        assert intake.accept(_letter("free"), "application/hl7-cda+xml", "client-000000000000", _now()).created
+        assert intake.accept(
+            _letter("free"), "application/hl7-cda+xml", "client-000000000000", datetime.now(UTC)
+        ).created
     finally:
         engine.dispose()
 
 
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
-
-
 # -- MLLP ---------------------------------------------------------------------------------------------
-def _ack(raw: bytes) -> tuple[str, str, str]:
-    msg = parse_message(raw.decode("utf-8"), find_groups=False)
-    err = [s for s in msg.children if s.name == "ERR"]
-    return (
-        str(msg.msa.msa_1.to_er7()),
-        str(err[0].err_3.err_3_1.to_er7()) if err else "",
-        str(err[0].err_8.to_er7()) if err else "",
-    )
-
-
 def test_mllp_senders_are_bound_by_certificate_or_else_by_their_facility(database_url: str) -> None:
     engine = make_engine(database_url)
     store, outbox = ResourceStore(engine=engine), Outbox(engine)
@@ -204,14 +191,14 @@ def test_mllp_senders_are_bound_by_certificate_or_else_by_their_facility(databas
     port = listener.start_in_thread()
     try:
         # plain MLLP: the facility MSH-4 claims is the only name the sender has
-        assert _ack(send_all(port, [mdm(CDA_S1, control="OK00001")])[0])[0] == "AA"
-        code, condition, why = _ack(send_all(port, [mdm(CDA_S1, control="NO00001", facility="CHU-LYON")])[0])
-        assert (code, condition) == ("AR", "103") and "mllp:CHU-LYON" in why
-        code, _, why = _ack(send_all(port, [mdm(CDA_S1, control="NO00002", facility="CHU-NANTES")])[0])
-        assert code == "AR" and "bound to no establishment" in why
+        assert parse_ack(send_all(port, [mdm(CDA_S1, control="OK00001")])[0]).code == "AA"
+        ack = parse_ack(send_all(port, [mdm(CDA_S1, control="NO00001", facility="CHU-LYON")])[0])
+        assert (ack.code, ack.condition) == ("AR", "103") and "mllp:CHU-LYON" in ack.user_message
+        ack = parse_ack(send_all(port, [mdm(CDA_S1, control="NO00002", facility="CHU-NANTES")])[0])
+        assert ack.code == "AR" and "bound to no establishment" in ack.user_message
         # over TLS the certificate decides, whatever MSH-4 says
         answer = listener.handle(mdm(CDA_S1, control="TLS0001"), peer=Peer("127.0.0.1", certificate))
-        assert _ack(answer)[:2] == ("AR", "103")
+        assert (parse_ack(answer).code, parse_ack(answer).condition) == ("AR", "103")
         assert _stored({"engine": engine}) == 1
     finally:
         listener.close()
